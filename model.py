@@ -1,0 +1,641 @@
+"""HINGE: a pre-trained CellFM backbone turned into a histology-conditioned masked-diffusion
+generator of spatial gene expression (DESIGN.md §3; anchors.md §2 CellFM, §5 official HINGE).
+
+One file, top to bottom: checkpoint loading, embeddings, retention blocks with SoftAdaLN,
+the model, masked and Gaussian diffusion, the sampler, variants and presets.
+Parameter names of the backbone are exactly those of the released CellFM checkpoints.
+"""
+import math
+import os
+import sys
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+#################################################################################
+#                     Checkpoint loading (MindSpore .ckpt, .pt, .safetensors)   #
+#################################################################################
+
+class CheckpointError(ValueError):
+    pass
+
+
+# MindSpore TensorProto.tensor_type -> numpy dtype (BFloat16 is read as int16 and viewed)
+_MS_DTYPES = {"Float32": np.float32, "Float16": np.float16, "Float64": np.float64,
+              "Int8": np.int8, "Int16": np.int16, "Int32": np.int32, "Int64": np.int64,
+              "UInt8": np.uint8, "Bool": np.bool_, "BFloat16": np.int16}
+# Optimiser state and training scalars stored beside the weights in MindSpore checkpoints
+_IGNORED_PREFIXES = ("moment1.", "moment2.", "global_step", "learning_rate", "beta1_power", "beta2_power",
+                     "current_iterator_step", "last_overflow_iterator_step", "scale_sense")
+# CellFM weights HINGE does not use: the 80M read-depth tokens and the cell-level head (anchors §5.2)
+UNUSED_CELLFM = ("ST_emb", "ST_enc.", "cellwise_dec.")
+
+
+def _varint(f, path):
+    result, shift = 0, 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise CheckpointError(f"{path}: truncated (file ends inside a field header at byte {f.tell()}); "
+                                  "download the checkpoint again")
+        result |= (b[0] & 0x7F) << shift
+        shift += 7
+        if b[0] < 0x80:
+            return result
+
+
+def _fields(f, end, path):
+    """Yield (field number, wire type, value or (offset, length)) of one protobuf message."""
+    while f.tell() < end:
+        key = _varint(f, path)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, wire, _varint(f, path)
+        elif wire == 2:
+            n = _varint(f, path)
+            start = f.tell()
+            if start + n > end:
+                raise CheckpointError(f"{path}: truncated (a field of {n} bytes at byte {start} runs past the "
+                                      f"end of its message or file); download the checkpoint again")
+            yield field, wire, (start, n)
+            f.seek(start + n)
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, 1)
+        else:
+            raise CheckpointError(f"{path}: not a MindSpore checkpoint (wire type {wire} at byte {f.tell()})")
+
+
+def _read_mindspore(path):
+    """Stream a MindSpore checkpoint: `Checkpoint{repeated Value value=1}`, `Value{tag=1, tensor=2}`,
+    `TensorProto{dims=1, tensor_type=2, tensor_content=3}`. A tensor split over several values with
+    the same tag is concatenated into one preallocated buffer, so the file is read once."""
+    out, filled, types = {}, {}, {}
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        for field, wire, val in _fields(f, size, path):
+            if field != 1 or wire != 2:
+                continue
+            start, n = val
+            tag, tensor = None, None
+            for sf, sw, sv in _fields(f, start + n, path):
+                if sf == 1 and sw == 2:
+                    f.seek(sv[0]); tag = f.read(sv[1]).decode()
+                elif sf == 2 and sw == 2:
+                    tensor = sv
+            f.seek(start + n)
+            if tag is None or tensor is None or tag.startswith(_IGNORED_PREFIXES):
+                continue
+            dims, dtype, content = [], None, None
+            f.seek(tensor[0])
+            for tf, tw, tv in _fields(f, tensor[0] + tensor[1], path):
+                if tf == 1 and tw == 0:
+                    dims.append(tv)
+                elif tf == 1 and tw == 2:  # packed dims
+                    f.seek(tv[0]); end = tv[0] + tv[1]
+                    while f.tell() < end:
+                        dims.append(_varint(f, path))
+                    f.seek(end)
+                elif tf == 2 and tw == 2:
+                    f.seek(tv[0]); dtype = f.read(tv[1]).decode()
+                elif tf == 3 and tw == 2:
+                    content = tv
+            if dtype not in _MS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {tag} has unsupported type {dtype!r}")
+            if tag not in out:
+                out[tag] = np.empty(int(np.prod(dims)), dtype=_MS_DTYPES[dtype]).reshape(dims)
+                filled[tag], types[tag] = 0, dtype
+            buf = out[tag].reshape(-1).view(np.uint8)
+            if content is not None:
+                if filled[tag] + content[1] > buf.size:
+                    raise CheckpointError(f"{path}: tensor {tag} has more bytes than its shape {dims} holds")
+                f.seek(content[0])
+                f.readinto(memoryview(buf)[filled[tag]:filled[tag] + content[1]])
+                filled[tag] += content[1]
+            f.seek(start + n)
+    incomplete = [f"{t} ({filled[t]} of {a.nbytes} bytes)" for t, a in out.items() if filled[t] != a.nbytes]
+    if incomplete:
+        raise CheckpointError(f"{path}: truncated: incomplete tensors {', '.join(incomplete[:3])}; "
+                              "download the checkpoint again")
+    if not out:
+        raise CheckpointError(f"{path}: no tensors found; is this a MindSpore .ckpt?")
+    return {tag: torch.from_numpy(a).view(torch.bfloat16) if types[tag] == "BFloat16" else torch.from_numpy(a)
+            for tag, a in out.items()}
+
+
+def load_cellfm(path):
+    """Read a CellFM checkpoint (.ckpt MindSpore, .pt/.bin state dict, .safetensors) into a
+    torch-named state dict (LayerNorm gamma/beta -> weight/bias, `module.` prefix stripped)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file; pass the path of a CellFM .ckpt/.pt/.safetensors")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".ckpt":
+        sd = _read_mindspore(path)
+    elif ext == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    elif ext in (".pt", ".pth", ".bin"):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch reports truncation as a zip error
+            raise CheckpointError(f"{path}: cannot be read as a torch state dict ({e}); is it truncated?") from e
+        for nest in ("state_dict", "model"):
+            if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
+                sd = sd[nest]
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint extension {ext!r}; use .ckpt, .pt, .bin or .safetensors")
+    renamed = {}
+    for k, v in sd.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k.startswith(_IGNORED_PREFIXES) or not torch.is_tensor(v):
+            continue
+        k = k[:-len(".gamma")] + ".weight" if k.endswith(".gamma") else k
+        k = k[:-len(".beta")] + ".bias" if k.endswith(".beta") else k
+        renamed[k] = v
+    return renamed
+
+
+#################################################################################
+#                                  Embeddings                                   #
+#################################################################################
+
+class LoRALinear(nn.Linear):
+    """Bias-free Linear with an optional low-rank update B·A (B zero-init, CellFM lora.py);
+    keeps the checkpoint name `<name>.weight`."""
+    def __init__(self, d_in, d_out, rank=0):
+        super().__init__(d_in, d_out, bias=False)
+        self.rank = rank
+        if rank:
+            self.lora_A = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
+            self.lora_B = nn.Parameter(torch.zeros(d_out, rank))
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) if self.rank else y
+
+
+class SoftBinFFN(nn.Module):
+    """CellFM value encoder: a scalar becomes a softmax over 256 learned bins (anchors §2.3)."""
+    def __init__(self, dim, bins=256):
+        super().__init__()
+        self.w1 = nn.Linear(1, bins, bias=False)
+        self.w3 = nn.Linear(bins, bins, bias=False)
+        self.table = nn.Linear(bins, dim, bias=False)
+        self.a = nn.Parameter(torch.zeros(1, 1))
+
+    def forward(self, x):                                # x [B, G]
+        h = F.leaky_relu(self.w1(x.unsqueeze(-1)))       # [B, G, bins]
+        h = self.w3(h) + self.a * h                      # [B, G, bins]
+        return self.table(torch.softmax(h, dim=-1))      # [B, G, D]
+
+
+class ValueEncoder(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.value_enc = SoftBinFFN(dim)
+        self.mask_emb = nn.Parameter(torch.zeros(1, 1, dim))  # CellFM's pre-training mask token; HINGE skips it (anchors §5.2)
+
+    def forward(self, x):
+        return self.value_enc(x)
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """Sinusoidal embedding of integer diffusion steps t [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def mlp(d_in, d_out):
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.SiLU(), nn.Linear(d_out, d_out))
+
+
+class CondNet(nn.Module):
+    """c = MLP(t) + MLP(histology) + MLP(target visibility mask) (official HINGE CondNet)."""
+    def __init__(self, dim, hist_dim, n_genes):
+        super().__init__()
+        self.t_embedder = mlp(256, dim)
+        self.hist_embedder = mlp(hist_dim, dim)
+        self.mask_embedder = mlp(n_genes, dim)
+
+    def forward(self, t, hist_emb, target_visible):      # t [B], hist_emb [B, C], target_visible [B, G]
+        return self.t_embedder(timestep_embedding(t)) + hist_emb + self.mask_embedder(target_visible.float())
+
+
+#################################################################################
+#                     Retention blocks (CellFM) with SoftAdaLN (HINGE)          #
+#################################################################################
+
+class Retention(nn.Module):
+    """CellFM linear attention: ReLU q/k, per-head RMS norm, SiLU gate, no softmax (anchors §2.3)."""
+    def __init__(self, dim, heads, rank=0):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.u_proj, self.o_proj = (LoRALinear(dim, dim, rank) for _ in range(5))
+
+    def forward(self, x, key_mask=None):                 # x [B, L, D], key_mask [B, L]
+        B, L, D = x.shape
+        h, dh = self.heads, D // self.heads
+        q = F.relu(self.q_proj(x)).view(B, L, h, dh) / math.sqrt(dh)    # [B, L, h, dh]
+        k = F.relu(self.k_proj(x)).view(B, L, h, dh) / math.sqrt(dh)    # [B, L, h, dh]
+        v = self.v_proj(x).view(B, L, h, dh) / math.sqrt(L - 1)         # len_scale = rsqrt(#genes)
+        if key_mask is not None:                         # hidden genes are neither keys nor values
+            k = k * key_mask[:, :, None, None]
+            v = v * key_mask[:, :, None, None]
+        kv = torch.einsum("blhd,blhe->bhde", k, v)       # [B, h, dh, dh]
+        o = torch.einsum("blhd,bhde->blhe", q, kv)       # [B, L, h, dh]
+        o = o / (o.norm(dim=-1, keepdim=True) / math.sqrt(dh)).clamp_min(1e-12)  # SRMSNorm per head
+        o = o.reshape(B, L, D) * F.silu(self.u_proj(x))  # [B, L, D]
+        return self.o_proj(o)
+
+
+class GatedLinearUnit(nn.Module):
+    """CellFM GLU: o(u(x) * v(x)), no activation."""
+    def __init__(self, dim, rank=0):
+        super().__init__()
+        self.u_proj, self.v_proj, self.o_proj = (LoRALinear(dim, dim, rank) for _ in range(3))
+
+    def forward(self, x):
+        return self.o_proj(self.u_proj(x) * self.v_proj(x))
+
+
+class SoftNorm(nn.Module):
+    """z = (1 - λ)·h + λ·LN(h), λ = sigmoid(b): starts as the identity (DESIGN §3)."""
+    def __init__(self, dim, enabled=True):
+        super().__init__()
+        self.enabled = enabled
+        self.lambda_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, h):
+        n = F.layer_norm(h, h.shape[-1:], eps=1e-6)
+        if not self.enabled:                             # --no-soft-norm: plain LayerNorm
+            return n
+        lam = torch.sigmoid(self.lambda_bias)
+        return (1 - lam) * h + lam * n
+
+
+class RetentionBlock(nn.Module):
+    """CellFM post-LN block h <- LN(α·h + sublayer(h)); with a condition c, SoftAdaLN:
+    h <- LN(α·h + gate(c)·sublayer(shift(c) + (1 + scale(c))·SoftNorm(h)))."""
+    def __init__(self, cfg, layer):
+        super().__init__()
+        dim = cfg.dim
+        self.alpha = (2 * cfg.layers) ** 0.25            # DeepNorm residual scale (anchors §2.3)
+        self.attn = Retention(dim, cfg.heads, cfg.lora_rank)
+        self.ffn = GatedLinearUnit(dim, cfg.lora_rank)
+        self.post_norm1 = nn.LayerNorm(dim, eps=1e-6)   # eps as the official HINGE sets it
+        self.post_norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.dropout = nn.Dropout(cfg.dropout * layer / cfg.layers)  # CellFM: enc_dropout·i/N
+        self.cond = cfg.cond
+        if cfg.cond == "softadaln":
+            self.adaln = nn.Linear(dim, 6 * dim)
+            self.soft_norm1 = SoftNorm(dim, cfg.soft_norm)
+            self.soft_norm2 = SoftNorm(dim, cfg.soft_norm)
+        elif cfg.cond == "hist-affine-ln":                # ablation: c only modulates the post-LNs
+            self.adaln = nn.Linear(dim, 4 * dim)
+
+    def forward(self, h, key_mask=None, c=None):         # h [B, L, D], c [B, D] or None (bare CellFM)
+        if c is None:
+            h = self.post_norm1(self.alpha * h + self.dropout(self.attn(h, key_mask)))
+            return self.post_norm2(self.alpha * h + self.dropout(self.ffn(h)))
+        if self.cond == "hist-affine-ln":
+            s1, k1, s2, k2 = self.adaln(F.silu(c)).unsqueeze(1).chunk(4, dim=-1)
+            h = modulate(self.post_norm1(self.alpha * h + self.dropout(self.attn(h, key_mask))), s1, k1)
+            return modulate(self.post_norm2(self.alpha * h + self.dropout(self.ffn(h))), s2, k2)
+        sa, ka, ga, sf, kf, gf = self.adaln(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each [B, 1, D]
+        a = self.attn(modulate(self.soft_norm1(h), sa, ka), key_mask)
+        h = self.post_norm1(self.alpha * h + (1 + ga) * self.dropout(a))
+        f = self.ffn(modulate(self.soft_norm2(h), sf, kf))
+        return self.post_norm2(self.alpha * h + (1 + gf) * self.dropout(f))
+
+
+class ValueDecoder(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, dim, bias=False)
+        self.w2 = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, h):                                # h [B, G, D] -> [B, G]
+        return self.w2(F.leaky_relu(self.w1(h))).squeeze(-1)
+
+
+#################################################################################
+#                                   The model                                   #
+#################################################################################
+
+@dataclass
+class Config:
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    vocab: int = 24078             # genes in the CellFM vocabulary (token ids 1..vocab)
+    n_genes: int = 300             # selected genes G
+    hist_dim: int = 1536           # UNI 1024 + CONCH 512
+    dropout: float = 0.1
+    cond: str = "softadaln"        # softadaln | hist-affine-ln
+    soft_norm: bool = True
+    id_init: bool = True
+    lora_rank: int = 0
+
+    @property
+    def gene_rows(self):           # vocab + padding row 0, rounded up to a multiple of 8 (CellFM)
+        return (self.vocab + 1 + 7) // 8 * 8
+
+
+class Hinge(nn.Module):
+    """CellFM backbone + HINGE conditioning. `forward(..., hist_emb=None)` is the bare CellFM."""
+    def __init__(self, cfg, gene_ids):
+        super().__init__()
+        self.cfg = cfg
+        gene_ids = torch.as_tensor(gene_ids, dtype=torch.long)
+        if len(gene_ids) != cfg.n_genes or gene_ids.min() < 1 or gene_ids.max() > cfg.vocab:
+            raise ValueError(f"{len(gene_ids)} gene token ids in [{int(gene_ids.min())}, {int(gene_ids.max())}] do not "
+                             f"fit {cfg.n_genes} genes and a vocabulary of {cfg.vocab} (ids 1..{cfg.vocab})")
+        self.register_buffer("gene_ids", gene_ids, persistent=False)
+        # --- CellFM backbone, names as in the released checkpoints ---
+        self.gene_emb = nn.Parameter(torch.empty(cfg.gene_rows, cfg.dim))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, cfg.dim))
+        self.zero_emb = nn.Parameter(torch.empty(1, 1, cfg.dim))
+        self.value_enc = ValueEncoder(cfg.dim)
+        self.encoder = nn.ModuleList(RetentionBlock(cfg, i) for i in range(cfg.layers))
+        self.value_dec = ValueDecoder(cfg.dim)
+        # --- HINGE conditioning ---
+        self.cond_net = CondNet(cfg.dim, cfg.hist_dim, cfg.n_genes)
+        self.dec_norm = SoftNorm(cfg.dim, cfg.soft_norm)
+        self.dec_adaln = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        cfg = self.cfg
+        beta = (8 * cfg.layers) ** -0.25                 # DeepNorm gain for v, u, o and the GLU (anchors §2.3)
+        for blk in self.encoder:
+            for lin in (blk.attn.q_proj, blk.attn.k_proj):
+                nn.init.xavier_normal_(lin.weight, gain=1.0)
+            for lin in (blk.attn.v_proj, blk.attn.u_proj, blk.attn.o_proj, *blk.ffn.children()):
+                nn.init.xavier_normal_(lin.weight, gain=beta)
+        nn.init.normal_(self.gene_emb, std=0.02)
+        with torch.no_grad():
+            self.gene_emb[0].zero_()                     # token 0 is padding
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.zero_emb, std=0.02)
+        for m in self.cond_net.modules():                # official CondNet: N(0, 0.02), zero bias
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        heads = [blk.adaln for blk in self.encoder if hasattr(blk, "adaln")] + [self.dec_adaln]
+        norms = [m for m in self.modules() if isinstance(m, SoftNorm)]
+        if not cfg.id_init:                              # --no-id-init: default Linear init, λ = 0.5
+            return
+        for lin in heads:                                # shift = scale = gate offset = 0: the untrained model is CellFM
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        for n in norms:                                  # λ = sigmoid(-12) ≈ 6e-6: SoftNorm starts as the identity
+            nn.init.constant_(n.lambda_bias, -12.0)
+
+    def embed_histology(self, hist):                     # hist [B, hist_dim] -> [B, D]; once per spot when sampling
+        if hist.shape[-1] != self.cfg.hist_dim:
+            raise ValueError(f"histology features have dimension {hist.shape[-1]} but the model expects "
+                             f"{self.cfg.hist_dim}; use the same --features as in training")
+        return self.cond_net.hist_embedder(hist)
+
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None):
+        """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints,
+        target_visible [B, G] genes visible after this step, hist_emb [B, D]. Returns x̂0 [B, G]."""
+        B, G = x.shape
+        vis = visible.to(x.dtype)
+        tok = self.gene_emb[self.gene_ids][None] + self.value_enc(x) + self.zero_emb * (1 - vis)[..., None]  # [B, G, D]
+        h = torch.cat([self.cls_token.expand(B, -1, -1), tok], dim=1)            # [B, 1+G, D]
+        key_mask = torch.cat([vis.new_ones(B, 1), vis], dim=1)                   # [B, 1+G]
+        c = None if hist_emb is None else self.cond_net(t, hist_emb, target_visible)  # [B, D]
+        for i, blk in enumerate(self.encoder):           # first half: hidden genes are not keys (CellFM)
+            h = blk(h, key_mask if i < len(self.encoder) // 2 else None, c)
+        h = h[:, 1:]                                     # [B, G, D]
+        if c is not None and self.cfg.cond == "softadaln":
+            shift, scale = self.dec_adaln(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+            h = modulate(self.dec_norm(h), shift, scale)
+        return self.value_dec(h)                         # [B, G]
+
+    def backbone_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if is_backbone_key(k)}
+
+
+def is_backbone_key(name):
+    return not name.startswith(("cond_net.", "dec_")) and ".adaln." not in name and \
+        ".soft_norm" not in name and "lora_" not in name
+
+
+def load_backbone(model, sd, path="checkpoint"):
+    """Copy CellFM weights into `model`; mis-shaped or missing backbone keys are errors, named.
+    Returns (unused CellFM keys, unexpected keys)."""
+    own = model.backbone_state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and v.shape != own[k].shape]
+    if bad:
+        hint = "; the checkpoint is for another gene vocabulary" if any(b.startswith("gene_emb") for b in bad) \
+            else "; the checkpoint is for another preset"
+        raise CheckpointError(f"{path}: mis-shaped keys: " + "; ".join(bad[:5]) + hint)
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise CheckpointError(f"{path}: missing backbone keys {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    extra = sorted(set(sd) - set(own))
+    with torch.no_grad():
+        for k in own:
+            model.get_parameter(k).copy_(sd[k])
+    return [k for k in extra if k.startswith(UNUSED_CELLFM)], [k for k in extra if not k.startswith(UNUSED_CELLFM)]
+
+
+#################################################################################
+#                                 Variants                                      #
+#################################################################################
+
+VARIANTS = ("hinge", "scratch", "decoder-tune", "backbone-lora")
+
+
+def set_trainable(model, variant):
+    """Which parameters train (paper ablations); returns the trainable parameter count."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    for name, p in model.named_parameters():
+        if variant == "scratch":
+            p.requires_grad = True
+        elif variant == "decoder-tune":
+            p.requires_grad = not is_backbone_key(name) or name.startswith("value_dec.")
+        elif variant == "backbone-lora":
+            p.requires_grad = not is_backbone_key(name) or "lora_" in name
+        else:
+            p.requires_grad = not is_backbone_key(name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+#################################################################################
+#                               Masked diffusion                                #
+#################################################################################
+
+def visible_fraction(schedule, T, G):
+    """ᾱ_t for t = 0..T (the fraction of genes visible at step t)."""
+    s = torch.arange(T + 1, dtype=torch.float64) / T
+    if schedule == "poly-auto":                          # ζ = log_T G: exactly one gene visible at t = T-1 (official)
+        return (1 - s) ** min(max(math.log(G) / math.log(T), 1.05), 4.0)
+    if schedule == "linear":
+        return 1 - s
+    if schedule == "cosine":
+        return 0.5 * (1 + torch.cos(math.pi * s))
+    if schedule.startswith("power:"):
+        return (1 - s) ** float(schedule.split(":", 1)[1])
+    raise ValueError(f"unknown schedule {schedule!r}; use poly-auto, linear, cosine or power:<zeta>")
+
+
+class MaskedDiffusion:
+    """Nested random gene orders: at step t the first ⌊(1-ᾱ_t)·G⌋ genes of a sample's order are hidden."""
+    def __init__(self, G, T=50, schedule="poly-auto", fill="gauss"):
+        self.G, self.T, self.fill = G, T, fill
+        n = torch.floor((1 - visible_fraction(schedule, T, G)) * G + 1e-6).long()
+        n[0], n[T] = 0, G
+        self.n_hidden = torch.cummax(n, 0).values        # [T+1], non-decreasing
+
+    def curriculum_cap(self, max_hidden=0.2):
+        """Largest t whose hidden fraction is at most `max_hidden` (≥ 1): the warm-up range."""
+        ok = (self.n_hidden <= max_hidden * self.G).nonzero().flatten()
+        return max(int(ok.max()), 1)
+
+    def gene_ranks(self, B, device, generator=None):
+        return torch.rand(B, self.G, device=device, generator=generator).argsort(1).argsort(1)  # [B, G]
+
+    def visible(self, ranks, t):                         # ranks [B, G], t [B] -> [B, G] bool
+        return ranks >= self.n_hidden.to(ranks.device)[t][:, None]
+
+    def fill_like(self, x, generator=None):
+        if self.fill == "zero":
+            return torch.zeros_like(x)
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule"):
+        """MSE on the genes revealed between t and t-1 (official `elboloss`); with
+        mask_ratio='uniform' (RandMask) a U(0,1) share is hidden and the loss covers all of it."""
+        B, dev = x0.shape[0], x0.device
+        ranks = self.gene_ranks(B, dev)
+        if mask_ratio == "uniform":
+            n = (torch.rand(B, device=dev) * self.G).ceil().long().clamp(1, self.G)
+            t = torch.searchsorted(self.n_hidden.to(dev), n).clamp(1, self.T)
+            vis = ranks >= n[:, None]
+            target = torch.ones_like(vis)
+        else:
+            t = torch.randint(1, (t_max or self.T) + 1, (B,), device=dev)
+            vis, target = self.visible(ranks, t), self.visible(ranks, t - 1)
+        xt = torch.where(vis, x0, self.fill_like(x0))
+        pred = model(xt, vis, t, target, hist_emb)
+        w = (target & ~vis).float()                      # newly revealed genes
+        return ((pred.float() - x0) ** 2 * w).sum() / w.sum().clamp_min(1)
+
+
+class GaussianDiffusion:
+    """Gauss-Diff ablation: DDPM on the values (cosine ᾱ), the backbone predicts x0, DDIM sampling."""
+    def __init__(self, G, T=50):
+        self.G, self.T = G, T
+        s = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2   # Nichol & Dhariwal cosine schedule
+        self.alpha_bar = (f / f[0]).clamp(1e-5, 1.0).float()
+
+    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule"):
+        B, dev = x0.shape[0], x0.device
+        t = torch.randint(1, (t_max or self.T) + 1, (B,), device=dev)
+        ab = self.alpha_bar.to(dev)[t][:, None]
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn_like(x0)
+        ones = torch.ones_like(x0, dtype=torch.bool)
+        pred = model(xt, ones, t, ones, hist_emb)
+        return ((pred.float() - x0) ** 2).mean()
+
+
+#################################################################################
+#                                    Sampler                                    #
+#################################################################################
+
+def step_times(T, K):
+    """K+1 evenly spaced steps T = τ0 > τ1 > ... > τK = 0."""
+    if not 1 <= K <= T:
+        raise ValueError(f"step budget K={K} must be between 1 and T={T}")
+    return [round(T * (1 - k / K)) for k in range(K + 1)]
+
+
+@torch.no_grad()
+def generate(model, diffusion, hist, K, n_samples=1, generator=None, record=()):
+    """Generate expression for one batch of spots: hist [B, hist_dim] -> (mean [B, G],
+    samples [S, B, G], recorded x̂0 {step index k: [B, G]} averaged over samples).
+    The histology embedding is computed once per spot, not once per step."""
+    B, G, S = hist.shape[0], diffusion.G, n_samples
+    taus = step_times(diffusion.T, K)
+    h = model.embed_histology(hist).repeat(S, 1)       # [S·B, D]
+    dev = h.device
+    steps = {}
+    if isinstance(diffusion, GaussianDiffusion):
+        ab = diffusion.alpha_bar.to(dev)
+        x = torch.randn(S * B, G, device=dev, generator=generator)
+        ones = torch.ones(S * B, G, dtype=torch.bool, device=dev)
+        for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
+            tt = torch.full((S * B,), t, device=dev)
+            x0 = model(x, ones, tt, ones, h).float()
+            eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
+            x = x0 if t_next == 0 else ab[t_next].sqrt() * x0 + (1 - ab[t_next]).sqrt() * eps  # DDIM, η = 0
+            if k in record:
+                steps[k] = x0.view(S, B, G).mean(0)
+    else:
+        ranks = diffusion.gene_ranks(S * B, dev, generator)
+        x = diffusion.fill_like(torch.empty(S * B, G, device=dev), generator)
+        for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
+            tt = torch.full((S * B,), t, device=dev)
+            vis, nxt = diffusion.visible(ranks, tt), diffusion.visible(ranks, tt.new_full((S * B,), t_next))
+            pred = model(x, vis, tt, nxt, h).float()
+            x = torch.where(nxt & ~vis, pred, x)          # reveal the scheduled genes, keep revealed ones fixed
+            if k in record:
+                steps[k] = torch.where(vis, x, pred).view(S, B, G).mean(0)
+    samples = x.view(S, B, G)
+    return samples.mean(0), samples, steps
+
+
+#################################################################################
+#                                    Presets                                    #
+#################################################################################
+
+def cellfm_800m(**kw): return Config(**{"dim": 1536, "layers": 40, "heads": 48, "vocab": 24078, **kw})
+def cellfm_80m(**kw): return Config(**{"dim": 1536, "layers": 2, "heads": 48, "vocab": 27855, **kw})
+def small(**kw): return Config(**{"dim": 128, "layers": 4, "heads": 4, **kw})
+def tiny(**kw): return Config(**{"dim": 32, "layers": 2, "heads": 2, "vocab": 63, **kw})
+
+
+PRESETS = {"cellfm-800m": cellfm_800m, "cellfm-80m": cellfm_80m, "small": small, "tiny": tiny}
+
+
+def make_config(preset, **kw):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[preset](**kw)
+
+
+def config_dict(cfg):
+    return asdict(cfg)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Convert a CellFM checkpoint (.ckpt/.pt/.bin) to .safetensors once, "
+                                            "so later loads are fast and need no protobuf parsing.")
+    p.add_argument("--convert", nargs=2, metavar=("IN", "OUT"), required=True, help="input checkpoint, output .safetensors")
+    a = p.parse_args()
+    from safetensors.torch import save_file
+    try:
+        sd = load_cellfm(a.convert[0])
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    tmp = a.convert[1] + ".tmp"
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+    os.replace(tmp, a.convert[1])
+    print(f"wrote {a.convert[1]}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values")

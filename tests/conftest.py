@@ -1,0 +1,63 @@
+"""Shared fixtures: paths to ../shared, a runner for the stage scripts, small generated datasets."""
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+HER2ST = os.path.join(SHARED, "data", "her2st")
+VOCAB = os.path.join(SHARED, "data", "cellfm", "gene_info.csv")
+FIXTURES = os.path.join(SHARED, "fixtures")
+sys.path.insert(0, ROOT)
+
+needs_shared = pytest.mark.skipif(not os.path.isdir(HER2ST), reason=f"shared data not found at {SHARED}")
+
+
+def run_script(script, *args, check=True):
+    """Run a stage script as a user would; returns the CompletedProcess."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def assert_user_error(p, *words):
+    """A one-line `error:` message naming what is wrong, exit status 2, no traceback."""
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in p.stderr, p.stderr[-2000:]
+    for w in words:
+        assert w in last, (w, last)
+
+
+def make_her2st(root, n_slices=3, n_spots=30, n_genes=60, img_mode="RGB", seed=0):
+    """A small Her2ST-layout folder: counts TSVs, spot files with pixel centres and images."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i:02d}" for i in range(n_genes)] + ["MT-CO1", "RPL3"]
+    for k in range(n_slices):
+        name = f"A{k + 1}"
+        xs, ys = np.meshgrid(np.arange(2, 8), np.arange(2, 7))
+        xy = np.stack([xs.ravel(), ys.ravel()], 1)[:n_spots]
+        counts = rng.poisson(rng.uniform(0.5, 20, len(genes)), (len(xy), len(genes)))
+        os.makedirs(os.path.join(root, "ST-cnts"), exist_ok=True)
+        os.makedirs(os.path.join(root, "ST-spotfiles"), exist_ok=True)
+        with gzip.open(os.path.join(root, "ST-cnts", f"{name}.tsv.gz"), "wt") as f:
+            f.write("\t" + "\t".join(genes) + "\n")
+            for (x, y), row in zip(xy, counts):
+                f.write(f"{x}x{y}\t" + "\t".join(map(str, row)) + "\n")
+        with open(os.path.join(root, "ST-spotfiles", f"{name}_selection.tsv"), "w") as f:
+            f.write("x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected\n")
+            for x, y in xy:
+                f.write(f"{x}\t{y}\t{x}.01\t{y}.02\t{100 * (x - 1) + 0.3:.2f}\t{100 * (y - 1) - 0.2:.2f}\t1\n")
+        d = os.path.join(root, "ST-imgs", "A", name)
+        os.makedirs(d, exist_ok=True)
+        arr = rng.integers(0, 256, (720, 820, 3), dtype=np.uint8)
+        im = Image.fromarray(arr)
+        im = im.convert(img_mode) if img_mode != "RGB" else im
+        im.save(os.path.join(d, f"{name}.png"))
+    return root

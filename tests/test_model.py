@@ -1,0 +1,251 @@
+"""model.py: CellFM checkpoint loading, identity at init, variants, masked/Gaussian diffusion, sampler."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+from conftest import FIXTURES, ROOT, run_script
+
+CKPT = os.path.join(FIXTURES, "cellfm_tiny_mindspore.ckpt")
+needs_fixture = pytest.mark.skipif(not os.path.isfile(CKPT), reason=f"CellFM fixture not found at {CKPT}")
+G = 24
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    cfg = M.tiny(n_genes=G, hist_dim=48, **kw)
+    return M.Hinge(cfg, torch.arange(1, G + 1) * 2)     # token ids 2..48 of the 63-gene vocabulary
+
+
+def batch(B=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, G, generator=g) * 6
+    vis = torch.rand(B, G, generator=g) > 0.4
+    return x, vis, torch.randint(1, 50, (B,), generator=g), torch.randn(B, 48, generator=g)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@needs_fixture
+def test_mindspore_ckpt_equals_npz_tensor_for_tensor():
+    sd = M.load_cellfm(CKPT)
+    ref = np.load(os.path.join(FIXTURES, "cellfm_tiny_mindspore.npz"))
+    names = {k.replace(".gamma", ".weight").replace(".beta", ".bias") for k in ref}
+    assert set(sd) == names                              # Adam moments and scalars skipped, nothing else
+    for k in ref:
+        np.testing.assert_array_equal(sd[k.replace(".gamma", ".weight").replace(".beta", ".bias")].numpy(), ref[k])
+    assert sd["value_enc.value_enc.w3.weight"].shape == (256, 256)  # stored in 32 slices
+
+
+@needs_fixture
+def test_fixture_loads_into_tiny_with_no_missing_or_unexpected_keys():
+    m = tiny_model()
+    unused, unexpected = M.load_backbone(m, M.load_cellfm(CKPT), CKPT)
+    assert unexpected == [] and unused == ["cellwise_dec.map.weight"]
+    assert torch.equal(m.encoder[1].post_norm2.weight, M.load_cellfm(CKPT)["encoder.1.post_norm2.weight"])
+
+
+@needs_fixture
+def test_other_formats_and_convert(tmp_path):
+    sd = M.load_cellfm(CKPT)
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "w.pt")
+    assert all(torch.equal(v, sd[k]) for k, v in M.load_cellfm(str(tmp_path / "w.pt")).items())
+    run_script("model.py", "--convert", CKPT, tmp_path / "w.safetensors")
+    st = M.load_cellfm(str(tmp_path / "w.safetensors"))
+    assert st.keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in st.items())
+
+
+@needs_fixture
+def test_wrong_vocabulary_names_key_and_shapes():
+    cfg = M.tiny(n_genes=G, hist_dim=48, vocab=200)
+    m = M.Hinge(cfg, torch.arange(1, G + 1))
+    with pytest.raises(M.CheckpointError, match=r"gene_emb: checkpoint \(64, 32\) vs model \(208, 32\).*vocabulary"):
+        M.load_backbone(m, M.load_cellfm(CKPT), CKPT)
+
+
+@needs_fixture
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_ckpt_is_reported_as_truncated(tmp_path, keep):
+    data = open(CKPT, "rb").read()
+    bad = tmp_path / "cut.ckpt"
+    bad.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(M.CheckpointError, match="truncated"):
+        M.load_cellfm(str(bad))
+
+
+def test_missing_backbone_keys_are_named(tmp_path):
+    m = tiny_model()
+    sd = {k: v for k, v in m.backbone_state_dict().items() if k != "value_dec.w1.weight"}
+    with pytest.raises(M.CheckpointError, match="missing backbone keys value_dec.w1.weight"):
+        M.load_backbone(m, sd)
+
+
+# ----------------------------------------------------------------------------- identity and variants
+
+@needs_fixture
+@pytest.mark.parametrize("cond", ["softadaln", "hist-affine-ln"])
+def test_identity_at_init(cond):
+    m = tiny_model(cond=cond)
+    M.load_backbone(m, M.load_cellfm(CKPT))
+    m.eval()
+    x, vis, t, hist = batch()
+    bare = m(x, vis)
+    for seed in range(3):
+        hist = torch.randn(5, 48, generator=torch.Generator().manual_seed(seed)) * 3
+        out = m(x, vis, t, vis, m.embed_histology(hist))
+        assert ((out - bare).norm() / bare.norm()).item() < 1e-4
+
+
+def test_no_id_init_and_no_soft_norm_break_identity():
+    x, vis, t, hist = batch()
+    for kw in ({"id_init": False}, {"soft_norm": False}):
+        m = tiny_model(**kw).eval()
+        bare, out = m(x, vis), m(x, vis, t, vis, m.embed_histology(hist))
+        assert ((out - bare).norm() / bare.norm()).item() > 1e-2
+
+
+def test_hinge_step_changes_only_conditioning():
+    m = tiny_model()
+    n = M.set_trainable(m, "hinge")
+    assert n == sum(p.numel() for k, p in m.named_parameters() if not M.is_backbone_key(k))
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    x, vis, t, hist = batch()
+    diff = M.MaskedDiffusion(G, T=50)
+    diff.loss(m, x, m.embed_histology(hist)).backward()
+    opt.step()
+    changed = {k for k, p in m.named_parameters() if not torch.equal(p, before[k])}
+    frozen = {k for k, _ in m.named_parameters() if M.is_backbone_key(k)}
+    assert not changed & frozen
+    assert {"cond_net.hist_embedder.0.weight", "encoder.0.adaln.weight", "dec_adaln.weight"} <= changed
+
+
+def test_variants_train_what_they_say():
+    m = tiny_model(lora_rank=4)
+    assert (m.encoder[0].attn.q_proj.lora_B == 0).all()          # LoRA starts as a no-op
+    M.set_trainable(m, "backbone-lora")
+    train = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert "encoder.0.attn.q_proj.lora_A" in train and "encoder.0.attn.q_proj.weight" not in train
+    M.set_trainable(m, "decoder-tune")
+    train = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert "value_dec.w1.weight" in train and "gene_emb" not in train
+    assert M.set_trainable(m, "scratch") == sum(p.numel() for p in m.parameters())
+    with pytest.raises(ValueError, match="unknown variant"):
+        M.set_trainable(m, "bogus")
+
+
+def test_histology_of_wrong_dimension():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="dimension 1536 but the model expects 48"):
+        m.embed_histology(torch.randn(2, 1536))
+
+
+# ----------------------------------------------------------------------------- masked diffusion
+
+@pytest.mark.parametrize("schedule", ["poly-auto", "linear", "cosine", "power:2"])
+def test_masks_nested_and_counts_follow_schedule(schedule):
+    d = M.MaskedDiffusion(300, T=50, schedule=schedule)
+    ab = M.visible_fraction(schedule, 50, 300)
+    expect = torch.floor((1 - ab) * 300 + 1e-6).long()
+    assert torch.equal(d.n_hidden[1:-1], expect[1:-1]) and d.n_hidden[0] == 0 and d.n_hidden[50] == 300
+    ranks = d.gene_ranks(8, "cpu")
+    prev = torch.ones(8, 300, dtype=torch.bool)
+    for t in range(51):
+        vis = d.visible(ranks, torch.full((8,), t))
+        assert (vis.sum(1) == 300 - d.n_hidden[t]).all()
+        assert not (vis & ~prev).any()                   # visible at t => visible at t-1
+        prev = vis
+    if schedule == "poly-auto":
+        assert d.n_hidden[49] == 299                     # exactly one gene visible at t = T-1
+
+
+def test_curriculum_cap():
+    d = M.MaskedDiffusion(300, T=50)
+    cap = d.curriculum_cap(0.2)
+    assert d.n_hidden[cap] <= 60 < d.n_hidden[cap + 1]
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for the model: a learnable prediction per gene, recording what it was shown."""
+    def __init__(self, G):
+        super().__init__()
+        self.pred = torch.nn.Parameter(torch.randn(1, G) + 10)
+        self.calls = []
+
+    def embed_histology(self, hist):
+        return hist
+
+    def forward(self, x, vis, t, target, h):
+        self.calls.append((x.clone(), vis.clone(), t.clone(), target.clone()))
+        return self.pred.expand(x.shape[0], -1) + 0 * h[:, :1] + t[:, None] * 1e-3
+
+
+def test_loss_touches_only_newly_revealed_genes():
+    torch.manual_seed(0)
+    d = M.MaskedDiffusion(G, T=10, schedule="linear")
+    rec = Recorder(G)
+    x0 = torch.rand(6, G)
+    rec.pred = torch.nn.Parameter(torch.randn(6, G))
+    d.loss(rec, x0, torch.zeros(6, 1)).backward()
+    _, vis, t, target = rec.calls[0]
+    assert torch.equal(rec.pred.grad != 0, target & ~vis)
+    xt = rec.calls[0][0]
+    assert torch.equal(xt[vis], x0[vis]) and not torch.isclose(xt[~vis], x0[~vis]).any()  # hidden = noise
+
+
+def test_sampler_reveals_every_gene_once_with_no_fill_left():
+    d = M.MaskedDiffusion(G, T=50)
+    rec = Recorder(G)
+    mean, samples, steps = M.generate(rec, d, torch.zeros(3, 1), K=50, n_samples=1,
+                                      generator=torch.Generator().manual_seed(0), record=(0, 25, 49))
+    assert len(rec.calls) == 50
+    revealed = torch.zeros(3, G, dtype=torch.long)
+    for x, vis, t, target in rec.calls:
+        revealed += (target & ~vis).long()
+    assert (revealed == 1).all()
+    # every final value is the prediction made when the gene was revealed: no N(0,1) fill survives
+    expect = torch.zeros(3, G)
+    for x, vis, t, target in rec.calls:
+        new = target & ~vis
+        expect[new] = (rec.pred.expand(3, -1) + t[:, None] * 1e-3)[new].detach()
+    assert torch.allclose(mean, expect) and (mean > 5).all()
+    assert set(steps) == {0, 25, 49} and samples.shape == (1, 3, G)
+
+
+def test_sampler_step_budget_and_samples():
+    d = M.MaskedDiffusion(G, T=50)
+    rec = Recorder(G)
+    M.generate(rec, d, torch.zeros(4, 1), K=5, n_samples=3)
+    assert len(rec.calls) == 5 and rec.calls[0][0].shape[0] == 12
+    assert [int(c[2][0]) for c in rec.calls] == [50, 40, 30, 20, 10]
+    for K in (0, 51):
+        with pytest.raises(ValueError, match="between 1 and T=50"):
+            M.step_times(50, K)
+
+
+def test_gaussian_ddim_returns_the_predicted_x0():
+    d = M.GaussianDiffusion(G, T=50)
+    rec = Recorder(G)
+    mean, _, _ = M.generate(rec, d, torch.zeros(2, 1), K=5, n_samples=2)
+    assert torch.allclose(mean, rec.pred.detach().expand(2, -1) + 0.01, atol=1e-5)  # last call at t = 10
+    assert len(rec.calls) == 5 and rec.calls[0][1].all()
+
+
+def test_real_model_trains_a_few_steps_and_samples():
+    m = tiny_model()
+    M.set_trainable(m, "scratch")
+    d = M.MaskedDiffusion(G, T=20)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x0 = torch.rand(16, G) * 4
+    hist = torch.randn(16, 48)
+    losses = []
+    for _ in range(30):
+        loss = d.loss(m, x0, m.embed_histology(hist))
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    m.eval()
+    mean, samples, _ = M.generate(m, d, hist[:4], K=4, n_samples=2)
+    assert mean.shape == (4, G) and torch.isfinite(mean).all()
