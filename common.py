@@ -70,3 +70,58 @@ def list_slices(data_dir):
     with open(tsv) as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]
     return [r[0] for r in rows if r and r[0]]
+
+
+def feature_path(data_dir, encoder, name):
+    return os.path.join(data_dir, "features", encoder, f"{name}.h5")
+
+
+class Features:
+    """The histology vectors of one slice: the given encoders' embeddings concatenated in order
+    (UNI first = the paper's 1536-d vector), read in row ranges so memory stays flat."""
+    def __init__(self, data_dir, encoders, name):
+        spath = slice_path(data_dir, name)
+        if not os.path.isfile(spath):
+            raise UserError(f"{spath}: slice {name} not found in {data_dir}; check the slice name (see slices.tsv)")
+        with h5py.File(spath, "r") as s:
+            barcodes = s["barcode"][()]
+        self.files = []
+        for enc in encoders:
+            p = feature_path(data_dir, enc, name)
+            if not os.path.isfile(p):
+                raise UserError(f"{p}: no {enc} features for slice {name}; run extract_features.py --data {data_dir} "
+                                f"--encoder {enc}" + ("" if enc == "stain" else " --weights ..."))
+            f = h5py.File(p, "r")
+            if not np.array_equal(f["barcode"][()], barcodes):
+                raise UserError(f"{p}: spots differ from {spath}; re-run extract_features.py with --overwrite")
+            self.files.append(f)
+        self.n = len(barcodes)
+        self.dim = sum(f["embeddings"].shape[1] for f in self.files)
+        self.has_aug = all("embeddings_aug" in f for f in self.files)
+
+    def read(self, start=0, stop=None):                  # -> float32 [n, dim]
+        return np.concatenate([f["embeddings"][start:stop] for f in self.files], 1)
+
+    def read_aug(self):                                  # -> float32 [N, 8, dim]
+        return np.concatenate([f["embeddings_aug"][()] for f in self.files], 2)
+
+    def close(self):
+        for f in self.files:
+            f.close()
+
+
+def read_slice(data_dir, name, keys=("expr",)):
+    path = slice_path(data_dir, name)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: slice {name} not found in {data_dir}; check the slice name (see slices.tsv)")
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in keys}
+
+
+def gene_tokens(gene_ids, vocab):
+    """CellFM token ids of the selected genes and the vocabulary size they index. Without a
+    vocabulary (ids all 0) genes get their own ids 1..G, so the model can still tell them apart."""
+    gene_ids = np.asarray(gene_ids)
+    if (gene_ids == 0).all():
+        return np.arange(1, len(gene_ids) + 1), len(gene_ids)
+    return gene_ids, vocab

@@ -1,0 +1,283 @@
+"""Stage 5: metrics and figures for predicted slices (DESIGN.md §5).
+
+    python evaluate.py --pred runs/demo/pred --data runs/demo/data --out runs/demo/eval
+    python evaluate.py --pred runs/x/pred --data data --k-sweep runs/x/pred_K1 runs/x/pred_K50   # + metrics vs K
+    python evaluate.py --compare runs/a/eval runs/b/eval                                           # side by side
+
+Per held-out slice: per-gene Pearson r across spots (log2 space), PCC-10/50/200 (mean of the k
+largest r, Stem), mean r, MSE, MAE, RVD and gene-wise SSIM on the spot grid; then mean ± std
+over slices. Genes constant in truth or prediction are excluded from r and counted.
+"""
+import argparse
+import glob
+import json
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from common import UserError, atomic_path, decode, read_slice, run, write_text
+
+METRICS = ["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "RVD", "SSIM"]
+
+
+#################################################################################
+#                                  Metrics                                      #
+#################################################################################
+
+def pearson_per_gene(truth, pred):
+    """r across spots for each gene; NaN where truth or prediction is constant."""
+    t, p = truth - truth.mean(0), pred - pred.mean(0)
+    ok = (np.ptp(truth, 0) > 0) & (np.ptp(pred, 0) > 0)  # exact constancy, immune to rounding in the mean
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, (t * p).sum(0) / np.sqrt((t * t).sum(0) * (p * p).sum(0)), np.nan)
+
+
+def top_k_mean(r, k):
+    """PCC-k: mean of the k largest per-gene r (all valid genes when fewer than k)."""
+    r = np.sort(r[~np.isnan(r)])[::-1]
+    return float(r[:k].mean()) if len(r) else float("nan")
+
+
+def rasterise(values, array):
+    """Spot values on the (col, row) grid; cells without a spot are 0 (off tissue)."""
+    cols, rows = array[:, 0] - array[:, 0].min(), array[:, 1] - array[:, 1].min()
+    img = np.zeros((rows.max() + 1, cols.max() + 1), np.float64)
+    img[rows, cols] = values
+    return img
+
+
+def ssim_per_gene(truth, pred, array):
+    """Each gene's truth and prediction maps min-max scaled to [0, 1], SSIM with data_range 1
+    (HISTEX convention, anchors §4); NaN for genes constant in truth or prediction."""
+    from skimage.metrics import structural_similarity
+    out = np.full(truth.shape[1], np.nan)
+    H, W = rasterise(truth[:, 0], array).shape
+    win = min(7, H - (1 - H % 2), W - (1 - W % 2))       # the largest odd window that fits, at most 7
+    if win < 3:
+        return out
+    for g in range(truth.shape[1]):
+        t, p = truth[:, g], pred[:, g]
+        if np.ptp(t) == 0 or np.ptp(p) == 0:
+            continue
+        a = rasterise((t - t.min()) / np.ptp(t), array)
+        b = rasterise((p - p.min()) / np.ptp(p), array)
+        out[g] = structural_similarity(a, b, data_range=1.0, win_size=win)
+    return out
+
+
+def slice_metrics(truth, pred, array):
+    r = pearson_per_gene(truth, pred)
+    var_t, var_p = truth.var(0), pred.var(0)
+    ok = var_t > 0
+    ssim = ssim_per_gene(truth, pred, array)
+    m = {"PCC-10": top_k_mean(r, 10), "PCC-50": top_k_mean(r, 50), "PCC-200": top_k_mean(r, 200),
+         "mean_r": float(np.nanmean(r)) if (~np.isnan(r)).any() else float("nan"),
+         "MSE": float(((truth - pred) ** 2).mean()), "MAE": float(np.abs(truth - pred).mean()),
+         "RVD": float(((var_p[ok] - var_t[ok]) ** 2 / var_t[ok] ** 2).mean()),
+         "SSIM": float(np.nanmean(ssim)) if (~np.isnan(ssim)).any() else float("nan"),
+         "n_genes": truth.shape[1], "n_excluded": int(np.isnan(r).sum()), "n_spots": truth.shape[0]}
+    return m, r, ssim
+
+
+def load_pair(pred_path, data):
+    """Prediction and truth of one slice, rows joined by barcode."""
+    name = os.path.basename(pred_path)[:-3]
+    with h5py.File(pred_path, "r") as f:
+        pred, bc, genes = f["pred"][()], decode(f["barcode"]), decode(f["genes"])
+        attrs = dict(f.attrs)
+        steps = (f["steps"][()], f["recorded_t"][()]) if "steps" in f else None
+    s = read_slice(data, name, ("expr", "barcode", "genes", "array"))
+    if decode(s["genes"]) != genes:
+        raise UserError(f"{pred_path}: genes differ from slice {name} of {data}; evaluate against the data it was trained on")
+    if decode(s["barcode"]) != bc:
+        raise UserError(f"{pred_path}: spots differ from slice {name} of {data}; re-run sample.py")
+    return name, s["expr"], pred, s["array"], genes, attrs, steps
+
+
+def evaluate_dir(pred_dir, data):
+    files = sorted(glob.glob(os.path.join(pred_dir, "*.h5")))
+    if not files:
+        raise UserError(f"{pred_dir}: no prediction files (*.h5); run sample.py first")
+    rows, per_gene, pairs = [], [], []
+    for path in files:
+        name, truth, pred, array, genes, attrs, steps = load_pair(path, data)
+        m, r, ssim = slice_metrics(truth, pred, array)
+        rows.append({"slice": name, **m, "K": attrs.get("K"), "spots_per_s": attrs.get("spots_per_s")})
+        per_gene.append(pd.DataFrame({"slice": name, "gene": genes, "pearson": r, "ssim": ssim,
+                                      "var_truth": truth.var(0), "var_pred": pred.var(0)}))
+        pairs.append((name, truth, pred, array, genes, steps))
+    return pd.DataFrame(rows), pd.concat(per_gene), pairs
+
+
+def summarise(df):
+    return {k: {"mean": float(df[k].mean()), "std": float(df[k].std(ddof=0))} for k in METRICS}
+
+
+def table(df, summary):
+    lines = [f"{'slice':<12}" + "".join(f"{k:>13}" for k in METRICS)]
+    for _, r in df.iterrows():
+        lines.append(f"{r['slice']:<12}" + "".join(f"{r[k]:>13.3f}" for k in METRICS))
+    lines.append(f"{'mean ± std':<12}" + "".join(f"{summary[k]['mean']:.3f}±{summary[k]['std']:.3f}".rjust(13) for k in METRICS))
+    return "\n".join(lines)
+
+
+#################################################################################
+#                                  Figures                                      #
+#################################################################################
+
+def fig_marker_maps(path, name, truth, pred, array, genes, markers):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(markers), 2, figsize=(6.4, 2.6 * len(markers)), squeeze=False, layout="constrained")
+    for i, g in enumerate(markers):
+        j = genes.index(g)
+        lo, hi = min(truth[:, j].min(), pred[:, j].min()), max(truth[:, j].max(), pred[:, j].max())
+        r = pearson_per_gene(truth[:, [j]], pred[:, [j]])[0]
+        for ax, v, title in [(axes[i, 0], truth[:, j], f"{g}: truth"), (axes[i, 1], pred[:, j], f"{g}: predicted (r = {r:.2f})")]:
+            sc = ax.scatter(array[:, 0], array[:, 1], c=v, s=14, marker="s", cmap="viridis", vmin=lo, vmax=hi)
+            ax.set_title(title, fontsize=9)
+            ax.invert_yaxis(); ax.set_aspect("equal"); ax.set_xticks([]); ax.set_yticks([])
+        fig.colorbar(sc, ax=axes[i].tolist(), shrink=0.8, label="log2(count + 1)")
+    fig.suptitle(f"{name}: marker genes, truth vs prediction (shared colour scale per gene)", fontsize=10)
+    fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def fig_ssim(path, per_gene, markers):
+    import matplotlib.pyplot as plt
+    g = per_gene.groupby("gene")["ssim"].mean().dropna().sort_values(ascending=False)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(np.arange(len(g)), g.values, color="0.5", lw=1)
+    for m in markers:
+        if m in g.index:
+            x = list(g.index).index(m)
+            ax.scatter([x], [g[m]], color="crimson", zorder=3)
+            ax.annotate(m, (x, g[m]), textcoords="offset points", xytext=(4, 4), fontsize=8, color="crimson")
+    ax.set_xlabel("genes, sorted by SSIM"); ax.set_ylabel("SSIM (mean over slices)")
+    ax.set_title("Gene-wise SSIM of predicted vs true maps; markers in red", fontsize=10)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def fig_correlation(path, name, truth, pred, genes, n=40):
+    """Gene-gene correlation of the n most variable genes, truth vs prediction, same gene order."""
+    import matplotlib.pyplot as plt
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    idx = np.argsort(-truth.var(0))[:n]
+    idx = idx[(pred[:, idx].std(0) > 0)]
+    ct = np.corrcoef(truth[:, idx].T)
+    order = leaves_list(linkage(truth[:, idx].T, "average", metric="correlation"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    for ax, c, title in [(axes[0], ct, "truth"), (axes[1], np.corrcoef(pred[:, idx].T), "prediction")]:
+        im = ax.imshow(c[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_title(f"{name}: gene-gene correlation, {title}", fontsize=9)
+        ax.set_xticks([]); ax.set_yticks(range(len(order)))
+        ax.set_yticklabels([genes[idx[i]] for i in order], fontsize=5)
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label="Pearson r")
+    fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def fig_metrics_vs_k(path, sweep):
+    import matplotlib.pyplot as plt
+    fig, ax1 = plt.subplots(figsize=(5.5, 3.5))
+    ks = sorted(sweep)
+    ax1.plot(ks, [sweep[k]["PCC-50"] for k in ks], "o-", label="PCC-50")
+    ax1.plot(ks, [sweep[k]["mean_r"] for k in ks], "s-", label="mean r")
+    ax1.set_xscale("log"); ax1.set_xlabel("step budget K"); ax1.set_ylabel("Pearson r")
+    ax2 = ax1.twinx()
+    ax2.plot(ks, [sweep[k]["spots_per_s"] for k in ks], "^--", color="0.4", label="spots/s")
+    ax2.set_ylabel("spots/s (sampling)")
+    ax1.legend(loc="lower left", fontsize=8); ax2.legend(loc="upper right", fontsize=8)
+    ax1.set_title("Accuracy and speed against the step budget K", fontsize=10)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def fig_steps(path, name, truth, steps):
+    import matplotlib.pyplot as plt
+    x0, ts = steps
+    pcc = [np.nanmean(pearson_per_gene(truth, x)) for x in x0]
+    mse = [((truth - x) ** 2).mean() for x in x0]
+    fig, ax1 = plt.subplots(figsize=(5.5, 3.5))
+    ax1.plot(ts, pcc, "o-", label="mean r"); ax1.set_xlabel("diffusion step t (T -> 0)"); ax1.set_ylabel("mean r of x̂0")
+    ax1.invert_xaxis()
+    ax2 = ax1.twinx(); ax2.plot(ts, mse, "s--", color="0.4", label="MSE"); ax2.set_ylabel("MSE of x̂0")
+    ax1.legend(loc="center left", fontsize=8); ax2.legend(loc="center right", fontsize=8)
+    ax1.set_title(f"{name}: quality of the intermediate x̂0 along sampling", fontsize=10)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+#################################################################################
+#                                    Main                                       #
+#################################################################################
+
+def compare(dirs):
+    rows = []
+    for d in dirs:
+        p = os.path.join(d, "summary.json")
+        if not os.path.isfile(p):
+            raise UserError(f"{p} not found; run evaluate.py --out {d} first")
+        s = json.load(open(p))
+        rows.append([s.get("label", d)] + [f"{s['metrics'][k]['mean']:.3f}±{s['metrics'][k]['std']:.3f}" for k in METRICS])
+    w = max(len(r[0]) for r in rows) + 2
+    print(f"{'run':<{w}}" + "".join(f"{k:>14}" for k in METRICS))
+    for r in rows:
+        print(f"{r[0]:<{w}}" + "".join(f"{v:>14}" for v in r[1:]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", help="folder of prediction files (sample.py output)")
+    p.add_argument("--data", help="folder written by prepare_data.py (the truth)")
+    p.add_argument("--out", help="output folder (default: <pred>/../eval)")
+    p.add_argument("--label", help="name of this run in --compare tables (default: the --pred folder)")
+    p.add_argument("--markers", help="genes for the maps (comma-separated; default the 4 most variable in truth)")
+    p.add_argument("--k-sweep", nargs="*", default=[], help="more prediction folders of the same slices at other K")
+    p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print these evaluations side by side and exit")
+    a = p.parse_args()
+    if a.compare:
+        return compare(a.compare)
+    if not (a.pred and a.data):
+        raise UserError("give --pred and --data (or --compare EVAL_DIR ...)")
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.pred)), "eval")
+    df, per_gene, pairs = evaluate_dir(a.pred, a.data)
+    summary = summarise(df)
+    os.makedirs(out, exist_ok=True)
+    for fname, frame in [("metrics.csv", pd.concat([df, pd.DataFrame([{"slice": "mean", **{k: v["mean"] for k, v in summary.items()}},
+                                                                       {"slice": "std", **{k: v["std"] for k, v in summary.items()}}])])),
+                         ("per_gene.csv", per_gene)]:
+        with atomic_path(os.path.join(out, fname)) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.5f")
+    sweep = {}
+    for d in [a.pred, *a.k_sweep]:
+        dd = df if d == a.pred else evaluate_dir(d, a.data)[0]
+        sweep[int(dd["K"].iloc[0])] = {"PCC-50": dd["PCC-50"].mean(), "mean_r": dd["mean_r"].mean(),
+                                       "spots_per_s": dd["spots_per_s"].mean()}
+    write_text(os.path.join(out, "summary.json"), json.dumps(
+        {"label": a.label or a.pred, "metrics": summary, "n_slices": len(df), "excluded_genes": int(df["n_excluded"].sum()),
+         "K_sweep": {str(k): v for k, v in sorted(sweep.items())}}, indent=1) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    name, truth, pred, array, genes, steps = pairs[0]
+    markers = a.markers.split(",") if a.markers else [genes[i] for i in np.argsort(-truth.var(0))[:4]]
+    if unknown := [m for m in markers if m not in genes]:
+        raise UserError(f"--markers {', '.join(unknown)}: not among the {len(genes)} evaluated genes")
+    figs = {f"maps_{name}.png": lambda f: fig_marker_maps(f, name, truth, pred, array, genes, markers),
+            "ssim_per_gene.png": lambda f: fig_ssim(f, per_gene, markers),
+            f"correlation_{name}.png": lambda f: fig_correlation(f, name, truth, pred, genes)}
+    if len(sweep) > 1:
+        figs["metrics_vs_K.png"] = lambda f: fig_metrics_vs_k(f, sweep)
+    if steps is not None:
+        figs[f"steps_{name}.png"] = lambda f: fig_steps(f, name, truth, steps)
+    for fname, draw in figs.items():
+        draw(os.path.join(out, fname))
+
+    print(table(df, summary))
+    excluded = int(df["n_excluded"].sum())
+    if excluded:
+        print(f"({excluded} slice-gene pairs constant in truth or prediction were excluded from r)")
+    print(f"metrics: {os.path.join(out, 'metrics.csv')}, per_gene.csv, summary.json")
+    print("figures: " + ", ".join(os.path.join(out, f) for f in figs))
+
+
+if __name__ == "__main__":
+    run(main)

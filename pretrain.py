@@ -1,0 +1,109 @@
+"""Backbone pre-training when official CellFM weights are out of reach: masked-value modelling on
+expression alone, as CellFM was pre-trained (random genes hidden, MSE on the hidden genes).
+
+    python pretrain.py --data data/her2st --exclude C1,C2,C3,C4,C5,C6 --preset small --out backbone.safetensors
+
+Reads every slice file (images not needed) and writes a .safetensors backbone with CellFM's
+parameter names, which `train.py --cellfm-ckpt` loads like the official weights.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import model as M
+from common import UserError, atomic_path, gene_tokens, list_slices, read_slice, run
+
+
+def masked_value_loss(net, x0, ratio):
+    """Hide a share of genes per spot (`ratio` float, or 'uniform' = U(0,1) per spot so every
+    share the diffusion will ask for is seen), fill them with 0 and predict them."""
+    B, G = x0.shape
+    r = torch.rand(B, 1, device=x0.device) if ratio == "uniform" else torch.full((B, 1), float(ratio), device=x0.device)
+    hidden = torch.rand(B, G, device=x0.device) < r
+    hidden[torch.arange(B), torch.randint(0, G, (B,))] = True  # at least one gene to predict per spot
+    pred = net(torch.where(hidden, torch.zeros_like(x0), x0), ~hidden)   # the bare backbone: no conditioning
+    return ((pred.float() - x0) ** 2 * hidden).sum() / hidden.sum()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder written by prepare_data.py")
+    p.add_argument("--exclude", default="", help="slices to keep out (comma-separated): the test slices")
+    p.add_argument("--out", required=True, help="output .safetensors backbone")
+    p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
+    p.add_argument("--mask-ratio", default="uniform", help="share of genes hidden: a number (CellFM: 0.2) or uniform (default)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    if a.mask_ratio != "uniform":
+        try:
+            if not 0 < float(a.mask_ratio) < 1:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--mask-ratio {a.mask_ratio}: give a number in (0, 1) or 'uniform'") from None
+
+    torch.manual_seed(a.seed)
+    exclude = set(filter(None, a.exclude.split(",")))
+    names = [n for n in list_slices(a.data) if n not in exclude]
+    if unknown := exclude - set(list_slices(a.data)):
+        raise UserError(f"--exclude names unknown slices: {', '.join(sorted(unknown))}")
+    if not names:
+        raise UserError(f"{a.data}: no slice left after --exclude")
+    slices = [read_slice(a.data, n, ("expr", "gene_ids")) for n in names]
+    X = np.concatenate([s["expr"] for s in slices])
+    X = X[X.sum(1) > 0]
+    tokens, vocab = gene_tokens(slices[0]["gene_ids"], M.make_config(a.preset).vocab)
+    cfg = M.make_config(a.preset, vocab=vocab, n_genes=X.shape[1])
+    dev = torch.device(a.device)
+    net = M.Hinge(cfg, tokens).to(dev)
+    params = [p for k, p in net.named_parameters() if M.is_backbone_key(k)]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.epochs)
+    perm = np.random.default_rng(a.seed).permutation(len(X))
+    val, tr = torch.from_numpy(X[perm[:max(1, len(X) // 20)]]).to(dev), X[perm[len(X) // 20:]]  # 5 % held out to report
+    print(f"pre-training {sum(p.numel() for p in params):,} backbone parameters on {len(tr)} spots x {X.shape[1]} genes "
+          f"from {len(names)} slices")
+
+    def val_mse():
+        net.eval()
+        with torch.random.fork_rng(), torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
+            torch.manual_seed(1234)
+            m = masked_value_loss(net, val, a.mask_ratio).item()
+        net.train()
+        return m
+
+    first = val_mse()
+    print(f"epoch 0: masked-value MSE {first:.4f}")
+    for ep in range(a.epochs):
+        t0 = time.time()
+        order = np.random.default_rng(a.seed + ep).permutation(len(tr))
+        for s in tqdm(range(0, len(tr), a.batch_size), desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False):
+            x0 = torch.from_numpy(tr[order[s:s + a.batch_size]]).to(dev)
+            with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
+                loss = masked_value_loss(net, x0, a.mask_ratio)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        sched.step()
+        print(f"epoch {ep + 1}: masked-value MSE {val_mse():.4f} ({time.time() - t0:.0f}s)")
+
+    from safetensors.torch import save_file
+    meta = {"preset": a.preset, "config": json.dumps(M.config_dict(cfg)), "slices": ",".join(names),
+            "val_mse_before": f"{first:.5f}", "val_mse_after": f"{val_mse():.5f}"}
+    with atomic_path(a.out) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()}, tmp, metadata=meta)
+    print(f"wrote {a.out}: masked-value MSE {first:.4f} -> {float(meta['val_mse_after']):.4f}")
+
+
+if __name__ == "__main__":
+    run(main)

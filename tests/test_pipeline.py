@@ -1,0 +1,166 @@
+"""pretrain.py -> train.py -> sample.py -> evaluate.py on the demo dataset: the protocol, resume,
+DDP, generation and every bad input named in issue #4."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import model as M
+from conftest import ROOT, assert_user_error, run_script
+
+TINY = ["--preset", "tiny", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    run_script("prepare_data.py", "--out", root / "data")
+    run_script("extract_features.py", "--data", root / "data", "--encoder", "stain")
+    return root
+
+
+def train(demo, out, *extra, check=True):
+    return run_script("train.py", "--data", demo / "data", "--features", "stain", "--test-slice", "demo1",
+                      "--out", out, *TINY, *extra, check=check)
+
+
+@pytest.fixture(scope="module")
+def backbone(demo):
+    out = demo / "backbone.safetensors"
+    run_script("pretrain.py", "--data", demo / "data", "--exclude", "demo1", "--preset", "tiny",
+               "--epochs", "12", "--lr", "3e-3", "--out", out)
+    return out
+
+
+def test_pretrain_lowers_masked_mse_and_loads_as_cellfm(backbone):
+    from safetensors import safe_open
+    with safe_open(str(backbone), "pt") as f:
+        meta = f.metadata()
+    assert float(meta["val_mse_after"]) < 0.8 * float(meta["val_mse_before"])
+    assert "demo1" not in meta["slices"].split(",")     # --exclude keeps the test slice out
+    sd = M.load_cellfm(str(backbone))
+    assert "encoder.1.post_norm2.weight" in sd and not any(k.startswith("cond_net") for k in sd)
+
+
+@pytest.fixture(scope="module")
+def hinge_run(demo, backbone):
+    out = demo / "hinge"
+    train(demo, out, "--cellfm-ckpt", backbone, "--epochs", "3")
+    return out
+
+
+def test_train_writes_checkpoints_and_log(hinge_run):
+    log = pd.read_csv(hinge_run / "log.csv")
+    assert list(log.columns) == ["epoch", "train_loss", "val_mse", "lr", "seconds"] and len(log) == 3
+    ck = torch.load(hinge_run / "best.pt", weights_only=False)
+    for key in ("config", "genes", "features", "test_slice", "opt", "sched", "rng", "state", "feat_mean"):
+        assert key in ck
+    assert ck["test_slice"] == "demo1" and "demo1" not in ck["train_slices"] and ck["variant"] == "hinge"
+
+
+def test_scratch_validation_mse_goes_down(demo):
+    out = demo / "scratch"
+    train(demo, out, "--variant", "scratch", "--epochs", "4")
+    val = pd.read_csv(out / "log.csv")["val_mse"].to_numpy()
+    assert val[-1] < 0.9 * val[0]
+
+
+def test_resume_gives_the_same_weights(demo):
+    a, b = demo / "full", demo / "cut"
+    train(demo, a, "--variant", "scratch", "--epochs", "2")
+    train(demo, b, "--variant", "scratch", "--epochs", "1")
+    p = train(demo, b, "--variant", "scratch", "--epochs", "2", check=False)
+    assert_user_error(p, "--resume")                     # a finished run is never silently overwritten
+    train(demo, b, "--variant", "scratch", "--epochs", "2", "--resume")
+    wa = torch.load(a / "last.pt", weights_only=False)["model"]
+    wb = torch.load(b / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_two_cpu_processes_one_epoch(demo):
+    out = demo / "ddp"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29537", os.path.join(ROOT, "train.py"),
+                        "--data", str(demo / "data"), "--features", "stain", "--test-slice", "demo1", "--out", str(out),
+                        "--variant", "scratch", *TINY, "--epochs", "1"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(pd.read_csv(out / "log.csv")) == 1 and (out / "best.pt").exists()
+
+
+def test_sample_writes_predictions_and_evaluate_scores_them(demo, hinge_run):
+    run_script("sample.py", "--run", hinge_run, "--data", demo / "data", "--steps", "5", "--samples", "2",
+               "--record-steps", "0,4", "--save-samples", "--batch-size", "100")
+    with h5py.File(hinge_run / "pred" / "demo1.h5", "r") as f, h5py.File(demo / "data" / "slices" / "demo1.h5", "r") as s:
+        N, G = s["expr"].shape
+        assert f["pred"].shape == (N, G) and f["samples"].shape == (2, N, G) and f["steps"].shape == (2, N, G)
+        np.testing.assert_allclose(f["samples"][()].astype(np.float32).mean(0), f["pred"][()], atol=0.02)
+        assert f.attrs["K"] == 5 and f.attrs["spots_per_s"] > 0 and list(f["barcode"][()]) == list(s["barcode"][()])
+        assert f["recorded_t"][()].tolist() == [50, 10]
+    p = run_script("evaluate.py", "--pred", hinge_run / "pred", "--data", demo / "data")
+    assert "PCC-50" in p.stdout and "mean ± std" in p.stdout
+    ev = hinge_run / "eval"
+    for f in ("metrics.csv", "per_gene.csv", "summary.json", "maps_demo1.png", "ssim_per_gene.png",
+              "correlation_demo1.png", "steps_demo1.png"):
+        assert (ev / f).stat().st_size > 0, f
+    summary = json.load(open(ev / "summary.json"))
+    assert set(summary["metrics"]) >= {"PCC-50", "MSE", "SSIM"}
+    p = run_script("evaluate.py", "--compare", ev, ev)
+    assert p.stdout.count("±") >= 16
+
+
+@pytest.mark.parametrize("steps", ["0", "51"])
+def test_sample_rejects_bad_step_budget(demo, hinge_run, steps, tmp_path):
+    p = run_script("sample.py", "--run", hinge_run, "--data", demo / "data", "--steps", steps, "--out", tmp_path / "p",
+                   check=False)
+    assert_user_error(p, f"--steps {steps}", "T=50")
+    assert not (tmp_path / "p").exists()
+
+
+def test_sample_rejects_missing_slice_and_wrong_features(demo, hinge_run, tmp_path):
+    p = run_script("sample.py", "--run", hinge_run, "--data", demo / "data", "--slices", "nope", "--out", tmp_path / "p",
+                   check=False)
+    assert_user_error(p, "nope")
+    data2 = tmp_path / "data2"                          # same genes, but the features of another encoder dimension
+    shutil.copytree(demo / "data", data2)
+    with h5py.File(data2 / "features" / "stain" / "demo1.h5", "r+") as f:
+        emb = f["embeddings"][()]
+        del f["embeddings"]
+        f["embeddings"] = emb[:, :10]
+    p = run_script("sample.py", "--run", hinge_run, "--data", data2, "--out", tmp_path / "p", check=False)
+    assert_user_error(p, "dimension 10", "expects 74")
+    os.remove(data2 / "features" / "stain" / "demo1.h5")
+    p = run_script("sample.py", "--run", hinge_run, "--data", data2, "--out", tmp_path / "p", check=False)
+    assert_user_error(p, "no stain features for slice demo1", "extract_features.py")
+    assert not (tmp_path / "p").exists()
+
+
+def test_checkpoint_from_another_gene_set(demo, hinge_run, backbone, tmp_path):
+    other = tmp_path / "other"
+    run_script("prepare_data.py", "--out", other, "--n-top", "200")
+    run_script("extract_features.py", "--data", other, "--encoder", "stain")
+    p = run_script("sample.py", "--run", hinge_run, "--data", other, "--out", tmp_path / "p", check=False)
+    assert_user_error(p, "other genes")
+    assert not (tmp_path / "p").exists()
+    p = run_script("train.py", "--data", other, "--features", "stain", "--test-slice", "demo1", "--out", tmp_path / "r",
+                   *TINY, "--cellfm-ckpt", backbone, check=False)
+    assert_user_error(p, "backbone.safetensors", "mis-shaped", "gene_emb")
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_train_rejects_bad_fold_and_wrong_dimension_backbone(demo, backbone, tmp_path):
+    p = train(demo, tmp_path / "r", "--test-slice", "demo9", "--variant", "scratch", check=False)
+    assert_user_error(p, "demo9")
+    p = run_script("train.py", "--data", demo / "data", "--features", "stain", "--test-slice", "demo1", "--out",
+                   tmp_path / "r", "--preset", "small", "--cellfm-ckpt", backbone, check=False)
+    assert_user_error(p, "mis-shaped")
+    p = train(demo, tmp_path / "r", check=False)         # hinge needs a backbone
+    assert_user_error(p, "--cellfm-ckpt")
+    assert not (tmp_path / "r" / "last.pt").exists()

@@ -1,0 +1,214 @@
+"""Stage 3: train HINGE on all slices but the held-out one (DESIGN.md §3, §4).
+
+    python train.py --data data/demo --features stain --test-slice demo1 --cellfm-ckpt backbone.safetensors --out runs/demo1
+    torchrun --nproc_per_node 4 train.py ...            # DDP, no code change (NCCL on GPU, gloo on CPU)
+
+Writes <out>/best.pt (lowest validation MSE), <out>/last.pt (every epoch, for --resume) and
+<out>/log.csv. Defaults are the paper's protocol: AdamW 1e-4, batch 32, MultiStepLR [20, 30]
+x0.2, at most 50 epochs, early stop after 5 epochs without improvement once 15 have passed,
+a 5-epoch curriculum at <= 20 % hidden genes, T = 50.
+"""
+import argparse
+import csv
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import model as M
+from common import Features, UserError, atomic_path, gene_tokens, list_slices, read_slice, run
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder written by prepare_data.py (with features/)")
+    p.add_argument("--features", default="uni,conch", help="encoders to concatenate, in order (default uni,conch = 1536-d)")
+    p.add_argument("--test-slice", required=True, help="held-out slice (leave-one-slice-out); never seen in training")
+    p.add_argument("--exclude", default="", help="further slices to leave out of training (comma-separated)")
+    p.add_argument("--out", required=True, help="run folder for best.pt, last.pt and log.csv")
+    p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
+    p.add_argument("--cellfm-ckpt", help="CellFM weights (.ckpt/.pt/.safetensors, official or from pretrain.py)")
+    p.add_argument("--variant", default="hinge", choices=M.VARIANTS,
+                   help="hinge: frozen backbone, conditioning trains; scratch: random backbone, all trains; "
+                        "decoder-tune: + value decoder; backbone-lora: + LoRA adapters")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for --variant backbone-lora (default 8)")
+    p.add_argument("--objective", default="masked", choices=["masked", "gaussian"], help="masked diffusion or Gauss-Diff ablation")
+    p.add_argument("--cond", default="softadaln", choices=["softadaln", "hist-affine-ln"], help="how histology enters the blocks")
+    p.add_argument("--no-soft-norm", action="store_true", help="ablation: plain LayerNorm instead of SoftNorm")
+    p.add_argument("--no-id-init", action="store_true", help="ablation: default init of the modulation (no identity start)")
+    p.add_argument("--schedule", default="poly-auto", help="poly-auto (ζ = log_T G), linear, cosine or power:<ζ>")
+    p.add_argument("--mask-ratio", default="schedule", choices=["schedule", "uniform"],
+                   help="uniform = RandMask ablation: hidden share ~ U(0,1), loss on all hidden genes")
+    p.add_argument("--fill", default="gauss", choices=["gauss", "zero"], help="value of hidden genes: N(0,1) noise or 0")
+    p.add_argument("--T", type=int, default=50, help="diffusion steps (default 50)")
+    p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (default 32)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--milestones", default="20,30", help="MultiStepLR epochs, x0.2 each (default 20,30)")
+    p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without improvement")
+    p.add_argument("--warmup", type=int, default=15, help="no early stop before this epoch (default 15)")
+    p.add_argument("--curriculum-epochs", type=int, default=5, help="epochs restricted to <= 20 %% hidden genes (0 = NoCurr)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of training spots for validation (default 0.1)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    return p.parse_args()
+
+
+def load_fold(a, encoders):
+    """Expression targets and histology vectors of the training slices (spots with all-zero
+    expression dropped, as Stem/HINGE), plus the held-out slice's feature dimension check."""
+    names = list_slices(a.data)
+    held_out = {a.test_slice, *filter(None, a.exclude.split(","))}
+    if a.test_slice not in names:
+        raise UserError(f"--test-slice {a.test_slice}: not a slice of {a.data} (slices: {', '.join(names[:8])} ...)")
+    test = Features(a.data, encoders, a.test_slice)      # fails clearly when the test slice has no features
+    test.close()
+    train = [n for n in names if n not in held_out and os.path.isfile(
+        os.path.join(a.data, "features", encoders[0], f"{n}.h5"))]
+    if not train:
+        raise UserError(f"{a.data}: no training slice has {encoders[0]} features; run extract_features.py first")
+    X, H, A = [], [], []
+    for n in train:
+        s = read_slice(a.data, n, ("expr", "genes", "gene_ids"))
+        f = Features(a.data, encoders, n)
+        keep = s["expr"].sum(1) > 0
+        X.append(s["expr"][keep]); H.append(f.read()[keep])
+        A.append(f.read_aug()[keep] if f.has_aug else None)
+        f.close()
+    aug = np.concatenate(A) if all(x is not None for x in A) else None
+    return train, s["genes"], s["gene_ids"], np.concatenate(X), np.concatenate(H), aug
+
+
+def main():
+    a = parse_args()
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if ddp:
+        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+        if a.device.startswith("cuda"):
+            a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    dev = torch.device(a.device)
+    torch.manual_seed(a.seed); np.random.seed(a.seed); random.seed(a.seed)
+    encoders = a.features.split(",")
+    if a.variant == "hinge" and not a.cellfm_ckpt:
+        raise UserError("--variant hinge freezes the backbone, so it needs --cellfm-ckpt (official CellFM weights or "
+                        "pretrain.py output); or use --variant scratch")
+    if a.variant == "scratch" and a.cellfm_ckpt:
+        raise UserError("--variant scratch trains the backbone from random weights; drop --cellfm-ckpt")
+
+    train_names, genes, gene_ids, X, H, A = load_fold(a, encoders)
+    G, D = X.shape[1], H.shape[1]
+    mu, sd = H.mean(0), H.std(0) + 1e-6                  # features standardised with training statistics
+    H = (H - mu) / sd
+    A = (A - mu) / sd if A is not None else None
+    perm = np.random.default_rng(a.seed).permutation(len(X))  # 10 % validation, seed 42 (DESIGN §4)
+    n_val = max(1, int(round(a.val_frac * len(X))))
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+
+    tokens, vocab = gene_tokens(gene_ids, M.make_config(a.preset).vocab)
+    cfg = M.make_config(a.preset, vocab=vocab, n_genes=G, hist_dim=D, cond=a.cond, soft_norm=not a.no_soft_norm,
+                        id_init=not a.no_id_init, lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0)
+    net = M.Hinge(cfg, tokens)
+    if a.cellfm_ckpt:
+        try:
+            unused, unexpected = M.load_backbone(net, M.load_cellfm(a.cellfm_ckpt), a.cellfm_ckpt)
+        except M.CheckpointError as e:
+            raise UserError(str(e)) from e
+        if unexpected and rank == 0:
+            print(f"ignored {len(unexpected)} unexpected checkpoint keys: {', '.join(unexpected[:5])}")
+    n_train = M.set_trainable(net, a.variant)
+    net.to(dev)
+    if rank == 0:
+        print(f"{a.variant}: {n_train:,} trainable of {sum(p.numel() for p in net.parameters()):,} parameters; "
+              f"{len(tr_idx)} train / {len(val_idx)} val spots from {len(train_names)} slices, {G} genes, {D}-d features")
+    diffusion = M.MaskedDiffusion(G, a.T, a.schedule, a.fill) if a.objective == "masked" else M.GaussianDiffusion(G, a.T)
+    model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if ddp else net
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(m) for m in a.milestones.split(",")], gamma=0.2)
+    state = {"epoch": 0, "best": float("inf"), "bad_epochs": 0}
+    last, best = os.path.join(a.out, "last.pt"), os.path.join(a.out, "best.pt")
+    if a.resume:
+        if not os.path.isfile(last):
+            raise UserError(f"{last}: nothing to resume; run without --resume first")
+        ck = torch.load(last, map_location=dev, weights_only=False)
+        net.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
+        state = ck["state"]
+        torch.set_rng_state(ck["rng"]["torch"]); np.random.set_state(ck["rng"]["numpy"]); random.setstate(ck["rng"]["python"])
+    elif rank == 0 and os.path.isfile(last):
+        raise UserError(f"{a.out} already holds a run; pass --resume to continue it or choose another --out")
+    meta = {"config": M.config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": [g.decode() for g in genes],
+            "features": encoders, "feat_mean": mu, "feat_std": sd, "test_slice": a.test_slice, "train_slices": train_names,
+            "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T, "variant": a.variant,
+            "cellfm_ckpt": a.cellfm_ckpt, "args": vars(a)}
+
+    def batches(idx, gen, aug):
+        for s in range(0, len(idx), a.batch_size):
+            b = idx[s:s + a.batch_size]
+            h = A[b, gen.integers(0, 8, len(b))] if aug else H[b]   # one of the 8 dihedral views per spot and epoch
+            yield torch.from_numpy(X[b]).to(dev), torch.from_numpy(np.ascontiguousarray(h)).float().to(dev)
+
+    def val_mse():
+        net.eval()
+        fork = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
+        with fork, torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
+            torch.manual_seed(1234)                      # the same masks every epoch: comparable validation
+            tot = [diffusion.loss(net, x0, net.embed_histology(h), mask_ratio=a.mask_ratio).item() * len(x0)
+                   for x0, h in batches(val_idx, None, False)]
+        net.train()
+        return sum(tot) / len(val_idx)
+
+    log_path = os.path.join(a.out, "log.csv")
+    os.makedirs(a.out, exist_ok=True)
+    net.train()
+    while state["epoch"] < a.epochs:
+        ep, t0 = state["epoch"], time.time()
+        gen = np.random.default_rng(a.seed + ep)        # same order on every rank; each takes its share
+        order = tr_idx[gen.permutation(len(tr_idx))][rank::world]
+        t_max = diffusion.curriculum_cap(0.2) if (ep < a.curriculum_epochs and a.objective == "masked") else None
+        losses = []
+        for x0, h in tqdm(batches(order, gen, A is not None), total=-(-len(order) // a.batch_size),
+                          desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False, disable=rank > 0):
+            with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
+                loss = diffusion.loss(model, x0, model.module.embed_histology(h) if ddp else net.embed_histology(h),
+                                      t_max=t_max, mask_ratio=a.mask_ratio)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # official HINGE clips at 1.0
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        v = val_mse()
+        state["epoch"] = ep + 1
+        improved = v < state["best"]
+        state["best"], state["bad_epochs"] = (v, 0) if improved else (state["best"], state["bad_epochs"] + 1)
+        if rank == 0:
+            ck = {**meta, "model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
+                  "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+            if improved:
+                with atomic_path(best) as tmp:
+                    torch.save(ck, tmp)
+            with atomic_path(last) as tmp:
+                torch.save(ck, tmp)
+            new = not os.path.isfile(log_path)
+            with open(log_path, "a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["epoch", "train_loss", "val_mse", "lr", "seconds"])
+                w.writerow([ep + 1, f"{np.mean(losses):.5f}", f"{v:.5f}", f"{opt.param_groups[0]['lr']:.2e}", f"{time.time() - t0:.1f}"])
+            print(f"epoch {ep + 1}: train {np.mean(losses):.4f}  val MSE {v:.4f}{'  *' if improved else ''}  ({time.time() - t0:.0f}s)")
+        if state["epoch"] >= a.warmup and state["bad_epochs"] >= a.patience:
+            if rank == 0:
+                print(f"early stop: no improvement for {a.patience} epochs")
+            break
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)
