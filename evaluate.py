@@ -148,11 +148,10 @@ def fig_ssim(path, per_gene, markers):
     g = per_gene.groupby("gene")["ssim"].mean().dropna().sort_values(ascending=False)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(np.arange(len(g)), g.values, color="0.5", lw=1)
-    for m in markers:
-        if m in g.index:
-            x = list(g.index).index(m)
-            ax.scatter([x], [g[m]], color="crimson", zorder=3)
-            ax.annotate(m, (x, g[m]), textcoords="offset points", xytext=(4, 4), fontsize=8, color="crimson")
+    ranks = {m: list(g.index).index(m) for m in markers if m in g.index}
+    ax.scatter(list(ranks.values()), [g[m] for m in ranks], color="crimson", zorder=3, label="markers")
+    ax.text(0.98, 0.95, "\n".join(f"{m}: #{r + 1}, SSIM {g[m]:.2f}" for m, r in ranks.items()), transform=ax.transAxes,
+            ha="right", va="top", fontsize=8, color="crimson")
     ax.set_xlabel("genes, sorted by SSIM"); ax.set_ylabel("SSIM (mean over slices)")
     ax.set_title("Gene-wise SSIM of predicted vs true maps; markers in red", fontsize=10)
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)

@@ -496,8 +496,8 @@ def visible_fraction(schedule, T, G):
 
 class MaskedDiffusion:
     """Nested random gene orders: at step t the first ⌊(1-ᾱ_t)·G⌋ genes of a sample's order are hidden."""
-    def __init__(self, G, T=50, schedule="poly-auto", fill="gauss"):
-        self.G, self.T, self.fill = G, T, fill
+    def __init__(self, G, T=50, schedule="poly-auto", fill="gauss", loss_norm="sample"):
+        self.G, self.T, self.fill, self.loss_norm = G, T, fill, loss_norm
         n = torch.floor((1 - visible_fraction(schedule, T, G)) * G + 1e-6).long()
         n[0], n[T] = 0, G
         self.n_hidden = torch.cummax(n, 0).values        # [T+1], non-decreasing
@@ -520,7 +520,10 @@ class MaskedDiffusion:
 
     def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule"):
         """MSE on the genes revealed between t and t-1 (official `elboloss`); with
-        mask_ratio='uniform' (RandMask) a U(0,1) share is hidden and the loss covers all of it."""
+        mask_ratio='uniform' (RandMask) a U(0,1) share is hidden and the loss covers all of it.
+        loss_norm='sample' averages each sample's genes first, so every t weighs the same; 'batch'
+        (the official code) divides by the batch's gene count, so steps that reveal few genes,
+        where histology matters most, weigh little (demo: PCC-50 0.57 vs 0.74 with 'sample')."""
         B, dev = x0.shape[0], x0.device
         ranks = self.gene_ranks(B, dev)
         if mask_ratio == "uniform":
@@ -534,7 +537,10 @@ class MaskedDiffusion:
         xt = torch.where(vis, x0, self.fill_like(x0))
         pred = model(xt, vis, t, target, hist_emb)
         w = (target & ~vis).float()                      # newly revealed genes
-        return ((pred.float() - x0) ** 2 * w).sum() / w.sum().clamp_min(1)
+        err = (pred.float() - x0) ** 2 * w
+        if self.loss_norm == "batch":
+            return err.sum() / w.sum().clamp_min(1)
+        return (err.sum(1) / w.sum(1).clamp_min(1)).mean()
 
 
 class GaussianDiffusion:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# HINGE end to end: set up .venv, then prepare -> features -> (pretrain) -> train -> sample -> evaluate,
+# HINGE end to end: set up .venv, then prepare -> features -> pretrain -> train -> sample -> evaluate,
 # leave-one-slice-out over a test pool. `bash run_all.sh --help` lists the options.
+# Re-running continues where an interrupted run stopped: finished stages and folds are skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -8,21 +9,42 @@ usage() {
   cat <<'HELP'
 usage: bash run_all.sh [options]
 
-  --dataset NAME      demo (default, synthetic, offline), her2st, visium or hest
-  --raw DIR           raw data folder (her2st, visium, hest)
-  --out DIR           output folder (default runs/<dataset>)
-  --vocab CSV         CellFM gene_info.csv: keep vocabulary genes and store their token ids
-  --install-only      only create or update .venv from requirements.txt
-  -h, --help          this help
+  --dataset NAME        demo (default: synthetic, offline, CPU minutes), her2st, visium or hest
+  --raw DIR             raw data folder (her2st, visium, hest)
+  --out DIR             output folder (default runs/<dataset>)
+  --test-slices A,B     held-out slices, one fold each (default: demo every slice; her2st the first
+                        slice of each patient that has an image; visium/hest every slice with an image)
+  --encoder NAME        stain (default, weight-free), uni, conch, resnet50, or uni,conch (the paper's 1536-d)
+  --weights PATHS       weights of the neural encoders, comma-separated in --encoder order
+  --cellfm-ckpt PATH    CellFM weights (official .ckpt/.safetensors); without it pretrain.py builds a
+                        backbone per fold from the training slices' expression
+  --preset NAME         backbone size: tiny (demo default), small (default otherwise), cellfm-80m, cellfm-800m
+  --epochs N            training epochs at most (demo default 30, otherwise 50 = the paper)
+  --pretrain-epochs N   pretrain.py epochs when no --cellfm-ckpt (demo default 20, otherwise 2)
+  --steps K             sampling step budget (default 5)
+  --samples S           samples per spot, averaged (default 5)
+  --vocab CSV           CellFM gene_info.csv: keep vocabulary genes, store token ids (needed with --cellfm-ckpt)
+  --install-only        only create or update .venv from requirements.txt
+  -h, --help            this help
 HELP
 }
 
-DATASET=demo RAW="" OUT="" VOCAB="" INSTALL_ONLY=0
+DATASET=demo RAW="" OUT="" TEST="" ENCODER=stain WEIGHTS="" CKPT="" PRESET="" EPOCHS="" PRE_EPOCHS=""
+STEPS=5 SAMPLES=5 VOCAB="" INSTALL_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) DATASET="$2"; shift 2 ;;
     --raw) RAW="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
+    --test-slices) TEST="$2"; shift 2 ;;
+    --encoder) ENCODER="$2"; shift 2 ;;
+    --weights) WEIGHTS="$2"; shift 2 ;;
+    --cellfm-ckpt) CKPT="$2"; shift 2 ;;
+    --preset) PRESET="$2"; shift 2 ;;
+    --epochs) EPOCHS="$2"; shift 2 ;;
+    --pretrain-epochs) PRE_EPOCHS="$2"; shift 2 ;;
+    --steps) STEPS="$2"; shift 2 ;;
+    --samples) SAMPLES="$2"; shift 2 ;;
     --vocab) VOCAB="$2"; shift 2 ;;
     --install-only) INSTALL_ONLY=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -41,9 +63,55 @@ fi
 [ "$INSTALL_ONLY" = 1 ] && exit 0
 PY=.venv/bin/python
 
+# CPU-sized defaults for the demo; the paper's protocol otherwise
+if [ "$DATASET" = demo ]; then
+  PRESET=${PRESET:-tiny} EPOCHS=${EPOCHS:-30} PRE_EPOCHS=${PRE_EPOCHS:-20} LR=3e-3
+else
+  PRESET=${PRESET:-small} EPOCHS=${EPOCHS:-50} PRE_EPOCHS=${PRE_EPOCHS:-2} LR=1e-4
+fi
 OUT=${OUT:-runs/$DATASET}
 DATA=$OUT/data
+
+echo "== prepare ($DATASET)"
 prep=(--dataset "$DATASET" --out "$DATA")
 [ -n "$RAW" ] && prep+=(--raw "$RAW")
 [ -n "$VOCAB" ] && prep+=(--vocab "$VOCAB")
 $PY prepare_data.py "${prep[@]}"
+
+echo "== features ($ENCODER)"
+IFS=, read -ra encoders <<< "$ENCODER"
+IFS=, read -ra weights <<< "$WEIGHTS"
+for i in "${!encoders[@]}"; do
+  feat=(--data "$DATA" --encoder "${encoders[$i]}")
+  [ -n "${weights[$i]:-}" ] && feat+=(--weights "${weights[$i]}")
+  $PY extract_features.py "${feat[@]}"
+done
+
+if [ -z "$TEST" ]; then  # default test pool, from slices.tsv (slice, patient, n_spots, has_image)
+  if [ "$DATASET" = her2st ]; then
+    TEST=$(awk -F'\t' 'NR > 1 && $4 == 1 && !seen[$2]++ {print $1}' "$DATA/slices.tsv" | paste -sd,)
+  else
+    TEST=$(awk -F'\t' 'NR > 1 && $4 == 1 {print $1}' "$DATA/slices.tsv" | paste -sd,)
+  fi
+fi
+echo "== leave-one-slice-out over: $TEST"
+IFS=, read -ra folds <<< "$TEST"
+for s in "${folds[@]}"; do
+  run=$OUT/folds/$s
+  [ -f "$OUT/pred/$s.h5" ] && { echo "-- $s: done"; continue; }
+  backbone=$CKPT
+  if [ -z "$CKPT" ]; then
+    backbone=$OUT/folds/backbone_$s.safetensors
+    [ -f "$backbone" ] || { echo "-- $s: pretrain"; $PY pretrain.py --data "$DATA" --exclude "$s" --preset "$PRESET" \
+                              --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$backbone"; }
+  fi
+  echo "-- $s: train"
+  resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
+  $PY train.py --data "$DATA" --features "$ENCODER" --test-slice "$s" --out "$run" --preset "$PRESET" \
+      --cellfm-ckpt "$backbone" --epochs "$EPOCHS" --lr "$LR" "${resume[@]}"
+  echo "-- $s: sample"
+  $PY sample.py --run "$run" --data "$DATA" --steps "$STEPS" --samples "$SAMPLES" --out "$OUT/pred" --overwrite
+done
+
+echo "== evaluate"
+$PY evaluate.py --pred "$OUT/pred" --data "$DATA" --out "$OUT/eval" --label "HINGE $PRESET ($ENCODER, K=$STEPS)"

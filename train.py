@@ -44,6 +44,9 @@ def parse_args():
     p.add_argument("--mask-ratio", default="schedule", choices=["schedule", "uniform"],
                    help="uniform = RandMask ablation: hidden share ~ U(0,1), loss on all hidden genes")
     p.add_argument("--fill", default="gauss", choices=["gauss", "zero"], help="value of hidden genes: N(0,1) noise or 0")
+    p.add_argument("--loss-norm", default="sample", choices=["sample", "batch"],
+                   help="average the revealed genes per sample (default: every step t weighs the same) or over "
+                        "the whole batch (the official code)")
     p.add_argument("--T", type=int, default=50, help="diffusion steps (default 50)")
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (default 32)")
@@ -127,7 +130,8 @@ def main():
     if rank == 0:
         print(f"{a.variant}: {n_train:,} trainable of {sum(p.numel() for p in net.parameters()):,} parameters; "
               f"{len(tr_idx)} train / {len(val_idx)} val spots from {len(train_names)} slices, {G} genes, {D}-d features")
-    diffusion = M.MaskedDiffusion(G, a.T, a.schedule, a.fill) if a.objective == "masked" else M.GaussianDiffusion(G, a.T)
+    diffusion = M.MaskedDiffusion(G, a.T, a.schedule, a.fill, a.loss_norm) if a.objective == "masked" \
+        else M.GaussianDiffusion(G, a.T)
     model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if ddp else net
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(m) for m in a.milestones.split(",")], gamma=0.2)

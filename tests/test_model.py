@@ -182,17 +182,23 @@ class Recorder(torch.nn.Module):
         return self.pred.expand(x.shape[0], -1) + 0 * h[:, :1] + t[:, None] * 1e-3
 
 
-def test_loss_touches_only_newly_revealed_genes():
+@pytest.mark.parametrize("norm", ["sample", "batch"])
+def test_loss_touches_only_newly_revealed_genes(norm):
     torch.manual_seed(0)
-    d = M.MaskedDiffusion(G, T=10, schedule="linear")
+    d = M.MaskedDiffusion(G, T=10, schedule="linear", loss_norm=norm)
     rec = Recorder(G)
     x0 = torch.rand(6, G)
     rec.pred = torch.nn.Parameter(torch.randn(6, G))
-    d.loss(rec, x0, torch.zeros(6, 1)).backward()
+    loss = d.loss(rec, x0, torch.zeros(6, 1))
+    loss.backward()
     _, vis, t, target = rec.calls[0]
-    assert torch.equal(rec.pred.grad != 0, target & ~vis)
+    new = target & ~vis
+    assert torch.equal(rec.pred.grad != 0, new)
     xt = rec.calls[0][0]
     assert torch.equal(xt[vis], x0[vis]) and not torch.isclose(xt[~vis], x0[~vis]).any()  # hidden = noise
+    err = (rec.pred.detach() - x0) ** 2 * new
+    expect = err.sum() / new.sum() if norm == "batch" else (err.sum(1) / new.sum(1).clamp_min(1)).mean()
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
 
 
 def test_sampler_reveals_every_gene_once_with_no_fill_left():
