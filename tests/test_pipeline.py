@@ -67,9 +67,9 @@ def test_train_writes_checkpoints_and_log(hinge_run):
 
 def test_scratch_validation_mse_goes_down(demo):
     out = demo / "scratch"
-    train(demo, out, "--variant", "scratch", "--epochs", "4")
+    train(demo, out, "--variant", "scratch", "--epochs", "8")
     val = pd.read_csv(out / "log.csv")["val_mse"].to_numpy()
-    assert val[-1] < 0.9 * val[0]
+    assert val[4:].min() < 0.85 * val[0]                # noisy epoch to epoch, clearly lower after a few
 
 
 def test_resume_gives_the_same_weights(demo):
