@@ -249,7 +249,6 @@ def main():
     else:
         enc = NeuralEncoder(a.encoder, a.weights, a.random_init, a.device, a.amp)
         weights_attr = f"{os.path.basename(a.weights)} sha256:{sha256(a.weights)}" if a.weights else "random-init"
-    enc.name = a.encoder
     out_dir = os.path.join(a.data, "features", a.encoder)
     mine = with_img[rank::world]
     for n in tqdm(mine, desc=f"{a.encoder} rank {rank}" if world > 1 else a.encoder, unit="slice"):

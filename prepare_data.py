@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -141,7 +141,6 @@ class RawSlice:
     spot_diameter_px: float = None
     pixel_size_um: float = None
     source: str = ""
-    attrs: dict = field(default_factory=dict)
 
 
 def check_counts(rs):

@@ -21,6 +21,7 @@ usage: bash run_all.sh [options]
   --preset NAME         backbone size: tiny (demo default), small (default otherwise), cellfm-80m, cellfm-800m
   --epochs N            training epochs at most (demo default 30, otherwise 50 = the paper)
   --pretrain-epochs N   pretrain.py epochs when no --cellfm-ckpt (demo default 20, otherwise 2)
+  --lr LR               training learning rate (demo default 3e-3 for its tiny CPU budget, otherwise 1e-4 = the paper)
   --steps K             sampling step budget (default 5)
   --samples S           samples per spot, averaged (default 5)
   --vocab CSV           CellFM gene_info.csv: keep vocabulary genes, store token ids (needed with --cellfm-ckpt)
@@ -29,7 +30,7 @@ usage: bash run_all.sh [options]
 HELP
 }
 
-DATASET=demo RAW="" OUT="" TEST="" ENCODER=stain WEIGHTS="" CKPT="" PRESET="" EPOCHS="" PRE_EPOCHS=""
+DATASET=demo RAW="" OUT="" TEST="" ENCODER=stain WEIGHTS="" CKPT="" PRESET="" EPOCHS="" PRE_EPOCHS="" LR=""
 STEPS=5 SAMPLES=5 VOCAB="" INSTALL_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,6 +44,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET="$2"; shift 2 ;;
     --epochs) EPOCHS="$2"; shift 2 ;;
     --pretrain-epochs) PRE_EPOCHS="$2"; shift 2 ;;
+    --lr) LR="$2"; shift 2 ;;
     --steps) STEPS="$2"; shift 2 ;;
     --samples) SAMPLES="$2"; shift 2 ;;
     --vocab) VOCAB="$2"; shift 2 ;;
@@ -65,9 +67,9 @@ PY=.venv/bin/python
 
 # CPU-sized defaults for the demo; the paper's protocol otherwise
 if [ "$DATASET" = demo ]; then
-  PRESET=${PRESET:-tiny} EPOCHS=${EPOCHS:-30} PRE_EPOCHS=${PRE_EPOCHS:-20} LR=3e-3
+  PRESET=${PRESET:-tiny} EPOCHS=${EPOCHS:-30} PRE_EPOCHS=${PRE_EPOCHS:-20} LR=${LR:-3e-3}
 else
-  PRESET=${PRESET:-small} EPOCHS=${EPOCHS:-50} PRE_EPOCHS=${PRE_EPOCHS:-2} LR=1e-4
+  PRESET=${PRESET:-small} EPOCHS=${EPOCHS:-50} PRE_EPOCHS=${PRE_EPOCHS:-2} LR=${LR:-1e-4}
 fi
 OUT=${OUT:-runs/$DATASET}
 DATA=$OUT/data

@@ -179,8 +179,7 @@ def main():
         for x0, h in tqdm(batches(order, gen, A is not None), total=-(-len(order) // a.batch_size),
                           desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False, disable=rank > 0):
             with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
-                loss = diffusion.loss(model, x0, model.module.embed_histology(h) if ddp else net.embed_histology(h),
-                                      t_max=t_max, mask_ratio=a.mask_ratio)
+                loss = diffusion.loss(model, x0, net.embed_histology(h), t_max=t_max, mask_ratio=a.mask_ratio)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # official HINGE clips at 1.0

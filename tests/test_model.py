@@ -255,3 +255,28 @@ def test_real_model_trains_a_few_steps_and_samples():
     m.eval()
     mean, samples, _ = M.generate(m, d, hist[:4], K=4, n_samples=2)
     assert mean.shape == (4, G) and torch.isfinite(mean).all()
+
+
+def test_randmask_loss_covers_all_hidden_genes():
+    torch.manual_seed(0)
+    d = M.MaskedDiffusion(G, T=50)
+    rec = Recorder(G)
+    rec.pred = torch.nn.Parameter(torch.randn(64, G))
+    d.loss(rec, torch.rand(64, G), torch.zeros(64, 1), mask_ratio="uniform").backward()
+    _, vis, t, target = rec.calls[0]
+    assert target.all() and torch.equal(rec.pred.grad != 0, ~vis)
+    hidden = (~vis).sum(1)
+    assert hidden.min() >= 1 and hidden.float().std() > 3     # a different share per sample
+    assert ((d.n_hidden[t] - hidden).abs() <= G // 10).all()  # t is the schedule step nearest that share
+
+
+def test_curriculum_limits_t():
+    torch.manual_seed(0)
+    d = M.MaskedDiffusion(G, T=50)
+    rec = Recorder(G)
+    cap = d.curriculum_cap(0.2)
+    for _ in range(20):
+        d.loss(rec, torch.rand(16, G), torch.zeros(16, 1), t_max=cap)
+    ts = torch.cat([c[2] for c in rec.calls])
+    assert ts.max() == cap and ts.min() == 1
+    assert ((~torch.cat([c[1] for c in rec.calls])).float().mean(1) <= 0.2 + 1e-6).all()
