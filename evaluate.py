@@ -128,18 +128,25 @@ def table(df, summary):
 #################################################################################
 
 def fig_marker_maps(path, name, truth, pred, array, genes, markers):
+    """Truth and prediction on one colour scale per gene (magnitude), plus the prediction on its
+    own scale (spatial pattern: diffusion means are often compressed, which hides it otherwise)."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(markers), 2, figsize=(6.4, 2.6 * len(markers)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(markers), 3, figsize=(9.6, 2.6 * len(markers)), squeeze=False, layout="constrained")
     for i, g in enumerate(markers):
         j = genes.index(g)
         lo, hi = min(truth[:, j].min(), pred[:, j].min()), max(truth[:, j].max(), pred[:, j].max())
         r = pearson_per_gene(truth[:, [j]], pred[:, [j]])[0]
-        for ax, v, title in [(axes[i, 0], truth[:, j], f"{g}: truth"), (axes[i, 1], pred[:, j], f"{g}: predicted (r = {r:.2f})")]:
-            sc = ax.scatter(array[:, 0], array[:, 1], c=v, s=14, marker="s", cmap="viridis", vmin=lo, vmax=hi)
+        panels = [(truth[:, j], f"{g}: truth", lo, hi), (pred[:, j], f"predicted (r = {r:.2f})", lo, hi),
+                  (pred[:, j], "predicted, own scale", pred[:, j].min(), pred[:, j].max())]
+        for k, (v, title, vmin, vmax) in enumerate(panels):
+            ax = axes[i, k]
+            sc = ax.scatter(array[:, 0], array[:, 1], c=v, s=14, marker="s", cmap="viridis", vmin=vmin, vmax=vmax)
             ax.set_title(title, fontsize=9)
             ax.invert_yaxis(); ax.set_aspect("equal"); ax.set_xticks([]); ax.set_yticks([])
-        fig.colorbar(sc, ax=axes[i].tolist(), shrink=0.8, label="log2(count + 1)")
-    fig.suptitle(f"{name}: marker genes, truth vs prediction (shared colour scale per gene)", fontsize=10)
+            if k >= 1:
+                fig.colorbar(sc, ax=axes[i, :2].tolist() if k == 1 else ax, shrink=0.8,
+                             label="log2(count + 1)" if k == 1 else None)
+    fig.suptitle(f"{name}: marker genes; truth and prediction share each gene's colour scale", fontsize=10)
     fig.savefig(path, dpi=110); plt.close(fig)
 
 
@@ -165,7 +172,7 @@ def fig_correlation(path, name, truth, pred, genes, n=40):
     idx = idx[(pred[:, idx].std(0) > 0)]
     ct = np.corrcoef(truth[:, idx].T)
     order = leaves_list(linkage(truth[:, idx].T, "average", metric="correlation"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained")
     for ax, c, title in [(axes[0], ct, "truth"), (axes[1], np.corrcoef(pred[:, idx].T), "prediction")]:
         im = ax.imshow(c[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_title(f"{name}: gene-gene correlation, {title}", fontsize=9)

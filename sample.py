@@ -54,7 +54,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--record-steps", help="store x̂0 at these step indices (comma-separated, or 'all')")
     p.add_argument("--save-samples", action="store_true", help="also store every sample (float16)")
-    p.add_argument("--batch-size", type=int, default=256, help="spots per batch (default 256)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="spots per batch (default 32: on CPU larger batches fall out of cache and run slower; raise it on a GPU)")
     p.add_argument("--out", help="prediction folder (default <run>/pred)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

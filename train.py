@@ -167,6 +167,10 @@ def main():
         net.train()
         return sum(tot) / len(val_idx)
 
+    # at most a quarter of the epochs: a short run that never saw mostly-hidden inputs could not sample from scratch
+    curriculum = min(a.curriculum_epochs, a.epochs // 4)
+    if rank == 0 and curriculum < a.curriculum_epochs:
+        print(f"curriculum shortened to {curriculum} epochs (a quarter of --epochs {a.epochs})")
     log_path = os.path.join(a.out, "log.csv")
     os.makedirs(a.out, exist_ok=True)
     net.train()
@@ -174,7 +178,7 @@ def main():
         ep, t0 = state["epoch"], time.time()
         gen = np.random.default_rng(a.seed + ep)        # same order on every rank; each takes its share
         order = tr_idx[gen.permutation(len(tr_idx))][rank::world]
-        t_max = diffusion.curriculum_cap(0.2) if (ep < a.curriculum_epochs and a.objective == "masked") else None
+        t_max = diffusion.curriculum_cap(0.2) if (ep < curriculum and a.objective == "masked") else None
         losses = []
         for x0, h in tqdm(batches(order, gen, A is not None), total=-(-len(order) // a.batch_size),
                           desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False, disable=rank > 0):

@@ -31,10 +31,13 @@ def measure(preset, batch, genes, amp, what, K=5):
             net(x, vis, t, vis, h)
             return time.time() - t0
         d = M.MaskedDiffusion(genes, 50)
-        M.generate(net, d, hist[:8], 1)                  # warm-up
-        t0 = time.time()
-        M.generate(net, d, hist, K)
-        return batch / (time.time() - t0)
+        M.generate(net, d, hist, 1)                      # warm-up at the measured batch size
+        best = float("inf")
+        for _ in range(2):                               # best of two: less noise from the shared machine
+            t0 = time.time()
+            M.generate(net, d, hist, K)
+            best = min(best, time.time() - t0)
+        return batch / best
 
 
 if __name__ == "__main__":
