@@ -62,6 +62,13 @@ def slice_path(data_dir, name):
     return os.path.join(data_dir, "slices", f"{name}.h5")
 
 
+def existing_slice(data_dir, name):
+    path = slice_path(data_dir, name)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: slice {name} not found in {data_dir}; check the slice name (see slices.tsv)")
+    return path
+
+
 def list_slices(data_dir):
     """Slice names in the order of `<data>/slices.tsv` (written last by prepare_data.py)."""
     tsv = os.path.join(data_dir, "slices.tsv")
@@ -80,9 +87,7 @@ class Features:
     """The histology vectors of one slice: the given encoders' embeddings concatenated in order
     (UNI first = the paper's 1536-d vector), read in row ranges so memory stays flat."""
     def __init__(self, data_dir, encoders, name):
-        spath = slice_path(data_dir, name)
-        if not os.path.isfile(spath):
-            raise UserError(f"{spath}: slice {name} not found in {data_dir}; check the slice name (see slices.tsv)")
+        spath = existing_slice(data_dir, name)
         with h5py.File(spath, "r") as s:
             barcodes = s["barcode"][()]
         self.files = []
@@ -111,10 +116,7 @@ class Features:
 
 
 def read_slice(data_dir, name, keys=("expr",)):
-    path = slice_path(data_dir, name)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: slice {name} not found in {data_dir}; check the slice name (see slices.tsv)")
-    with h5py.File(path, "r") as f:
+    with h5py.File(existing_slice(data_dir, name), "r") as f:
         return {k: f[k][()] for k in keys}
 
 
