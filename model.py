@@ -561,6 +561,13 @@ class GaussianDiffusion:
         return ((pred.float() - x0) ** 2).mean()
 
 
+def make_diffusion(objective, G, T=50, schedule="poly-auto", fill="gauss", loss_norm="sample"):
+    """The training/sampling process of a run: masked diffusion (HINGE) or Gauss-Diff (ablation)."""
+    if objective == "masked":
+        return MaskedDiffusion(G, T, schedule, fill, loss_norm)
+    return GaussianDiffusion(G, T)
+
+
 #################################################################################
 #                                    Sampler                                    #
 #################################################################################

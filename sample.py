@@ -28,9 +28,7 @@ def load_run(path, device):
     net = M.Hinge(cfg, ck["gene_tokens"])
     net.load_state_dict(ck["model"])
     net.to(device).eval()
-    G = cfg.n_genes
-    diffusion = M.MaskedDiffusion(G, ck["T"], ck["schedule"], ck["fill"]) if ck["objective"] == "masked" \
-        else M.GaussianDiffusion(G, ck["T"])
+    diffusion = M.make_diffusion(ck["objective"], cfg.n_genes, ck["T"], ck["schedule"], ck["fill"])
     return net, diffusion, ck
 
 

@@ -130,8 +130,7 @@ def main():
     if rank == 0:
         print(f"{a.variant}: {n_train:,} trainable of {sum(p.numel() for p in net.parameters()):,} parameters; "
               f"{len(tr_idx)} train / {len(val_idx)} val spots from {len(train_names)} slices, {G} genes, {D}-d features")
-    diffusion = M.MaskedDiffusion(G, a.T, a.schedule, a.fill, a.loss_norm) if a.objective == "masked" \
-        else M.GaussianDiffusion(G, a.T)
+    diffusion = M.make_diffusion(a.objective, G, a.T, a.schedule, a.fill, a.loss_norm)
     model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if ddp else net
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(m) for m in a.milestones.split(",")], gamma=0.2)
