@@ -127,3 +127,35 @@ def gene_tokens(gene_ids, vocab):
     if (gene_ids == 0).all():
         return np.arange(1, len(gene_ids) + 1), len(gene_ids)
     return gene_ids, vocab
+
+
+def load_fold(data_dir, encoders, test_slice, exclude=()):
+    """One leave-one-slice-out fold's training data: the slices other than `test_slice` and
+    `exclude` that have features -> (names, genes, gene_ids, expr X [N, G], features H [N, D],
+    dihedral views [N, 8, D] or None). Spots with all-zero expression are dropped (Stem/HINGE)."""
+    names = list_slices(data_dir)
+    if test_slice not in names:
+        raise UserError(f"--test-slice {test_slice}: not a slice of {data_dir} (slices: {', '.join(names[:8])} ...)")
+    Features(data_dir, encoders, test_slice).close()     # fails clearly when the test slice has no features
+    held_out = {test_slice, *filter(None, exclude)}
+    train = [n for n in names if n not in held_out and os.path.isfile(feature_path(data_dir, encoders[0], n))]
+    if not train:
+        raise UserError(f"{data_dir}: no training slice has {encoders[0]} features; run extract_features.py first")
+    X, H, A = [], [], []
+    for n in train:
+        s = read_slice(data_dir, n, ("expr", "genes", "gene_ids"))
+        f = Features(data_dir, encoders, n)
+        keep = s["expr"].sum(1) > 0
+        X.append(s["expr"][keep]); H.append(f.read()[keep])
+        A.append(f.read_aug()[keep] if f.has_aug else None)
+        f.close()
+    aug = np.concatenate(A) if all(x is not None for x in A) else None
+    return train, s["genes"], s["gene_ids"], np.concatenate(X), np.concatenate(H), aug
+
+
+def split_validation(n, frac=0.1, seed=42):
+    """Random spot-level validation split of a fold's training spots (10 %, seed 42: DESIGN §4)
+    -> (train indices, validation indices)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(frac * n)))
+    return perm[n_val:], perm[:n_val]

@@ -255,6 +255,8 @@ def main():
     sweep = {}
     for d in [a.pred, *a.k_sweep]:
         dd = df if d == a.pred else evaluate_dir(d, a.data)[0]
+        if dd["K"].isna().any():                         # baselines.py predictions have no step budget
+            continue
         sweep[int(dd["K"].iloc[0])] = {"PCC-50": dd["PCC-50"].mean(), "mean_r": dd["mean_r"].mean(),
                                        "spots_per_s": dd["spots_per_s"].mean()}
     write_text(os.path.join(out, "summary.json"), json.dumps(

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import Features, UserError, atomic_path, gene_tokens, list_slices, read_slice, run
+from common import UserError, atomic_path, gene_tokens, load_fold, run, split_validation
 
 
 def parse_args():
@@ -63,31 +63,6 @@ def parse_args():
     return p.parse_args()
 
 
-def load_fold(a, encoders):
-    """Expression targets and histology vectors of the training slices (spots with all-zero
-    expression dropped, as Stem/HINGE), plus the held-out slice's feature dimension check."""
-    names = list_slices(a.data)
-    held_out = {a.test_slice, *filter(None, a.exclude.split(","))}
-    if a.test_slice not in names:
-        raise UserError(f"--test-slice {a.test_slice}: not a slice of {a.data} (slices: {', '.join(names[:8])} ...)")
-    test = Features(a.data, encoders, a.test_slice)      # fails clearly when the test slice has no features
-    test.close()
-    train = [n for n in names if n not in held_out and os.path.isfile(
-        os.path.join(a.data, "features", encoders[0], f"{n}.h5"))]
-    if not train:
-        raise UserError(f"{a.data}: no training slice has {encoders[0]} features; run extract_features.py first")
-    X, H, A = [], [], []
-    for n in train:
-        s = read_slice(a.data, n, ("expr", "genes", "gene_ids"))
-        f = Features(a.data, encoders, n)
-        keep = s["expr"].sum(1) > 0
-        X.append(s["expr"][keep]); H.append(f.read()[keep])
-        A.append(f.read_aug()[keep] if f.has_aug else None)
-        f.close()
-    aug = np.concatenate(A) if all(x is not None for x in A) else None
-    return train, s["genes"], s["gene_ids"], np.concatenate(X), np.concatenate(H), aug
-
-
 def main():
     a = parse_args()
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -105,14 +80,12 @@ def main():
     if a.variant == "scratch" and a.cellfm_ckpt:
         raise UserError("--variant scratch trains the backbone from random weights; drop --cellfm-ckpt")
 
-    train_names, genes, gene_ids, X, H, A = load_fold(a, encoders)
+    train_names, genes, gene_ids, X, H, A = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
     G, D = X.shape[1], H.shape[1]
     mu, sd = H.mean(0), H.std(0) + 1e-6                  # features standardised with training statistics
     H = (H - mu) / sd
     A = (A - mu) / sd if A is not None else None
-    perm = np.random.default_rng(a.seed).permutation(len(X))  # 10 % validation, seed 42 (DESIGN §4)
-    n_val = max(1, int(round(a.val_frac * len(X))))
-    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    tr_idx, val_idx = split_validation(len(X), a.val_frac, a.seed)
 
     tokens, vocab = gene_tokens(gene_ids, M.make_config(a.preset).vocab)
     cfg = M.make_config(a.preset, vocab=vocab, n_genes=G, hist_dim=D, cond=a.cond, soft_norm=not a.no_soft_norm,

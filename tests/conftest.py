@@ -35,6 +35,15 @@ def assert_user_error(p, *words):
         assert w in last, (w, last)
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The demo dataset with stain features (slices demo1..demo4)."""
+    root = tmp_path_factory.mktemp("demo")
+    run_script("prepare_data.py", "--out", root / "data")
+    run_script("extract_features.py", "--data", root / "data", "--encoder", "stain")
+    return root
+
+
 def make_her2st(root, n_slices=3, n_spots=30, n_genes=60, img_mode="RGB", seed=0):
     """A small Her2ST-layout folder: counts TSVs, spot files with pixel centres and images."""
     rng = np.random.default_rng(seed)

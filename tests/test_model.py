@@ -177,7 +177,12 @@ class Recorder(torch.nn.Module):
     def embed_histology(self, hist):
         return hist
 
-    def forward(self, x, vis, t, target, h):
+    def value_enc(self, x):                              # a 1-d "embedding": the value itself
+        return x[..., None]
+
+    def forward(self, x, vis, t, target, h, value_emb=None):
+        if value_emb is not None:                        # the sampler's cache must match the values shown
+            assert torch.equal(value_emb[..., 0], x)
         self.calls.append((x.clone(), vis.clone(), t.clone(), target.clone()))
         return self.pred.expand(x.shape[0], -1) + 0 * h[:, :1] + t[:, None] * 1e-3
 
@@ -226,6 +231,8 @@ def test_sampler_step_budget_and_samples():
     M.generate(rec, d, torch.zeros(4, 1), K=5, n_samples=3)
     assert len(rec.calls) == 5 and rec.calls[0][0].shape[0] == 12
     assert [int(c[2][0]) for c in rec.calls] == [50, 40, 30, 20, 10]
+    for x, vis, t, target in rec.calls:                  # conditioned on m_{t-1}, the target seen in training
+        assert ((~target).sum(1) == d.n_hidden[t - 1]).all()
     for K in (0, 51):
         with pytest.raises(ValueError, match="between 1 and T=50"):
             M.step_times(50, K)
@@ -237,6 +244,22 @@ def test_gaussian_ddim_returns_the_predicted_x0():
     mean, _, _ = M.generate(rec, d, torch.zeros(2, 1), K=5, n_samples=2)
     assert torch.allclose(mean, rec.pred.detach().expand(2, -1) + 0.01, atol=1e-5)  # last call at t = 10
     assert len(rec.calls) == 5 and rec.calls[0][1].all()
+
+
+@pytest.mark.parametrize("diffusion", [M.MaskedDiffusion(G, T=50), M.GaussianDiffusion(G, T=50)])
+def test_cached_sampler_equals_naive(diffusion):
+    """Caching the histology and value embeddings changes speed, not samples."""
+    torch.manual_seed(0)
+    m = tiny_model()
+    with torch.no_grad():                                # leave the identity init: conditioning must matter
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.eval()
+    hist = torch.randn(5, 48)
+    out = {c: M.generate(m, diffusion, hist, K=10, n_samples=2, generator=torch.Generator().manual_seed(1), cache=c)[0]
+           for c in (True, False)}
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
+    assert out[True].std(0).mean() > 1e-3                # spots differ: histology reached the output
 
 
 def test_real_model_trains_a_few_steps_and_samples():

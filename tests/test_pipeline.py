@@ -18,14 +18,6 @@ from conftest import ROOT, assert_user_error, run_script
 TINY = ["--preset", "tiny", "--lr", "3e-3"]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    run_script("prepare_data.py", "--out", root / "data")
-    run_script("extract_features.py", "--data", root / "data", "--encoder", "stain")
-    return root
-
-
 def train(demo, out, *extra, check=True):
     return run_script("train.py", "--data", demo / "data", "--features", "stain", "--test-slice", "demo1",
                       "--out", out, *TINY, *extra, check=check)

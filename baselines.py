@@ -1,0 +1,158 @@
+"""Baselines on the same features and folds as HINGE, written as sample.py prediction files so
+that evaluate.py scores them identically (issue #6).
+
+    python baselines.py --data data/her2st --features stain --test-slice C2 --method ridge --out runs/q/ridge/pred
+
+Methods, each fitted on the fold's training spots with its one hyper-parameter chosen by MSE on
+the same 10 % validation spots that train.py holds out (seed 42); the test slice is read once,
+to predict it:
+  mean   the training-mean expression of each gene (no hyper-parameter)
+  ridge  linear regression on standardised features, penalty λ from a log grid
+  mlp    an ST-Net-style regression head (one hidden layer) on the frozen features, the epoch
+         count chosen by early stopping on validation
+  knn    BLEEP-style retrieval: the mean expression of the k training spots nearest in cosine
+         similarity of the standardised features, k from a grid
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from common import Features, UserError, atomic_h5, load_fold, read_slice, run, split_validation, str_array
+
+RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
+KNN_GRID = [1, 2, 3, 5, 10, 20, 50, 100, 200]
+
+
+def mse(a, b):
+    return float(((a - b) ** 2).mean())
+
+
+#################################################################################
+#                                   Methods                                     #
+#################################################################################
+
+def fit_mean(H, X, Hv, Xv, seed):
+    m = X.mean(0)
+    return (lambda Q: np.repeat(m[None], len(Q), 0)), {}
+
+
+def fit_ridge(H, X, Hv, Xv, seed):
+    """Closed-form ridge for every λ of the grid from one SVD of the centred features."""
+    hm, xm = H.mean(0), X.mean(0)
+    U, s, Vt = np.linalg.svd(H - hm, full_matrices=False)
+    UtX = U.T @ (X - xm)                                 # [r, G]
+
+    def weights(lam):
+        return Vt.T @ ((s / (s ** 2 + lam))[:, None] * UtX)  # [D, G]
+
+    scores = [mse((Hv - hm) @ weights(lam) + xm, Xv) for lam in RIDGE_GRID]
+    lam = float(RIDGE_GRID[int(np.argmin(scores))])
+    W = weights(lam)
+    return (lambda Q: (Q - hm) @ W + xm), {"lambda": lam, "val_mse": min(scores), "on_grid_edge": lam in RIDGE_GRID[[0, -1]]}
+
+
+def fit_knn(H, X, Hv, Xv, seed):
+    ks = [k for k in KNN_GRID if k <= len(H)]
+    ref = H / np.linalg.norm(H, axis=1, keepdims=True).clip(1e-8)
+
+    def predict(Q, k, chunk=1024):                       # chunks keep the similarity matrix small
+        out = []
+        for s in range(0, len(Q), chunk):
+            q = Q[s:s + chunk] / np.linalg.norm(Q[s:s + chunk], axis=1, keepdims=True).clip(1e-8)
+            nn_idx = np.argpartition(-(q @ ref.T), k - 1, axis=1)[:, :k]  # [n, k] most similar training spots
+            out.append(X[nn_idx].mean(1))
+        return np.concatenate(out)
+
+    scores = [mse(predict(Hv, k), Xv) for k in ks]
+    k = ks[int(np.argmin(scores))]
+    return (lambda Q: predict(Q, k)), {"k": k, "val_mse": min(scores), "on_grid_edge": k in (ks[0], ks[-1])}
+
+
+def fit_mlp(H, X, Hv, Xv, seed, hidden=512, max_epochs=300, patience=20, batch=32):
+    """ST-Net's head (anchors: a linear layer on a frozen image network) with one hidden layer;
+    Adam 1e-3, batch 32, kept at the epoch of lowest validation MSE."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(H.shape[1], hidden), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(hidden, X.shape[1]))
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.from_numpy(X.mean(0)))  # start at the training mean
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    Ht, Xt, Hvt = map(torch.from_numpy, (H, X, Hv))
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state, best_epoch = float("inf"), None, 0
+    for epoch in range(1, max_epochs + 1):
+        net.train()
+        for b in torch.randperm(len(Ht), generator=gen).split(batch):
+            loss = ((net(Ht[b]) - Xt[b]) ** 2).mean()
+            opt.zero_grad(); loss.backward(); opt.step()
+        net.eval()
+        with torch.no_grad():
+            v = mse(net(Hvt).numpy(), Xv)
+        if v < best:
+            best, best_epoch = v, epoch
+            best_state = {k: t.clone() for k, t in net.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    net.load_state_dict(best_state)
+    net.eval()
+
+    def predict(Q):
+        with torch.no_grad():
+            return net(torch.from_numpy(Q)).numpy()
+    return predict, {"epochs": best_epoch, "val_mse": best}
+
+
+METHODS = {"mean": fit_mean, "ridge": fit_ridge, "mlp": fit_mlp, "knn": fit_knn}
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder written by prepare_data.py (with features/)")
+    p.add_argument("--features", default="uni,conch", help="encoders to concatenate, in order (default uni,conch)")
+    p.add_argument("--test-slice", required=True, help="held-out slice (leave-one-slice-out)")
+    p.add_argument("--exclude", default="", help="further slices to leave out of training (comma-separated)")
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of training spots for validation (default 0.1)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction file")
+    a = p.parse_args()
+
+    dst = os.path.join(a.out, f"{a.test_slice}.h5")
+    if os.path.isfile(dst) and not a.overwrite:
+        raise UserError(f"{dst} exists; pass --overwrite to replace it or choose another --out")
+    t0 = time.time()
+    encoders = a.features.split(",")
+    names, genes, _, X, H, _ = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
+    tr, val = split_validation(len(X), a.val_frac, a.seed)
+    if len(tr) < 2:
+        raise UserError(f"only {len(X)} training spots with expression in {a.data}: too few to fit and validate")
+    mu, sd = H.mean(0), H.std(0) + 1e-6                  # standardised with training statistics, as train.py
+    H = ((H - mu) / sd).astype(np.float32)
+    predict, chosen = METHODS[a.method](H[tr], X[tr], H[val], X[val], a.seed)
+
+    feats = Features(a.data, encoders, a.test_slice)
+    pred = predict(((feats.read() - mu) / sd).astype(np.float32)).astype(np.float32)
+    feats.close()
+    secs = time.time() - t0
+    barcode = read_slice(a.data, a.test_slice, ("barcode",))["barcode"]
+    with atomic_h5(dst) as f:
+        f["pred"], f["barcode"], f["genes"] = pred, barcode, str_array([g.decode() for g in genes])
+        f.attrs.update(method=a.method, seconds=secs, spots_per_s=len(pred) / secs, train_slices=",".join(names),
+                       **{k: v for k, v in chosen.items()})
+    picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())
+    print(f"{a.method}: {len(tr)} train / {len(val)} val spots from {len(names)} slices; {picked or 'nothing to choose'}; "
+          f"{a.test_slice}: {len(pred)} spots -> {dst} ({secs:.1f}s)")
+    if chosen.get("on_grid_edge"):
+        print("note: the chosen value lies on the edge of the search grid; the optimum may lie beyond it")
+
+
+if __name__ == "__main__":
+    run(main)

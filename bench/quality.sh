@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The quality benchmark (issue #6): leave-one-slice-out over Her2ST C2-C6 with the stain encoder,
+# HINGE against the baselines, Gauss-Diff and a scratch backbone, on the same folds and metrics.
+#
+#   bash bench/quality.sh                    # all five folds (about an hour on 2 CPU cores)
+#   bash bench/quality.sh --folds C2         # the quick version (under 20 minutes)
+#
+# Every hyper-parameter is chosen on the fold's validation spots (10 % of the training spots,
+# seed 42) or fixed in advance; each test slice is generated once per method and only scored.
+# Re-running continues: finished predictions are kept. Ends with one table (mean ± std over
+# folds) and the wall time per method.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RAW=../shared/data/her2st OUT=runs/quality FOLDS="" EPOCHS=10 LR=1e-3 PRE_EPOCHS=2 SAMPLES=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --raw) RAW="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --folds) FOLDS="$2"; shift 2 ;;
+    --epochs) EPOCHS="$2"; shift 2 ;;
+    --lr) LR="$2"; shift 2 ;;
+    --pretrain-epochs) PRE_EPOCHS="$2"; shift 2 ;;
+    --samples) SAMPLES="$2"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; echo "options: --raw DIR --out DIR --folds C2,C3 --epochs N --lr LR --pretrain-epochs N --samples S"; exit 0 ;;
+    *) echo "error: unknown option $1 (see bash bench/quality.sh --help)" >&2; exit 2 ;;
+  esac
+done
+bash run_all.sh --install-only
+PY=.venv/bin/python DATA=$OUT/data TIMES=$OUT/times.tsv
+mkdir -p "$OUT"; touch "$TIMES"
+
+timed() {  # timed LABEL FOLD cmd...: run cmd, append "LABEL FOLD seconds" to times.tsv
+  local label=$1 fold=$2 t0=$EPOCHREALTIME; shift 2
+  "$@"
+  awk -v l="$label" -v f="$fold" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%s\t%s\t%.1f\n", l, f, b - a}' >> "$TIMES"
+}
+
+echo "== data: Her2ST from $RAW, stain features"
+$PY prepare_data.py --dataset her2st --raw "$RAW" --out "$DATA"
+$PY extract_features.py --data "$DATA" --encoder stain
+IMAGED=$(awk -F'\t' 'NR > 1 && $4 == 1 {print $1}' "$DATA/slices.tsv" | paste -sd,)
+FOLDS=${FOLDS:-$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 == "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)}
+
+BACKBONE=$OUT/backbone.safetensors  # pre-trained once on the 31 slices without images: no fold's test slice is in it
+[ -f "$BACKBONE" ] || timed pretrain all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" --preset small \
+                                         --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$BACKBONE"
+
+train() {  # train NAME FOLD args...: one train.py run, skipped when finished
+  local name=$1 s=$2; shift 2
+  [ -f "$OUT/runs/$s/$name/done" ] && return
+  rm -rf "$OUT/runs/$s/$name"
+  timed "train:$name" "$s" $PY train.py --data "$DATA" --features stain --test-slice "$s" --preset small \
+      --epochs "$EPOCHS" --lr "$LR" --out "$OUT/runs/$s/$name" "$@"
+  touch "$OUT/runs/$s/$name/done"
+}
+
+sample() {  # sample METHOD RUN FOLD K
+  [ -f "$OUT/pred/$1/$3.h5" ] && return
+  timed "$1" "$3" $PY sample.py --run "$OUT/runs/$3/$2" --data "$DATA" --steps "$4" --samples "$SAMPLES" \
+      --out "$OUT/pred/$1" --overwrite
+}
+
+IFS=, read -ra folds <<< "$FOLDS"
+for s in "${folds[@]}"; do
+  echo "== fold $s"
+  for m in mean ridge mlp knn; do
+    [ -f "$OUT/pred/$m/$s.h5" ] || timed "$m" "$s" $PY baselines.py --data "$DATA" --features stain --test-slice "$s" \
+                                        --method "$m" --out "$OUT/pred/$m"
+  done
+  train hinge "$s" --cellfm-ckpt "$BACKBONE"
+  for K in 1 5 50; do sample "hinge_K$K" hinge "$s" "$K"; done
+  train gaussian "$s" --cellfm-ckpt "$BACKBONE" --objective gaussian
+  sample gaussian_K50 gaussian "$s" 50                     # DDIM at the full budget: Gauss-Diff's best case
+  train scratch "$s" --variant scratch
+  sample scratch_K5 scratch "$s" 5
+done
+
+echo "== evaluate"
+METHODS="mean ridge mlp knn gaussian_K50 scratch_K5 hinge_K1 hinge_K5 hinge_K50"
+for m in $METHODS; do
+  $PY evaluate.py --pred "$OUT/pred/$m" --data "$DATA" --out "$OUT/eval/$m" --label "$m" > "$OUT/eval_$m.log"
+done
+$PY - "$OUT" "$FOLDS" $METHODS <<'EOF'
+import json, sys
+import pandas as pd
+out, folds, methods = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+times = pd.read_csv(f"{out}/times.tsv", sep="\t", names=["label", "fold", "s"])
+times = times[times.fold.isin(folds + ["all"])]
+train_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_K1": "train:hinge",
+            "hinge_K5": "train:hinge", "hinge_K50": "train:hinge"}
+cols = ["PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "SSIM"]
+print(f"\nHer2ST, stain features, leave-one-slice-out over {', '.join(folds)} (mean ± std over folds)")
+print(f"{'method':<14}" + "".join(f"{c:>14}" for c in cols) + f"{'fit s/fold':>12}{'predict s/fold':>16}")
+for m in methods:
+    s = json.load(open(f"{out}/eval/{m}/summary.json"))["metrics"]
+    fit = times[times.label == train_of[m]].s.mean() if m in train_of else 0.0
+    pred = times[times.label == m].s.mean()             # baselines: fit and predict are one process
+    print(f"{m:<14}" + "".join(f"{s[c]['mean']:.3f}±{s[c]['std']:.3f}".rjust(14) for c in cols) + f"{fit:>12.0f}{pred:>16.1f}")
+pre = times[times.label == "pretrain"].s
+if len(pre):
+    print(f"(hinge_* and gaussian_K50 also share one pretrain.py backbone: {pre.iloc[0]:.0f} s once, for all folds)")
+print("(mean predicts one value per gene: its per-gene r is undefined, so its PCC columns are nan)")
+EOF

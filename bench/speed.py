@@ -1,0 +1,58 @@
+"""Sampler throughput against the step budget K, with and without caching (issue #6).
+
+    python bench/speed.py [--presets small,cellfm-80m] [--spots 64,8] [--genes 300] [--device cpu]
+
+For each preset and K = 1, 5, 50: spots/s of the sampler as sample.py runs it (histology
+embedding once per spot, each gene's value embedding once per value) and of the naive sampler
+that recomputes both at every step; S = 1 sample, 1536-d features (UNI + CONCH), random
+weights (speed does not depend on them). Prints the ratios K5/K50, K1/K5 and cached/naive.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--presets", default="small,cellfm-80m")
+p.add_argument("--spots", default="64,8", help="spots per timed batch, per preset (the large model gets fewer on CPU)")
+p.add_argument("--genes", type=int, default=300)
+p.add_argument("--steps", default="1,5,50")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+a = p.parse_args()
+dev = torch.device(a.device)
+
+
+def spots_per_s(net, diffusion, hist, K, cache):
+    gen = torch.Generator(dev).manual_seed(0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    M.generate(net, diffusion, hist, K, 1, gen, cache=cache)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return len(hist) / (time.perf_counter() - t0)
+
+
+torch.manual_seed(0)
+Ks = [int(k) for k in a.steps.split(",")]
+print(f"device {a.device}, {torch.get_num_threads()} threads, {a.genes} genes, 1536-d features, 1 sample per spot")
+print(f"{'preset':<12}{'K':>4}{'spots':>7}{'cached spots/s':>16}{'naive spots/s':>15}{'cached/naive':>14}")
+for preset, n in zip(a.presets.split(","), map(int, a.spots.split(","))):
+    cfg = M.make_config(preset, n_genes=a.genes, hist_dim=1536)
+    net = M.Hinge(cfg, torch.arange(1, a.genes + 1)).to(dev).eval()
+    diffusion = M.MaskedDiffusion(a.genes)
+    hist = torch.randn(n, 1536, device=dev)
+    spots_per_s(net, diffusion, hist[:2], 1, True)      # warm-up: allocator, kernels
+    rate = {}
+    for K in Ks:
+        rate[K] = {c: spots_per_s(net, diffusion, hist, K, c) for c in (True, False)}
+        print(f"{preset:<12}{K:>4}{n:>7}{rate[K][True]:>16.2f}{rate[K][False]:>15.2f}{rate[K][True] / rate[K][False]:>13.2f}x")
+    if {1, 5, 50} <= set(Ks):
+        print(f"{preset}: K=5 is {rate[5][True] / rate[50][True]:.1f}x the spots/s of K=50 (target >= 8), "
+              f"K=1 {rate[1][True] / rate[5][True]:.1f}x of K=5; caching {rate[50][True] / rate[50][False]:.2f}x at K=50")
