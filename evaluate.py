@@ -270,8 +270,9 @@ def main():
     if unknown := [m for m in markers if m not in genes]:
         raise UserError(f"--markers {', '.join(unknown)}: not among the {len(genes)} evaluated genes")
     figs = {f"maps_{name}.png": lambda f: fig_marker_maps(f, name, truth, pred, array, genes, markers),
-            "ssim_per_gene.png": lambda f: fig_ssim(f, per_gene, markers),
-            f"correlation_{name}.png": lambda f: fig_correlation(f, name, truth, pred, genes)}
+            "ssim_per_gene.png": lambda f: fig_ssim(f, per_gene, markers)}
+    if (pred.std(0) > 0).sum() >= 2:                     # a constant predictor (baselines.py mean) has no correlations
+        figs[f"correlation_{name}.png"] = lambda f: fig_correlation(f, name, truth, pred, genes)
     if len(sweep) > 1:
         figs["metrics_vs_K.png"] = lambda f: fig_metrics_vs_k(f, sweep)
     if steps is not None:

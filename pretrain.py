@@ -19,14 +19,15 @@ import model as M
 from common import UserError, atomic_path, gene_tokens, list_slices, read_slice, run
 
 
-def masked_value_loss(net, x0, ratio):
+def masked_value_loss(net, x0, ratio, fill="gauss"):
     """Hide a share of genes per spot (`ratio` float, or 'uniform' = U(0,1) per spot so every
-    share the diffusion will ask for is seen), fill them with 0 and predict them."""
+    share the diffusion will ask for is seen), fill them (0 or N(0,1) noise) and predict them."""
     B, G = x0.shape
     r = torch.rand(B, 1, device=x0.device) if ratio == "uniform" else torch.full((B, 1), float(ratio), device=x0.device)
     hidden = torch.rand(B, G, device=x0.device) < r
     hidden[torch.arange(B), torch.randint(0, G, (B,))] = True  # at least one gene to predict per spot
-    pred = net(torch.where(hidden, torch.zeros_like(x0), x0), ~hidden)   # the bare backbone: no conditioning
+    noise = torch.randn_like(x0) if fill == "gauss" else torch.zeros_like(x0)
+    pred = net(torch.where(hidden, noise, x0), ~hidden)   # the bare backbone: no conditioning
     return ((pred.float() - x0) ** 2 * hidden).sum() / hidden.sum()
 
 
@@ -37,6 +38,11 @@ def main():
     p.add_argument("--out", required=True, help="output .safetensors backbone")
     p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
     p.add_argument("--mask-ratio", default="uniform", help="share of genes hidden: a number (CellFM: 0.2) or uniform (default)")
+    # gauss matches train.py's default fill: with 0 the frozen backbone met noise-filled genes only in HINGE, which
+    # cost validation mean r 0.38 vs 0.60 at K=50 (Her2ST fold C3; bench/validate.py)
+    p.add_argument("--fill", default="gauss", choices=["gauss", "zero"],
+                   help="value of hidden genes: N(0,1) noise as train.py fills them (default), or 0 as CellFM's own "
+                        "pre-training (then train with --fill zero)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -77,7 +83,7 @@ def main():
         net.eval()
         with torch.random.fork_rng(), torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
             torch.manual_seed(1234)
-            m = masked_value_loss(net, val, a.mask_ratio).item()
+            m = masked_value_loss(net, val, a.mask_ratio, a.fill).item()
         net.train()
         return m
 
@@ -89,7 +95,7 @@ def main():
         for s in tqdm(range(0, len(tr), a.batch_size), desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False):
             x0 = torch.from_numpy(tr[order[s:s + a.batch_size]]).to(dev)
             with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
-                loss = masked_value_loss(net, x0, a.mask_ratio)
+                loss = masked_value_loss(net, x0, a.mask_ratio, a.fill)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -98,7 +104,7 @@ def main():
         print(f"epoch {ep + 1}: masked-value MSE {val_mse():.4f} ({time.time() - t0:.0f}s)")
 
     from safetensors.torch import save_file
-    meta = {"preset": a.preset, "config": json.dumps(M.config_dict(cfg)), "slices": ",".join(names),
+    meta = {"preset": a.preset, "fill": a.fill, "config": json.dumps(M.config_dict(cfg)), "slices": ",".join(names),
             "val_mse_before": f"{first:.5f}", "val_mse_after": f"{val_mse():.5f}"}
     with atomic_path(a.out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()}, tmp, metadata=meta)

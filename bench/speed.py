@@ -3,8 +3,7 @@
     python bench/speed.py [--presets small,cellfm-80m] [--spots 64,8] [--genes 300] [--device cpu]
 
 For each preset and K = 1, 5, 50: spots/s of the sampler as sample.py runs it (histology
-embedding once per spot, each gene's value embedding once per value) and of the naive sampler
-that recomputes both at every step; S = 1 sample, 1536-d features (UNI + CONCH), random
+embedding once per spot) and of the naive sampler that recomputes it at every step; S = 1 sample, 1536-d features (UNI + CONCH), random
 weights (speed does not depend on them). Prints the ratios K5/K50, K1/K5 and cached/naive.
 """
 import argparse
@@ -20,7 +19,7 @@ import model as M  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--presets", default="small,cellfm-80m")
-p.add_argument("--spots", default="64,8", help="spots per timed batch, per preset (the large model gets fewer on CPU)")
+p.add_argument("--spots", default="64,4", help="spots per timed batch, per preset (the large model gets fewer on CPU)")
 p.add_argument("--genes", type=int, default=300)
 p.add_argument("--steps", default="1,5,50")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -156,3 +156,20 @@ def test_train_rejects_bad_fold_and_wrong_dimension_backbone(demo, backbone, tmp
     p = train(demo, tmp_path / "r", check=False)         # hinge needs a backbone
     assert_user_error(p, "--cellfm-ckpt")
     assert not (tmp_path / "r" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("fill", ["zero", "gauss"])
+def test_pretrain_fills_hidden_genes_as_asked(fill):
+    from pretrain import masked_value_loss
+    seen = {}
+
+    def net(x, visible):
+        seen["x"], seen["vis"] = x, visible
+        return torch.zeros_like(x)
+    x0 = torch.rand(64, 50) + 5                          # every true value >= 5
+    torch.manual_seed(0)
+    masked_value_loss(net, x0, 0.5, fill)
+    hidden = ~seen["vis"]
+    assert torch.equal(seen["x"][~hidden], x0[~hidden]) and hidden.sum() > 1000
+    v = seen["x"][hidden]
+    assert (v == 0).all() if fill == "zero" else (abs(v.mean()) < 0.1 and abs(v.std() - 1) < 0.1)
