@@ -3,7 +3,7 @@
 # HINGE against the baselines, Gauss-Diff and a scratch backbone, on the same folds and metrics.
 #
 #   bash bench/quality.sh                    # all five folds (about an hour on 2 CPU cores)
-#   bash bench/quality.sh --folds C2         # the quick version (about 21 minutes on 2 CPU cores)
+#   bash bench/quality.sh --folds C2         # the quick version (about 20 minutes on 2 CPU cores)
 #
 # Every hyper-parameter is chosen on the fold's validation spots (10 % of the training spots,
 # seed 42) or fixed in advance; each test slice is generated once per method and only scored.
