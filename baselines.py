@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from common import Features, UserError, atomic_h5, load_fold, read_slice, run, split_validation, str_array
+from common import (Features, UserError, add_fold_args, atomic_h5, feature_stats, load_fold, read_slice, run,
+                    split_validation, str_array)
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
 KNN_GRID = [1, 2, 3, 5, 10, 20, 50, 100, 200]
@@ -114,14 +115,9 @@ METHODS = {"mean": fit_mean, "ridge": fit_ridge, "mlp": fit_mlp, "knn": fit_knn}
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder written by prepare_data.py (with features/)")
-    p.add_argument("--features", default="uni,conch", help="encoders to concatenate, in order (default uni,conch)")
-    p.add_argument("--test-slice", required=True, help="held-out slice (leave-one-slice-out)")
-    p.add_argument("--exclude", default="", help="further slices to leave out of training (comma-separated)")
+    add_fold_args(p)                                     # the same fold and validation split as train.py
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
-    p.add_argument("--val-frac", type=float, default=0.1, help="share of training spots for validation (default 0.1)")
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction file")
     a = p.parse_args()
 
@@ -134,7 +130,7 @@ def main():
     tr, val = split_validation(len(X), a.val_frac, a.seed)
     if len(tr) < 2:
         raise UserError(f"only {len(X)} training spots with expression in {a.data}: too few to fit and validate")
-    mu, sd = H.mean(0), H.std(0) + 1e-6                  # standardised with training statistics, as train.py
+    mu, sd = feature_stats(H)                            # standardised with training statistics, as train.py
     H = ((H - mu) / sd).astype(np.float32)
     predict, chosen = METHODS[a.method](H[tr], X[tr], H[val], X[val], a.seed)
 
@@ -146,7 +142,7 @@ def main():
     with atomic_h5(dst) as f:
         f["pred"], f["barcode"], f["genes"] = pred, barcode, str_array([g.decode() for g in genes])
         f.attrs.update(method=a.method, seconds=secs, spots_per_s=len(pred) / secs, train_slices=",".join(names),
-                       **{k: v for k, v in chosen.items()})
+                       **chosen)
     picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())
     print(f"{a.method}: {len(tr)} train / {len(val)} val spots from {len(names)} slices; {picked or 'nothing to choose'}; "
           f"{a.test_slice}: {len(pred)} spots -> {dst} ({secs:.1f}s)")

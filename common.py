@@ -129,6 +129,22 @@ def gene_tokens(gene_ids, vocab):
     return gene_ids, vocab
 
 
+def add_fold_args(p):
+    """The arguments that define a leave-one-slice-out fold and its validation split, shared by
+    train.py and baselines.py so that both see the same training and validation spots."""
+    p.add_argument("--data", required=True, help="folder written by prepare_data.py (with features/)")
+    p.add_argument("--features", default="uni,conch", help="encoders to concatenate, in order (default uni,conch = 1536-d)")
+    p.add_argument("--test-slice", required=True, help="held-out slice (leave-one-slice-out); never seen in training")
+    p.add_argument("--exclude", default="", help="further slices to leave out of training (comma-separated)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of training spots for validation (default 0.1)")
+    p.add_argument("--seed", type=int, default=42)
+
+
+def feature_stats(H):
+    """Per-dimension mean and std of the training features, used to standardise every slice."""
+    return H.mean(0), H.std(0) + 1e-6
+
+
 def load_fold(data_dir, encoders, test_slice, exclude=()):
     """One leave-one-slice-out fold's training data: the slices other than `test_slice` and
     `exclude` that have features -> (names, genes, gene_ids, expr X [N, G], features H [N, D],

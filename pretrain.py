@@ -26,8 +26,8 @@ def masked_value_loss(net, x0, ratio, fill="zero"):
     r = torch.rand(B, 1, device=x0.device) if ratio == "uniform" else torch.full((B, 1), float(ratio), device=x0.device)
     hidden = torch.rand(B, G, device=x0.device) < r
     hidden[torch.arange(B), torch.randint(0, G, (B,))] = True  # at least one gene to predict per spot
-    noise = torch.randn_like(x0) if fill == "gauss" else torch.zeros_like(x0)
-    pred = net(torch.where(hidden, noise, x0), ~hidden)   # the bare backbone: no conditioning
+    filled = torch.randn_like(x0) if fill == "gauss" else torch.zeros_like(x0)
+    pred = net(torch.where(hidden, filled, x0), ~hidden)   # the bare backbone: no conditioning
     return ((pred.float() - x0) ** 2 * hidden).sum() / hidden.sum()
 
 

@@ -20,15 +20,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import UserError, atomic_path, gene_tokens, load_fold, run, split_validation
+from common import UserError, add_fold_args, atomic_path, feature_stats, gene_tokens, load_fold, run, split_validation
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder written by prepare_data.py (with features/)")
-    p.add_argument("--features", default="uni,conch", help="encoders to concatenate, in order (default uni,conch = 1536-d)")
-    p.add_argument("--test-slice", required=True, help="held-out slice (leave-one-slice-out); never seen in training")
-    p.add_argument("--exclude", default="", help="further slices to leave out of training (comma-separated)")
+    add_fold_args(p)
     p.add_argument("--out", required=True, help="run folder for best.pt, last.pt and log.csv")
     p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
     p.add_argument("--cellfm-ckpt", help="CellFM weights (.ckpt/.pt/.safetensors, official or from pretrain.py)")
@@ -55,8 +52,6 @@ def parse_args():
     p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without improvement")
     p.add_argument("--warmup", type=int, default=15, help="no early stop before this epoch (default 15)")
     p.add_argument("--curriculum-epochs", type=int, default=5, help="epochs restricted to <= 20 %% hidden genes (0 = NoCurr)")
-    p.add_argument("--val-frac", type=float, default=0.1, help="share of training spots for validation (default 0.1)")
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -82,7 +77,7 @@ def main():
 
     train_names, genes, gene_ids, X, H, A = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
     G, D = X.shape[1], H.shape[1]
-    mu, sd = H.mean(0), H.std(0) + 1e-6                  # features standardised with training statistics
+    mu, sd = feature_stats(H)                            # features standardised with training statistics
     H = (H - mu) / sd
     A = (A - mu) / sd if A is not None else None
     tr_idx, val_idx = split_validation(len(X), a.val_frac, a.seed)

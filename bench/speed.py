@@ -1,10 +1,11 @@
 """Sampler throughput against the step budget K, with and without caching (issue #6).
 
-    python bench/speed.py [--presets small,cellfm-80m] [--spots 64,8] [--genes 300] [--device cpu]
+    python bench/speed.py [--presets small,cellfm-80m] [--spots 64,4] [--genes 300] [--device cpu]
 
 For each preset and K = 1, 5, 50: spots/s of the sampler as sample.py runs it (histology
-embedding once per spot) and of the naive sampler that recomputes it at every step; S = 1 sample, 1536-d features (UNI + CONCH), random
-weights (speed does not depend on them). Prints the ratios K5/K50, K1/K5 and cached/naive.
+embedding once per spot) and of the naive sampler that recomputes it at every step; S = 1
+sample, 1536-d features (UNI + CONCH), random weights (speed does not depend on them).
+Prints the ratios K5/K50, K1/K5 and cached/naive.
 """
 import argparse
 import os
