@@ -3,7 +3,7 @@
 # HINGE against the baselines, Gauss-Diff and a scratch backbone, on the same folds and metrics.
 #
 #   bash bench/quality.sh                    # all five folds (about an hour on 2 CPU cores)
-#   bash bench/quality.sh --folds C2         # the quick version (about 20 minutes on 2 CPU cores)
+#   bash bench/quality.sh --folds C2         # the quick version (17 minutes on 2 CPU cores)
 #
 # Every hyper-parameter is chosen on the fold's validation spots (10 % of the training spots,
 # seed 42) or fixed in advance; each test slice is generated once per method and only scored.
@@ -90,15 +90,22 @@ times = times[times.fold.isin(folds + ["all"])]
 train_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_K1": "train:hinge",
             "hinge_K5": "train:hinge", "hinge_K50": "train:hinge"}
 cols = ["PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "SSIM"]
-print(f"\nHer2ST, stain features, leave-one-slice-out over {', '.join(folds)} (mean ± std over folds)")
+print(f"\nHer2ST, stain features, leave-one-slice-out over {', '.join(folds)}"
+      + (" (mean ± std over folds)" if len(folds) > 1 else ""))
 print(f"{'method':<14}" + "".join(f"{c:>14}" for c in cols) + f"{'fit s/fold':>12}{'predict s/fold':>16}")
+
+
+def cell(m):  # one fold has no spread to show; undefined (constant predictor) shows as a dash
+    return "–" if m["mean"] != m["mean"] else f"{m['mean']:.3f}" + (f"±{m['std']:.3f}" if len(folds) > 1 else "")
+
+
 for m in methods:
     s = json.load(open(f"{out}/eval/{m}/summary.json"))["metrics"]
-    fit = times[times.label == train_of[m]].s.mean() if m in train_of else 0.0
-    pred = times[times.label == m].s.mean()             # baselines: fit and predict are one process
-    print(f"{m:<14}" + "".join(f"{s[c]['mean']:.3f}±{s[c]['std']:.3f}".rjust(14) for c in cols) + f"{fit:>12.0f}{pred:>16.1f}")
+    fit = f"{times[times.label == train_of[m]].s.mean():.0f}" if m in train_of else "–"  # baselines: one process
+    pred = times[times.label == m].s.mean()
+    print(f"{m:<14}" + "".join(cell(s[c]).rjust(14) for c in cols) + f"{fit:>12}{pred:>16.1f}")
 pre = times[times.label == "pretrain"].s
 if len(pre):
     print(f"(hinge_* and gaussian_K50 also share one pretrain.py backbone: {pre.iloc[0]:.0f} s once, for all folds)")
-print("(mean predicts one value per gene: its per-gene r is undefined, so its PCC columns are nan)")
+print("(mean predicts one value per gene: its per-gene r is undefined, so its PCC columns are empty)")
 EOF

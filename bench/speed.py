@@ -5,7 +5,8 @@
 For each preset and K = 1, 5, 50: spots/s of the sampler as sample.py runs it (histology
 embedding once per spot) and of the naive sampler that recomputes it at every step; S = 1
 sample, 1536-d features (UNI + CONCH), random weights (speed does not depend on them).
-Prints the ratios K5/K50, K1/K5 and cached/naive.
+Prints the ratios K5/K50, K1/K5 and cached/naive, and, timed on its own (far less noisy than
+whole samplers), the share of a step the histology embedding takes: the most caching can save.
 """
 import argparse
 import os
@@ -29,15 +30,31 @@ a = p.parse_args()
 dev = torch.device(a.device)
 
 
-def spots_per_s(net, diffusion, hist, K, cache):
-    gen = torch.Generator(dev).manual_seed(0)
+def seconds(f):
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    M.generate(net, diffusion, hist, K, 1, gen, cache=cache)
+    f()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return len(hist) / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def spots_per_s(net, diffusion, hist, K, cache):
+    gen = torch.Generator(dev).manual_seed(0)
+    return len(hist) / seconds(lambda: M.generate(net, diffusion, hist, K, 1, gen, cache=cache))
+
+
+@torch.no_grad()
+def histology_share(net, diffusion, hist, repeats=20):
+    """Best-of-N time of the histology embedding and of one sampler step (model forward) on the batch."""
+    h = net.embed_histology(hist)
+    ranks = diffusion.gene_ranks(len(hist), dev)
+    t = torch.full((len(hist),), diffusion.T // 2, device=dev)
+    x, vis = torch.randn(len(hist), diffusion.G, device=dev), diffusion.visible(ranks, t)
+    embed = min(seconds(lambda: net.embed_histology(hist)) for _ in range(repeats))
+    step = min(seconds(lambda: net(x, vis, t, diffusion.visible(ranks, t - 1), h)) for _ in range(repeats))
+    return embed, step
 
 
 torch.manual_seed(0)
@@ -56,6 +73,9 @@ for preset, n in zip(a.presets.split(","), map(int, a.spots.split(","))):
         for c in [True, False] * a.repeats + [False]:     # alternate, best of each: the later run of a pair is warmer
             rate[K][c] = max(rate[K][c], spots_per_s(net, diffusion, hist, K, c))
         print(f"{preset:<12}{K:>4}{n:>7}{rate[K][True]:>16.2f}{rate[K][False]:>15.2f}{rate[K][True] / rate[K][False]:>13.2f}x")
+    embed, step = histology_share(net, diffusion, hist)
+    print(f"{preset}: histology embedding {1e3 * embed:.2f} ms, one step {1e3 * step:.1f} ms per batch of {n}: caching "
+          f"saves at most {100 * embed / (embed + step):.2f} % of each step (naive/cached <= {1 + embed / step:.4f}x)")
     if {1, 5, 50} <= set(Ks):
         print(f"{preset}: K=5 is {rate[5][True] / rate[50][True]:.1f}x the spots/s of K=50 (target >= 8), "
               f"K=1 {rate[1][True] / rate[5][True]:.1f}x of K=5; caching {rate[50][True] / rate[50][False]:.2f}x at K=50")
