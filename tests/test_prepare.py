@@ -37,13 +37,13 @@ def her2st_out(tmp_path_factory):
 
 
 @needs_shared
-def test_her2st_writes_36_slices_5_with_images(her2st_out):
+def test_her2st_writes_36_slices_6_with_images(her2st_out):
     files = sorted(glob.glob(os.path.join(her2st_out, "slices", "*.h5")))
     assert len(files) == 36
     with_img = sorted(os.path.basename(f)[:-3] for f in files if "img" in h5py.File(f, "r"))
-    assert with_img == ["C2", "C3", "C4", "C5", "C6"]
+    assert with_img == ["B4", "C2", "C3", "C4", "C5", "C6"]
     tsv = pd.read_csv(os.path.join(her2st_out, "slices.tsv"), sep="\t")
-    assert len(tsv) == 36 and tsv.has_image.sum() == 5 and tsv.n_spots.sum() == 13620
+    assert len(tsv) == 36 and tsv.has_image.sum() == 6 and tsv.n_spots.sum() == 13620
 
 
 @needs_shared

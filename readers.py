@@ -1,0 +1,344 @@
+"""Reading raw inputs for prepare_data.py: slide images region by region, and one reader per
+dataset layout (Her2ST, 10x Visium, HEST-1k, image-only slides, the synthetic demo), each
+returning RawSlice records that prepare_data.py selects genes from and writes.
+"""
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from common import UserError, decode
+
+Image.MAX_IMAGE_PIXELS = None  # whole-slide images are trusted local files, larger than PIL's bomb guard
+WHITE = 255
+
+
+#################################################################################
+#                                 Images                                        #
+#################################################################################
+
+class ArrayImage:
+    """An RGB image held in memory (JPEG/PNG slides, the demo)."""
+    def __init__(self, arr):
+        self.arr = arr
+        self.size = (arr.shape[1], arr.shape[0])
+
+    def read(self, x0, y0, x1, y1):
+        return self.arr[y0:y1, x0:x1]
+
+
+class TiffImage:
+    """Level 0 of a (pyramidal, tiled or striped) TIFF, read region by region: only the tiles or
+    strips a patch touches are decoded, so a whole-slide image is never loaded whole."""
+    def __init__(self, path):
+        import tifffile
+        self.tif = tifffile.TiffFile(path)
+        self.page = self.tif.pages[0]
+        self.size = (self.page.imagewidth, self.page.imagelength)
+        self.fh = self.tif.filehandle
+
+    def read(self, x0, y0, x1, y1):
+        p = self.page
+        out = np.full((y1 - y0, x1 - x0, 3), WHITE, np.uint8)
+        if p.is_tiled:
+            th, tw = p.tilelength, p.tilewidth
+            ntx = math.ceil(p.imagewidth / tw)
+            idx = [ty * ntx + tx for ty in range(y0 // th, (y1 - 1) // th + 1) for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
+        else:
+            rps = min(p.rowsperstrip, p.imagelength)
+            idx = list(range(y0 // rps, (y1 - 1) // rps + 1))
+        for i in idx:
+            self.fh.seek(p.dataoffsets[i])
+            seg, pos, shape = p.decode(self.fh.read(p.databytecounts[i]), i, jpegtables=p.jpegtables)
+            if seg is None:
+                continue
+            seg = seg.reshape(shape[1], shape[2], -1)
+            seg = np.repeat(seg[..., :1], 3, -1) if seg.shape[-1] < 3 else seg[..., :3]
+            sy, sx = pos[2], pos[3]
+            ya, yb = max(y0, sy), min(y1, sy + seg.shape[0])
+            xa, xb = max(x0, sx), min(x1, sx + seg.shape[1])
+            if ya < yb and xa < xb:
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = seg[ya - sy:yb - sy, xa - sx:xb - sx]
+        return out
+
+
+def open_image(path):
+    """Open a slide image; grayscale, RGBA or palette images are converted to RGB."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: image file not found; check the path or remove the slice's image folder")
+    if path.lower().endswith((".tif", ".tiff")):
+        return TiffImage(path)
+    try:
+        with Image.open(path) as im:
+            return ArrayImage(np.asarray(im.convert("RGB")))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read image ({e}); replace the file") from e
+
+
+def image_size(path):
+    """(width, height) from the header only, without decoding pixels."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: image file not found; check the path or remove the slice's image folder")
+    if path.lower().endswith((".tif", ".tiff")):
+        import tifffile
+        with tifffile.TiffFile(path) as t:
+            return t.pages[0].imagewidth, t.pages[0].imagelength
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as e:
+        raise UserError(f"{path}: cannot read image ({e}); replace the file") from e
+
+
+#################################################################################
+#                                 Readers                                       #
+#################################################################################
+
+@dataclass
+class RawSlice:
+    name: str
+    patient: str
+    barcodes: list
+    genes: list
+    counts: np.ndarray                 # float32 [N, G_slice] raw counts
+    array: np.ndarray                  # int32 [N, 2] (col, row)
+    pixel: np.ndarray = None           # float32 [N, 2] (x, y) full-resolution pixels
+    image: str = None                  # path of the full-resolution image
+    image_array: np.ndarray = None     # in-memory image (demo)
+    patches: tuple = None              # (h5 path, row index per spot) of ready HEST patches
+    spot_diameter_px: float = None
+    pixel_size_um: float = None
+    source: str = ""
+
+
+def check_counts(rs):
+    if rs.counts.shape[0] == 0:
+        raise UserError(f"{rs.source}: slice {rs.name} has no spots; remove it or fix the file")
+    bad_nan, bad_neg = int(np.isnan(rs.counts).sum()), int((rs.counts < 0).sum())
+    if bad_nan or bad_neg:
+        raise UserError(f"{rs.source}: {bad_nan} NaN and {bad_neg} negative counts; raw counts must be "
+                        "non-negative numbers (was the matrix already normalised?)")
+
+
+def fit_spacing(grid, pixel):
+    """Pixels per array unit from a least-squares fit of pixel ~ a + s·grid, both axes."""
+    s = [np.polyfit(grid[:, k], pixel[:, k], 1)[0] for k in (0, 1) if len(grid) > 1 and np.ptp(grid[:, k]) > 0]
+    return float(np.mean(np.abs(s))) if s else None
+
+
+def read_her2st(raw, allow_unmatched):
+    """Her2ST GitHub layout: ST-cnts/<s>.tsv.gz (spots x genes), ST-spotfiles/<s>_selection.tsv,
+    ST-imgs/<patient>/<s>/*.jpg. Spots are joined on "<x>x<y>"."""
+    cnt = {os.path.basename(p)[:-len(".tsv.gz")]: p for p in glob.glob(os.path.join(raw, "ST-cnts", "*.tsv.gz"))}
+    spt = {os.path.basename(p)[:-len("_selection.tsv")]: p for p in glob.glob(os.path.join(raw, "ST-spotfiles", "*_selection.tsv"))}
+    if not cnt and not spt:
+        raise UserError(f"{raw}: no ST-cnts/*.tsv.gz or ST-spotfiles/*_selection.tsv; point --raw at the Her2ST data folder")
+    for name in sorted(set(cnt) ^ set(spt)):
+        missing = os.path.join(raw, "ST-cnts", f"{name}.tsv.gz") if name not in cnt else \
+            os.path.join(raw, "ST-spotfiles", f"{name}_selection.tsv")
+        raise UserError(f"{missing}: missing for slice {name}; restore the file or remove the slice's other file")
+    slices = []
+    for name in tqdm(sorted(cnt), desc="read her2st", unit="slice"):
+        df = pd.read_csv(cnt[name], sep="\t", index_col=0)
+        spots = pd.read_csv(spt[name], sep="\t")
+        if not {"x", "y", "pixel_x", "pixel_y"} <= set(spots.columns):
+            raise UserError(f"{spt[name]}: needs columns x, y, pixel_x, pixel_y; found {', '.join(spots.columns)}")
+        spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"])]
+        barcodes = [str(b) for b in df.index]
+        matched = [b in spots.index for b in barcodes]
+        n_bad = len(barcodes) - sum(matched)
+        if n_bad and not allow_unmatched:
+            raise UserError(f"{spt[name]}: {n_bad} of {len(barcodes)} spots of {cnt[name]} have no spot-file row; "
+                            "fix the spot file or pass --allow-unmatched to drop them")
+        df = df[matched]
+        sp = spots.loc[df.index]
+        imgs = sorted(glob.glob(os.path.join(raw, "ST-imgs", name[0], name, "*")))
+        imgs = [p for p in imgs if p.lower().endswith((".jpg", ".jpeg", ".png", ".tif", ".tiff"))]
+        if os.path.isdir(os.path.join(raw, "ST-imgs", name[0], name)) and not imgs:
+            raise UserError(f"{os.path.join(raw, 'ST-imgs', name[0], name)}: image folder holds no image; "
+                            "add the slice's H&E image or remove the empty folder")
+        grid = sp[["new_x", "new_y"]].to_numpy(float) if "new_x" in sp else sp[["x", "y"]].to_numpy(float)
+        pixel = sp[["pixel_x", "pixel_y"]].to_numpy(np.float32)
+        s = fit_spacing(grid, pixel)                      # ST: spot pitch 200 µm, spot diameter 100 µm
+        slices.append(RawSlice(
+            name=name, patient=name[0], barcodes=list(df.index), genes=[str(g) for g in df.columns],
+            counts=df.to_numpy(np.float32), array=sp[["x", "y"]].to_numpy(np.int32), pixel=pixel,
+            image=imgs[0] if imgs else None, spot_diameter_px=s / 2 if s else None,
+            pixel_size_um=200 / s if s else None, source=cnt[name]))
+    return slices
+
+
+def read_10x_h5(path):
+    """Space Ranger filtered_feature_bc_matrix.h5 (CSC, genes x barcodes) -> barcodes, genes, dense counts."""
+    with h5py.File(path, "r") as f:
+        m = f["matrix"]
+        shape = tuple(m["shape"][()])
+        from scipy.sparse import csc_matrix
+        X = csc_matrix((m["data"][()], m["indices"][()], m["indptr"][()]), shape=shape).T.tocsr()
+        genes = decode(m["features/name"][()])
+        kind = decode(m["features/feature_type"][()]) if "feature_type" in m["features"] else ["Gene Expression"] * len(genes)
+        barcodes = decode(m["barcodes"][()])
+    keep = [i for i, k in enumerate(kind) if k == "Gene Expression"]
+    genes = [genes[i] for i in keep]
+    first = {}                                           # duplicated symbols: keep the first feature
+    for i, g in enumerate(genes):
+        first.setdefault(g, i)
+    rows = sorted(first.values())
+    return barcodes, [genes[i] for i in rows], X[:, [keep[i] for i in rows]].toarray().astype(np.float32)
+
+
+def read_visium(raw, allow_unmatched, image=None):
+    """One or more Space Ranger outs/ folders: <raw>/outs or <raw>/<slice>/outs. The full-resolution
+    image is --image (one slice) or an image file beside outs/."""
+    outs = sorted(glob.glob(os.path.join(raw, "outs")) + glob.glob(os.path.join(raw, "*", "outs")))
+    if not outs:
+        raise UserError(f"{raw}: no outs/ folder found; point --raw at a Space Ranger output folder or their parent")
+    if image and len(outs) > 1:
+        raise UserError(f"--image names one image but {raw} holds {len(outs)} outs/ folders; put each image beside its outs/")
+    slices = []
+    for out in tqdm(outs, desc="read visium", unit="slice"):
+        root = os.path.dirname(out)
+        name = os.path.basename(os.path.abspath(root))
+        h5 = os.path.join(out, "filtered_feature_bc_matrix.h5")
+        if not os.path.isfile(h5):
+            raise UserError(f"{h5}: missing; Space Ranger writes it in outs/")
+        barcodes, genes, X = read_10x_h5(h5)
+        pos_new, pos_old = os.path.join(out, "spatial", "tissue_positions.csv"), os.path.join(out, "spatial", "tissue_positions_list.csv")
+        cols = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+        if os.path.isfile(pos_new):
+            pos = pd.read_csv(pos_new)
+        elif os.path.isfile(pos_old):
+            pos = pd.read_csv(pos_old, header=None, names=cols)
+        else:
+            raise UserError(f"{pos_new}: missing (nor tissue_positions_list.csv); Space Ranger writes it in outs/spatial/")
+        pos = pos.set_index("barcode")
+        matched = np.array([b in pos.index for b in barcodes])
+        if (~matched).sum() and not allow_unmatched:
+            raise UserError(f"{pos_new}: {(~matched).sum()} of {len(barcodes)} barcodes of {h5} have no position; "
+                            "pass --allow-unmatched to drop them")
+        barcodes = [b for b, m in zip(barcodes, matched) if m]
+        p = pos.loc[barcodes]
+        sf_path = os.path.join(out, "spatial", "scalefactors_json.json")
+        if not os.path.isfile(sf_path):
+            raise UserError(f"{sf_path}: missing; Space Ranger writes it in outs/spatial/")
+        with open(sf_path) as f:
+            sf = json.load(f)
+        img = image or next((q for q in sorted(glob.glob(os.path.join(root, "*")))
+                             if q.lower().endswith((".tif", ".tiff", ".jpg", ".jpeg", ".png", ".btf"))), None)
+        diam = sf.get("spot_diameter_fullres")
+        slices.append(RawSlice(
+            name=name, patient=name, barcodes=barcodes, genes=genes, counts=X[matched],
+            array=p[["array_col", "array_row"]].to_numpy(np.int32),
+            pixel=p[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float32),
+            image=img, spot_diameter_px=diam, pixel_size_um=55.0 / diam if diam else None, source=h5))  # Visium spot: 55 µm
+    return slices
+
+
+def _h5ad_index(group):
+    key = group.attrs.get("_index", "_index")
+    return decode(group[key][()])
+
+
+def _h5ad_matrix(node):
+    if isinstance(node, h5py.Dataset):
+        return node[()].astype(np.float32)
+    from scipy.sparse import csc_matrix, csr_matrix
+    kind = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", "csr_matrix"))
+    kind = kind.decode() if isinstance(kind, bytes) else kind
+    cls = csc_matrix if "csc" in kind else csr_matrix
+    return cls((node["data"][()], node["indices"][()], node["indptr"][()]), shape=tuple(node.attrs["shape"])).toarray().astype(np.float32)
+
+
+def read_hest(raw, allow_unmatched):
+    """HEST-1k: st/<id>.h5ad (read with h5py) + patches/<id>.h5 (joined by barcode) or wsis/<id>.tif."""
+    ids = sorted(os.path.basename(p)[:-len(".h5ad")] for p in glob.glob(os.path.join(raw, "st", "*.h5ad")))
+    if not ids:
+        raise UserError(f"{raw}: no st/*.h5ad; point --raw at a HEST-1k download folder")
+    slices = []
+    for sid in tqdm(ids, desc="read hest", unit="slice"):
+        path = os.path.join(raw, "st", f"{sid}.h5ad")
+        with h5py.File(path, "r") as f:
+            X = _h5ad_matrix(f["X"])
+            genes, barcodes = _h5ad_index(f["var"]), _h5ad_index(f["obs"])
+            spatial = f["obsm/spatial"][()].astype(np.float32)
+            obs = f["obs"]
+            array = np.stack([obs["array_col"][()], obs["array_row"][()]], 1).astype(np.int32) \
+                if "array_col" in obs and "array_row" in obs else np.round(spatial).astype(np.int32)
+            sf = "uns/spatial/ST/scalefactors/spot_diameter_fullres"
+            diam = float(f[sf][()]) if sf in f else None
+        meta_path = os.path.join(raw, "metadata", f"{sid}.json")
+        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        rs = RawSlice(name=sid, patient=str(meta.get("patient") or sid), barcodes=barcodes, genes=genes, counts=X,
+                      array=array, pixel=spatial, spot_diameter_px=diam,
+                      pixel_size_um=meta.get("pixel_size_um_estimated"), source=path)
+        patch_h5, wsi = os.path.join(raw, "patches", f"{sid}.h5"), os.path.join(raw, "wsis", f"{sid}.tif")
+        if os.path.isfile(patch_h5):
+            with h5py.File(patch_h5, "r") as f:
+                pb = {b: i for i, b in enumerate(decode(f["barcode"][()]))}
+            rows = np.array([pb.get(b, -1) for b in barcodes])
+            keep = rows >= 0
+            if (~keep).sum():                            # HEST drops spots off the slide or with < 15 % tissue
+                print(f"{sid}: {(~keep).sum()} of {len(keep)} spots have no HEST patch and are dropped")
+                rs.barcodes = [b for b, k in zip(barcodes, keep) if k]
+                rs.counts, rs.array, rs.pixel = rs.counts[keep], rs.array[keep], rs.pixel[keep]
+            rs.patches = (patch_h5, rows[keep])
+        elif os.path.isfile(wsi):
+            rs.image = wsi
+        slices.append(rs)
+    return slices
+
+
+#################################################################################
+#                                 Demo dataset                                  #
+#################################################################################
+
+# compartment: (base RGB, nucleus RGB, nuclei per 10k px, nucleus radius px)
+DEMO_TISSUE = {"tumour": ((200, 150, 205), (70, 30, 110), 28, 6), "stroma": ((235, 160, 195), (120, 60, 140), 6, 3),
+               "immune": ((190, 150, 200), (40, 20, 90), 60, 3), "adipose": ((248, 244, 248), (160, 110, 170), 1, 2)}
+
+
+def demo_slice(k, n_genes=400, grid=18, pitch=100, margin=150):
+    """A synthetic slice whose tissue compartments (Voronoi blobs) differ in colour and texture
+    and drive compartment-specific expression programs. Deterministic in k."""
+    rng = np.random.default_rng(1000 + k)
+    side = 2 * margin + (grid - 1) * pitch
+    seeds = rng.uniform(0, side, (10, 2))
+    kinds = np.array([i % 4 for i in range(10)])[rng.permutation(10)]
+    yy, xx = np.mgrid[0:side, 0:side]
+    lab = kinds[np.argmin(((xx[..., None] - seeds[:, 0]) ** 2 + (yy[..., None] - seeds[:, 1]) ** 2), -1)]
+    comps = list(DEMO_TISSUE.values())
+    img = np.array([c[0] for c in comps], np.float32)[lab]
+    for ci, (_, nuc, density, r) in enumerate(comps):  # nuclei as filled discs
+        n = int(density * (lab == ci).sum() / 1e4)
+        cand = rng.integers(r, side - r, (n * 2, 2))
+        cand = cand[lab[cand[:, 1], cand[:, 0]] == ci][:n]
+        dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+        disc = dx ** 2 + dy ** 2 <= r * r
+        for x, y in cand:
+            img[y - r:y + r + 1, x - r:x + r + 1][disc] = nuc
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    cx, cy = np.meshgrid(np.arange(grid), np.arange(grid))
+    array = np.stack([cx.ravel(), cy.ravel()], 1).astype(np.int32)
+    pixel = (margin + array * pitch + rng.normal(0, 1.5, array.shape)).astype(np.float32)
+    frac = np.stack([np.bincount(lab[int(y) - 27:int(y) + 28, int(x) - 27:int(x) + 28].ravel(), minlength=4) for x, y in pixel])
+    frac = frac / frac.sum(1, keepdims=True)
+    prog_rng = np.random.default_rng(7)                  # programs shared by all slices
+    base = prog_rng.lognormal(0.0, 1.0, n_genes)
+    progs = np.tile(base, (4, 1))
+    for ci in range(4):                                  # 40 markers per compartment, 3-12x up
+        progs[ci, ci * 40 + 20:(ci + 1) * 40 + 20] *= prog_rng.uniform(3, 12, 40)
+    mu = frac @ progs * rng.lognormal(0, 0.25, (len(pixel), 1))  # library-size noise
+    counts = rng.poisson(mu).astype(np.float32)
+    genes = ["MT-CO1", "MT-ND1", "RPL3", "RPS6"] + [f"GENE{i:03d}" for i in range(4, n_genes)]
+    tissue = lab[pixel[:, 1].astype(int), pixel[:, 0].astype(int)] != 3
+    keep = tissue | (rng.random(len(pixel)) < 0.3)       # mostly on-tissue spots, as a real array
+    return RawSlice(name=f"demo{k + 1}", patient=f"P{k // 2 + 1}", barcodes=[f"{x}x{y}" for x, y in array[keep]],
+                    genes=genes, counts=counts[keep], array=array[keep], pixel=pixel[keep], image_array=img,
+                    spot_diameter_px=55.0, pixel_size_um=1.0, source="demo")
