@@ -191,11 +191,13 @@ def dihedral(patches):
 
 
 def embed_slice(src, dst, enc, batch_size, augment, weights_attr):
-    with h5py.File(src, "r") as f:
-        img, barcode = f["img"], f["barcode"][()]
+    """Embed a slice's patches batch by batch, each batch written as it is done: memory holds one
+    batch, whatever the number of spots."""
+    with h5py.File(src, "r") as f, atomic_h5(dst) as out:
+        img = f["img"]
         N = len(img)
-        emb = np.empty((N, enc.dim), np.float32)
-        aug = np.empty((N, 8, enc.dim), np.float32) if augment else None
+        emb = out.create_dataset("embeddings", (N, enc.dim), np.float32)
+        aug = out.create_dataset("embeddings_aug", (N, 8, enc.dim), np.float32) if augment else None
         for s in tqdm(range(0, N, batch_size), desc=os.path.basename(src), unit="batch", leave=False):
             patches = img[s:s + batch_size]
             if augment:
@@ -204,12 +206,8 @@ def embed_slice(src, dst, enc, batch_size, augment, weights_attr):
                 emb[s:s + len(patches)] = views[0]
             else:
                 emb[s:s + len(patches)] = enc(patches)
-    with atomic_h5(dst) as f:
-        f["embeddings"] = emb
-        f["barcode"] = barcode
-        if augment:
-            f["embeddings_aug"] = aug
-        f.attrs.update(encoder=enc.name, dim=enc.dim, weights=weights_attr, augment=augment)
+        out["barcode"] = f["barcode"][()]
+        out.attrs.update(encoder=enc.name, dim=enc.dim, weights=weights_attr, augment=augment)
 
 
 def is_done(path, name, weights_attr, augment):

@@ -19,10 +19,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import UserError, atomic_h5, run, slice_path, str_array, write_text
-from readers import (WHITE, ArrayImage, check_counts, demo_slice, image_size, open_image, read_her2st, read_hest,
-                     read_visium)
+from readers import (OVERVIEW_SIDE, WHITE, ArrayImage, check_counts, demo_slice, image_size, open_image, read_her2st,
+                     read_hest, read_slides, read_visium, write_slide_tiff)
 
 DROP_PREFIXES = ("MT-", "RPS", "RPL")  # mitochondrial and ribosomal genes (Stem)
+PATCH_CHUNK = 256                       # spots cropped and written at a time
 
 
 #################################################################################
@@ -116,36 +117,60 @@ def check_image(rs):
                         f"{W}x{H} image; is it the full-resolution image of this slice?")
 
 
+def open_source(rs):
+    """The slice's image to crop from, or None (no image, or ready-made HEST patches)."""
+    if rs.image_array is not None:
+        return ArrayImage(rs.image_array)
+    return open_image(rs.image) if rs.image else None
+
+
+def write_patches(f, rs, source, side, patch_size):
+    """Crop, resize and store the patches PATCH_CHUNK spots at a time: memory holds one chunk,
+    whatever the number of spots."""
+    N = len(rs.barcodes)
+    img = f.create_dataset("img", (N, patch_size, patch_size, 3), np.uint8, chunks=(1, patch_size, patch_size, 3))
+    for s in tqdm(range(0, N, PATCH_CHUNK), desc=f"patches {rs.name}", unit="chunk", leave=False, disable=N <= PATCH_CHUNK):
+        img[s:s + PATCH_CHUNK] = crop_patches(source, rs.pixel[s:s + PATCH_CHUNK], side, patch_size)
+    thumb, scale = rs.overview or source.overview(OVERVIEW_SIDE)
+    f.create_dataset("thumbnail", data=thumb, compression="gzip", compression_opts=4)
+    f["thumbnail"].attrs["scale"] = scale                 # thumbnail px per full-resolution px
+
+
+def hest_patches(rs, patch_size):
+    """HEST's ready patches of this slice's spots, in spot order, resized to patch_size -> (side, [N, P, P, 3])."""
+    with h5py.File(rs.patches[0], "r") as f:
+        order = np.argsort(rs.patches[1])
+        raw = f["img"][np.sort(rs.patches[1])][np.argsort(order)]
+    img = raw if raw.shape[1] == patch_size else np.stack(
+        [np.asarray(Image.fromarray(p).resize((patch_size, patch_size), Image.LANCZOS)) for p in raw])
+    return raw.shape[1], img
+
+
 def write_slice(path, rs, genes, vocab, patch_size, settings):
-    cols = _indexer(rs.genes, genes)
-    counts = rs.counts[:, cols]
     side = max(224, int(math.ceil(rs.spot_diameter_px or 0)))  # Stem: max(224 px, spot diameter) native pixels
-    img = None
-    if rs.image_array is not None or rs.image is not None:
-        source = ArrayImage(rs.image_array) if rs.image_array is not None else open_image(rs.image)
-        img = crop_patches(source, rs.pixel, side, patch_size)
-    elif rs.patches is not None:
-        with h5py.File(rs.patches[0], "r") as f:
-            order = np.argsort(rs.patches[1])
-            raw = f["img"][np.sort(rs.patches[1])][np.argsort(order)]
-        side = raw.shape[1]
-        img = raw if side == patch_size else np.stack(
-            [np.asarray(Image.fromarray(p).resize((patch_size, patch_size), Image.LANCZOS)) for p in raw])
+    source = open_source(rs)
     with atomic_h5(path) as f:
-        if img is not None:
+        if source is not None:
+            write_patches(f, rs, source, side, patch_size)
+        elif rs.patches is not None:
+            side, img = hest_patches(rs, patch_size)
             f.create_dataset("img", data=img, chunks=(1, patch_size, patch_size, 3))
         f["barcode"] = str_array(rs.barcodes)
         if rs.pixel is not None:
             f["pixel"] = rs.pixel.astype(np.float32)
         f["array"] = rs.array.astype(np.int32)
-        f["counts"] = counts
-        f["expr"] = np.log2(counts + 1).astype(np.float32)  # Stem/HINGE target: log2(count + 1), no library size
-        f["genes"] = str_array(genes)
-        f["gene_ids"] = np.array([vocab[g] for g in genes] if vocab else np.zeros(len(genes)), np.int64)
+        if rs.counts is not None:                        # a slide without spatial data has no expression and no genes yet
+            counts = rs.counts[:, _indexer(rs.genes, genes)]
+            f["counts"] = counts
+            f["expr"] = np.log2(counts + 1).astype(np.float32)  # Stem/HINGE target: log2(count + 1), no library size
+            f["genes"] = str_array(genes)
+            f["gene_ids"] = np.array([vocab[g] for g in genes] if vocab else np.zeros(len(genes)), np.int64)
         f.attrs.update(dataset=settings["dataset"], slice=rs.name, patient=rs.patient, source=rs.source,
                        patch_px_native=side, settings=settings["hash"])
         if rs.pixel_size_um:
             f.attrs["pixel_size_um"] = float(rs.pixel_size_um)
+        if rs.spot_diameter_px:
+            f.attrs["spot_diameter_px"] = float(rs.spot_diameter_px)
 
 
 def check_out_dir(out, settings, overwrite):
@@ -161,13 +186,23 @@ def check_out_dir(out, settings, overwrite):
         raise UserError(f"{out}/slices holds files this script did not write; choose another --out or pass --overwrite")
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["demo", "her2st", "visium", "hest"], default="demo",
-                   help="raw layout: demo (synthetic, no input), her2st (GitHub layout), visium (Space Ranger outs/), hest (HEST-1k)")
-    p.add_argument("--raw", help="raw data folder (not used for demo)")
+    p.add_argument("--dataset", choices=["demo", "her2st", "visium", "hest", "image"], default="demo",
+                   help="raw layout: demo (synthetic, no input), her2st (GitHub layout), visium (Space Ranger outs/), "
+                        "hest (HEST-1k), image (H&E slides without spatial data, given by --image)")
+    p.add_argument("--raw", help="raw data folder (her2st, visium, hest)")
     p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
-    p.add_argument("--image", help="visium: full-resolution H&E image when --raw holds one outs/ folder")
+    p.add_argument("--image", nargs="+", help="image: slide files or folders of slides (.svs, .ndpi, .mrxs, .tif, .jpg, "
+                                             ".png ...); visium: the full-resolution H&E image when --raw holds one outs/ folder")
+    p.add_argument("--pixel-size", type=float, help="image: µm per pixel of level 0, overriding the slide's metadata "
+                                                    "(needed for .jpg/.png, whose dpi tags are unreliable)")
+    p.add_argument("--spot-pitch-um", type=float, default=100.0,
+                   help="image: distance between neighbouring pseudo-spot centres in µm (default 100, Visium)")
+    p.add_argument("--spot-diameter-um", type=float, default=55.0,
+                   help="image: pseudo-spot diameter in µm (default 55, Visium); the patch side is max(224 px, diameter), "
+                        "as for training slices, so use the diameter of the spots the model was trained on")
+    p.add_argument("--grid", choices=["hex", "square"], default="hex", help="image: hexagonal as Visium (default) or square")
     p.add_argument("--vocab", help="CellFM gene_info.csv: keep only vocabulary genes and store their token ids")
     p.add_argument("--aliases", help="optional table old symbol -> current symbol, applied before the vocabulary")
     p.add_argument("--n-top", type=int, default=300, help="N of HMHVG: top-N by mean ∩ top-N by std (default 300)")
@@ -176,9 +211,34 @@ def main():
     p.add_argument("--allow-unmatched", action="store_true", help="drop spots that have counts but no position instead of failing")
     p.add_argument("--overwrite", action="store_true", help="rewrite complete slice files and replace another dataset in --out")
     a = p.parse_args()
+    if a.dataset == "image":
+        if not a.image:
+            raise UserError("--dataset image needs --image SLIDE [SLIDE ...] (files or folders)")
+        for flag in ("pixel_size", "spot_pitch_um", "spot_diameter_um"):
+            if getattr(a, flag) is not None and getattr(a, flag) <= 0:
+                raise UserError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be a positive number")
+    elif a.dataset != "demo" and not (a.raw and os.path.isdir(a.raw)):
+        hint = f"--raw {a.raw}: not a folder" if a.raw else "--raw is missing"
+        raise UserError(f"{hint}; --dataset {a.dataset} needs the raw data folder")
+    if a.dataset == "visium" and a.image and len(a.image) > 1:
+        raise UserError(f"--image names {len(a.image)} files; visium takes one image (or put each beside its outs/)")
+    return a
 
-    if a.dataset != "demo" and not (a.raw and os.path.isdir(a.raw)):
-        raise UserError(f"--raw {a.raw}: not a folder; --dataset {a.dataset} needs the raw data folder")
+
+def read_dataset(a):
+    if a.dataset == "demo":
+        return [demo_slice(k) for k in range(4)]
+    if a.dataset == "her2st":
+        return read_her2st(a.raw, a.allow_unmatched)
+    if a.dataset == "visium":
+        return read_visium(a.raw, a.allow_unmatched, a.image[0] if a.image else None)
+    if a.dataset == "hest":
+        return read_hest(a.raw, a.allow_unmatched)
+    return read_slides(a.image, a.pixel_size, a.spot_pitch_um, a.spot_diameter_um, a.grid)
+
+
+def main():
+    a = parse_args()
     vocab = read_vocab(a.vocab) if a.vocab else None
     aliases = read_aliases(a.aliases) if a.aliases else {}
     select_from = set(a.select_from.split(",")) if a.select_from else None
@@ -186,28 +246,29 @@ def main():
                 "vocab": os.path.basename(a.vocab) if a.vocab else None, "aliases": bool(a.aliases),
                 "select_from": sorted(select_from) if select_from else None, "patch_size": a.patch_size,
                 "allow_unmatched": a.allow_unmatched}
+    if a.dataset == "image":
+        settings.update(image=[os.path.abspath(i) for i in a.image], pixel_size=a.pixel_size, grid=a.grid,
+                        spot_pitch_um=a.spot_pitch_um, spot_diameter_um=a.spot_diameter_um)
     settings["hash"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     check_out_dir(a.out, settings, a.overwrite)
 
-    if a.dataset == "demo":
-        slices = [demo_slice(k) for k in range(4)]
-    elif a.dataset == "her2st":
-        slices = read_her2st(a.raw, a.allow_unmatched)
-    elif a.dataset == "visium":
-        slices = read_visium(a.raw, a.allow_unmatched, a.image)
-    else:
-        slices = read_hest(a.raw, a.allow_unmatched)
+    slices = read_dataset(a)
     if select_from and not select_from <= {s.name for s in slices}:
         raise UserError(f"--select-from names unknown slices: {', '.join(sorted(select_from - {s.name for s in slices}))}")
-    for rs in slices:
-        check_counts(rs)
-        apply_aliases(rs, aliases)
-        check_image(rs)
-    genes = select_genes(slices, vocab, a.n_top, select_from)
+    genes = None
+    if a.dataset != "image":
+        for rs in slices:
+            check_counts(rs)
+            apply_aliases(rs, aliases)
+            check_image(rs)
+        genes = select_genes(slices, vocab, a.n_top, select_from)
 
     write_text(os.path.join(a.out, "prepare.json"), json.dumps(settings, indent=1) + "\n")
-    write_text(os.path.join(a.out, "genes.txt"), "".join(g + "\n" for g in genes))
+    if genes is not None:
+        write_text(os.path.join(a.out, "genes.txt"), "".join(g + "\n" for g in genes))
     for rs in tqdm(slices, desc="write slices", unit="slice"):
+        if a.dataset == "demo" and (a.overwrite or not os.path.isfile(demo_image(a.out, rs.name))):
+            write_slide_tiff(demo_image(a.out, rs.name), rs.image_array, rs.pixel_size_um)  # to try --dataset image on
         path = slice_path(a.out, rs.name)
         if not a.overwrite and os.path.isfile(path):
             with h5py.File(path, "r") as f:
@@ -217,7 +278,13 @@ def main():
     has_img = {rs.name: rs.image is not None or rs.image_array is not None or rs.patches is not None for rs in slices}
     rows = [f"{rs.name}\t{rs.patient}\t{len(rs.barcodes)}\t{int(has_img[rs.name])}\n" for rs in slices]
     write_text(os.path.join(a.out, "slices.tsv"), "slice\tpatient\tn_spots\thas_image\n" + "".join(rows))
-    print(f"wrote {len(slices)} slices ({sum(has_img.values())} with images), {len(genes)} genes -> {a.out}")
+    what = f"{len(genes)} genes" if genes is not None else "no expression (sample.py takes the genes from the checkpoint)"
+    print(f"wrote {len(slices)} slices ({sum(has_img.values())} with images, {sum(len(rs.barcodes) for rs in slices)} "
+          f"spots), {what} -> {a.out}")
+
+
+def demo_image(out, name):
+    return os.path.join(out, "images", f"{name}.tif")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ WHITE = 255
 #################################################################################
 
 class ArrayImage:
-    """An RGB image held in memory (JPEG/PNG slides, the demo)."""
+    """An RGB image held in memory (JPEG/PNG slides, the demo). Their dpi tags are unreliable (JPEG
+    writes 72 by default), so they carry no pixel size."""
+    pixel_size_um = None
+
     def __init__(self, arr):
         self.arr = arr
         self.size = (arr.shape[1], arr.shape[0])
@@ -33,16 +36,25 @@ class ArrayImage:
     def read(self, x0, y0, x1, y1):
         return self.arr[y0:y1, x0:x1]
 
+    def overview(self, max_side):
+        f = max(1, math.ceil(max(self.size) / max_side))
+        return np.asarray(Image.fromarray(self.arr).reduce(f)), 1 / f
+
 
 class TiffImage:
-    """Level 0 of a (pyramidal, tiled or striped) TIFF, read region by region: only the tiles or
-    strips a patch touches are decoded, so a whole-slide image is never loaded whole."""
+    """Level 0 of a TIFF that OpenSlide cannot open (striped, or tiled without a pyramid it knows),
+    read region by region: only the tiles or strips a patch touches are decoded."""
     def __init__(self, path):
         import tifffile
         self.tif = tifffile.TiffFile(path)
         self.page = self.tif.pages[0]
         self.size = (self.page.imagewidth, self.page.imagelength)
         self.fh = self.tif.filehandle
+        tags = self.page.tags
+        unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 1
+        um = {2: 25400.0, 3: 10000.0}.get(int(unit))      # µm per inch / per centimetre; 1 = no unit
+        xres = tags["XResolution"].value if "XResolution" in tags else None
+        self.pixel_size_um = um * xres[1] / xres[0] if um and xres and xres[0] else None
 
     def read(self, x0, y0, x1, y1):
         p = self.page
@@ -68,24 +80,90 @@ class TiffImage:
                 out[ya - y0:yb - y0, xa - x0:xb - x0] = seg[ya - sy:yb - sy, xa - sx:xb - sx]
         return out
 
+    def overview(self, max_side):
+        """Block means of level 0, read in bands of rows so that memory holds one band at a time."""
+        W, H = self.size
+        f = max(1, math.ceil(max(W, H) / max_side))
+        h, w, band = H // f * f, W // f * f, f * max(1, 256 // f)
+        return np.concatenate([block_mean(self.read(0, y, w, min(y + band, h)), f) for y in range(0, h, band)]), 1 / f
+
+
+def block_mean(a, f):
+    """[h, w, 3] uint8 with h, w multiples of f -> [h/f, w/f, 3] uint8 means of f x f blocks."""
+    h, w = a.shape[0] // f, a.shape[1] // f
+    return a.reshape(h, f, w, f, 3).mean((1, 3)).round().astype(np.uint8)
+
+
+class SlideImage:
+    """A whole-slide image through OpenSlide (.svs, .ndpi, .mrxs, .scn, pyramidal TIFF ...): level-0
+    regions decoded on demand, overviews from the pyramid, pixel size from the slide's metadata."""
+    def __init__(self, slide):
+        self.slide = slide
+        self.size = slide.dimensions
+        props = slide.properties
+        mpp = props.get("openslide.mpp-x")
+        if mpp is None and props.get("tiff.ResolutionUnit") in ("centimeter", "inch") and props.get("tiff.XResolution"):
+            per_unit = 10000.0 if props["tiff.ResolutionUnit"] == "centimeter" else 25400.0
+            mpp = per_unit / float(props["tiff.XResolution"])
+        self.pixel_size_um = float(mpp) if mpp else None
+
+    def read(self, x0, y0, x1, y1):
+        rgba = np.asarray(self.slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0)))
+        alpha = rgba[..., 3:].astype(np.uint16)          # unscanned areas come back transparent: paint them glass-white
+        return ((rgba[..., :3] * alpha + WHITE * (255 - alpha)) // 255).astype(np.uint8)
+
+    def overview(self, max_side):
+        thumb = self.slide.get_thumbnail((max_side, max_side)).convert("RGB")
+        return np.asarray(thumb), thumb.size[0] / self.size[0]
+
+
+def write_slide_tiff(path, rgb, pixel_size_um, tile=256):
+    """A pyramidal, JPEG-tiled TIFF with its pixel size in the resolution tags, the layout OpenSlide
+    reads as a generic whole-slide image (level 0 then halved levels down to about one tile)."""
+    import tifffile
+    from common import atomic_path
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2 ** 31) as tif:
+        level, k = rgb, 1
+        while True:
+            tif.write(level, tile=(tile, tile), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
+                    subfiletype=0 if k == 1 else 1, resolution=(1e4 / pixel_size_um / k,) * 2, resolutionunit="CENTIMETER")
+            if max(level.shape[:2]) <= 2 * tile:
+                break
+            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+            level, k = block_mean(level[:h, :w], 2), k * 2
+
 
 def open_image(path):
-    """Open a slide image; grayscale, RGBA or palette images are converted to RGB."""
+    """Open a slide image: OpenSlide for whole-slide formats, tifffile for other TIFFs, PIL for the
+    rest; grayscale, RGBA or palette images are converted to RGB."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: image file not found; check the path or remove the slice's image folder")
+    import openslide
+    try:
+        if openslide.OpenSlide.detect_format(path) is not None:
+            return SlideImage(openslide.OpenSlide(path))
+    except openslide.OpenSlideError as e:
+        raise UserError(f"{path}: OpenSlide cannot read this slide ({e}); is the file complete?") from e
     if path.lower().endswith((".tif", ".tiff")):
-        return TiffImage(path)
+        try:
+            return TiffImage(path)
+        except Exception as e:                           # tifffile raises many types on a damaged or foreign file
+            raise UserError(f"{path}: cannot read this TIFF ({type(e).__name__}: {e}); replace the file") from e
     try:
         with Image.open(path) as im:
             return ArrayImage(np.asarray(im.convert("RGB")))
     except OSError as e:
-        raise UserError(f"{path}: cannot read image ({e}); replace the file") from e
+        raise UserError(f"{path}: not an image this program reads ({e}); give an H&E image: .svs, .ndpi, .mrxs, "
+                        ".tif, .jpg or .png") from e
 
 
 def image_size(path):
     """(width, height) from the header only, without decoding pixels."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: image file not found; check the path or remove the slice's image folder")
+    import openslide
+    if openslide.OpenSlide.detect_format(path) is not None:
+        return open_image(path).size
     if path.lower().endswith((".tif", ".tiff")):
         import tifffile
         with tifffile.TiffFile(path) as t:
@@ -107,7 +185,7 @@ class RawSlice:
     patient: str
     barcodes: list
     genes: list
-    counts: np.ndarray                 # float32 [N, G_slice] raw counts
+    counts: np.ndarray                 # float32 [N, G_slice] raw counts; None for a slide without spatial data
     array: np.ndarray                  # int32 [N, 2] (col, row)
     pixel: np.ndarray = None           # float32 [N, 2] (x, y) full-resolution pixels
     image: str = None                  # path of the full-resolution image
@@ -116,6 +194,7 @@ class RawSlice:
     spot_diameter_px: float = None
     pixel_size_um: float = None
     source: str = ""
+    overview: tuple = None             # (downscaled image, its px per full-resolution px) once computed
 
 
 def check_counts(rs):
@@ -292,6 +371,109 @@ def read_hest(raw, allow_unmatched):
         elif os.path.isfile(wsi):
             rs.image = wsi
         slices.append(rs)
+    return slices
+
+
+#################################################################################
+#                      Slides without spatial data                              #
+#################################################################################
+
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff", ".btf",
+                    ".jpg", ".jpeg", ".png")
+OVERVIEW_SIDE = 2000      # long side of the low-resolution image: tissue detection and the AnnData 'hires' image (Visium's size)
+MIN_TISSUE_UM2 = 0.05e6   # specks and holes smaller than 0.05 mm² are removed / filled (about two Visium spot areas ×10)
+PIXEL_SIZE_RANGE = (0.05, 20.0)  # µm/px a slide's metadata may plausibly give (40x scans ~0.25, 10x ~1)
+
+
+def slide_paths(items):
+    """--image arguments (files or folders of slides) -> sorted unique slide files."""
+    paths = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(p for p in glob.glob(os.path.join(item, "*")) if p.lower().endswith(SLIDE_EXTENSIONS))
+            if not found:
+                raise UserError(f"{item}: folder holds no slide image ({', '.join(SLIDE_EXTENSIONS)})")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise UserError(f"--image {item}: no such file or folder")
+    return list(dict.fromkeys(paths))
+
+
+def slide_name(path):
+    name = os.path.basename(path)
+    for ext in (".ome.tif", ".ome.tiff", *SLIDE_EXTENSIONS):
+        if name.lower().endswith(ext):
+            return name[:-len(ext)]
+    return os.path.splitext(name)[0]
+
+
+def tissue_mask(rgb, um_per_px):
+    """Tissue on a low-resolution RGB image: optical density against the glass colour (the median
+    of the brightest tenth, so tinted glass reads as glass) above Macenko's β = 0.15, minus green
+    and black pen ink, then specks removed and small holes filled. (Otsu on saturation missed pale
+    stroma on pink-tinted glass and haematoxylin-dense regions on Her2ST.)"""
+    from scipy.ndimage import gaussian_filter
+    from skimage.morphology import remove_small_holes, remove_small_objects
+    a = rgb.astype(np.float32)
+    bright = a.sum(-1)
+    glass = np.maximum(np.median(a[bright >= np.percentile(bright, 90)], 0), 200)  # a slide all tissue: assume white glass
+    od = gaussian_filter(np.log(glass / np.maximum(a, 1)).clip(0).sum(-1), 1.0)
+    green = (a[..., 1] > a[..., 0] + 15) & (a[..., 1] > a[..., 2] + 15)  # H&E is never green; ink is
+    mask = (od > 0.15) & ~green & (a.max(-1) > 40)
+    area = max(1, int(MIN_TISSUE_UM2 / um_per_px ** 2))
+    return remove_small_holes(remove_small_objects(mask, max_size=area), max_size=area)
+
+
+def spot_grid(W, H, pitch, kind):
+    """Spot centres (x, y) in pixels over a W x H image and their grid positions (col, row):
+    hexagonal as Visium (rows pitch·√3/2 apart, odd rows shifted by half a pitch, col = 2·i + row
+    parity as Visium's array_col) or square."""
+    dy = pitch * math.sqrt(3) / 2 if kind == "hex" else pitch
+    rows = np.arange(int(H // dy) + 1)
+    pts, grid = [], []
+    for r in rows:
+        shift = pitch / 2 * (r % 2) if kind == "hex" else 0.0
+        i = np.arange(int((W - shift) // pitch) + 1)
+        pts.append(np.stack([shift + i * pitch, np.full(len(i), r * dy)], 1))
+        grid.append(np.stack([2 * i + r % 2 if kind == "hex" else i, np.full(len(i), r)], 1))
+    return np.concatenate(pts).astype(np.float32), np.concatenate(grid).astype(np.int32)
+
+
+def read_slides(items, pixel_size, pitch_um, diameter_um, grid, min_tissue=0.5):
+    """H&E slides without spatial data -> RawSlices without counts: a grid of pseudo-spots over the
+    tissue (a spot is kept when at least `min_tissue` of its footprint is tissue)."""
+    slices = []
+    for path in tqdm(slide_paths(items), desc="read slides", unit="slide"):
+        img = open_image(path)
+        um = pixel_size or img.pixel_size_um
+        if um is None:
+            raise UserError(f"{path}: the slide states no pixel size; pass --pixel-size (µm per pixel, e.g. 0.5 for a 20x scan)")
+        if not pixel_size and not PIXEL_SIZE_RANGE[0] <= um <= PIXEL_SIZE_RANGE[1]:
+            raise UserError(f"{path}: its metadata gives {um:g} µm per pixel, implausible for H&E; pass --pixel-size")
+        thumb, scale = img.overview(OVERVIEW_SIDE)
+        mask = tissue_mask(thumb, um / scale)
+        if not mask.any():
+            raise UserError(f"{path}: no tissue found (the image looks like bare glass); is it an H&E slide?")
+        centres, array = spot_grid(*img.size, pitch_um / um, grid)
+        from scipy.ndimage import uniform_filter
+        cover = uniform_filter(mask.astype(np.float32), size=max(1, round(diameter_um / um * scale)))
+        cx = np.clip((centres[:, 0] * scale).astype(int), 0, mask.shape[1] - 1)
+        cy = np.clip((centres[:, 1] * scale).astype(int), 0, mask.shape[0] - 1)
+        keep = cover[cy, cx] >= min_tissue
+        if not keep.any():
+            raise UserError(f"{path}: tissue found, but too little for one {diameter_um:g} µm spot; check --pixel-size")
+        centres, array = centres[keep], array[keep]
+        slices.append(RawSlice(
+            name=slide_name(path), patient=slide_name(path), barcodes=[f"{c}x{r}" for c, r in array], genes=[],
+            counts=None, array=array, pixel=centres, image=path, spot_diameter_px=diameter_um / um,
+            pixel_size_um=um, source=path, overview=(thumb, scale)))
+        print(f"{path}: {keep.sum()} spots on tissue ({grid} grid, pitch {pitch_um:g} µm, {um:.3f} µm/px, "
+              f"tissue {mask.mean():.0%} of the slide)")
+    names = [s.name for s in slices]
+    if len(set(names)) < len(names):
+        raise UserError(f"two slides share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); rename one")
     return slices
 
 
