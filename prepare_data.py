@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 
 import h5py
 import numpy as np
@@ -105,6 +106,19 @@ def _indexer(have, want):
 #################################################################################
 #                                  Writing                                      #
 #################################################################################
+
+def has_image(rs):
+    return rs.image is not None or rs.image_array is not None or rs.patches is not None
+
+
+def warn_imageless(slices, shown=10):
+    """One line naming the slices written without patches: a misplaced image otherwise goes unnoticed."""
+    names = [rs.name for rs in slices if not has_image(rs)]
+    if names:
+        listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+        print(f"warning: {len(names)} of {len(slices)} slices have no H&E image ({listed}): "
+              "they serve gene selection and pre-training only", file=sys.stderr)
+
 
 def check_image(rs):
     """Before anything is written: the image exists and every spot centre lies on it."""
@@ -261,6 +275,7 @@ def main():
             check_counts(rs)
             apply_aliases(rs, aliases)
             check_image(rs)
+        warn_imageless(slices)
         genes = select_genes(slices, vocab, a.n_top, select_from)
 
     write_text(os.path.join(a.out, "prepare.json"), json.dumps(settings, indent=1) + "\n")
@@ -275,7 +290,7 @@ def main():
                 if f.attrs.get("settings") == settings["hash"]:
                     continue
         write_slice(path, rs, genes, vocab, a.patch_size, settings)
-    has_img = {rs.name: rs.image is not None or rs.image_array is not None or rs.patches is not None for rs in slices}
+    has_img = {rs.name: has_image(rs) for rs in slices}
     rows = [f"{rs.name}\t{rs.patient}\t{len(rs.barcodes)}\t{int(has_img[rs.name])}\n" for rs in slices]
     write_text(os.path.join(a.out, "slices.tsv"), "slice\tpatient\tn_spots\thas_image\n" + "".join(rows))
     what = f"{len(genes)} genes" if genes is not None else "no expression (sample.py takes the genes from the checkpoint)"

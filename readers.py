@@ -197,6 +197,11 @@ class RawSlice:
     overview: tuple = None             # (downscaled image, its px per full-resolution px) once computed
 
 
+def non_integer(counts):
+    """The values that are not whole numbers: raw counts are, normalised or log values are not."""
+    return counts[counts != np.round(counts)]
+
+
 def check_counts(rs):
     if rs.counts.shape[0] == 0:
         raise UserError(f"{rs.source}: slice {rs.name} has no spots; remove it or fix the file")
@@ -204,6 +209,10 @@ def check_counts(rs):
     if bad_nan or bad_neg:
         raise UserError(f"{rs.source}: {bad_nan} NaN and {bad_neg} negative counts; raw counts must be "
                         "non-negative numbers (was the matrix already normalised?)")
+    frac = non_integer(rs.counts)
+    if frac.size:                                        # write_slice takes log2(counts + 1): log values would be logged twice
+        raise UserError(f"{rs.source}: slice {rs.name} holds non-integer values (e.g. {float(frac[0]):g}); "
+                        "prepare_data.py needs raw counts, not normalised or log values")
 
 
 def fit_spacing(grid, pixel):
@@ -254,9 +263,19 @@ def read_her2st(raw, allow_unmatched):
     return slices
 
 
+def open_h5(path, expected):
+    """An HDF5 input opened for reading; another file under its name (a CSV, a saved web page) is a user error."""
+    if not h5py.is_hdf5(path):
+        raise UserError(f"{path}: not an HDF5 file; {expected} expected, replace the file")
+    return h5py.File(path, "r")
+
+
 def read_10x_h5(path):
     """Space Ranger filtered_feature_bc_matrix.h5 (CSC, genes x barcodes) -> barcodes, genes, dense counts."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "Space Ranger's filtered_feature_bc_matrix.h5") as f:
+        if "matrix" not in f:
+            raise UserError(f"{path}: no 'matrix' group (found {', '.join(f) or 'nothing'}); "
+                            "Space Ranger's filtered_feature_bc_matrix.h5 expected, replace the file")
         m = f["matrix"]
         shape = tuple(m["shape"][()])
         from scipy.sparse import csc_matrix
@@ -271,6 +290,23 @@ def read_10x_h5(path):
         first.setdefault(g, i)
     rows = sorted(first.values())
     return barcodes, [genes[i] for i in rows], X[:, [keep[i] for i in rows]].toarray().astype(np.float32)
+
+
+POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+
+
+def read_positions(path):
+    """Space Ranger spot positions indexed by barcode. tissue_positions.csv has a header row and the older
+    tissue_positions_list.csv has none, but users rename one to the other: a header is told by its naming `barcode`."""
+    first = pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0].fillna("").str.strip().tolist()
+    pos = pd.read_csv(path) if "barcode" in first else pd.read_csv(path, header=None)
+    if "barcode" not in first and pos.shape[1] == len(POSITION_COLUMNS):
+        pos.columns = POSITION_COLUMNS
+    numeric = POSITION_COLUMNS[2:]
+    if "barcode" not in pos or not all(c in pos and pd.api.types.is_numeric_dtype(pos[c]) for c in numeric):
+        raise UserError(f"{path}: expected the columns {', '.join(POSITION_COLUMNS)} (with or without a header row), "
+                        f"found {pos.shape[1]} columns, first row {','.join(first)}; use Space Ranger's file")
+    return pos.set_index("barcode")
 
 
 def read_visium(raw, allow_unmatched, image=None):
@@ -290,17 +326,13 @@ def read_visium(raw, allow_unmatched, image=None):
             raise UserError(f"{h5}: missing; Space Ranger writes it in outs/")
         barcodes, genes, X = read_10x_h5(h5)
         pos_new, pos_old = os.path.join(out, "spatial", "tissue_positions.csv"), os.path.join(out, "spatial", "tissue_positions_list.csv")
-        cols = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
-        if os.path.isfile(pos_new):
-            pos = pd.read_csv(pos_new)
-        elif os.path.isfile(pos_old):
-            pos = pd.read_csv(pos_old, header=None, names=cols)
-        else:
+        pos_path = pos_new if os.path.isfile(pos_new) else pos_old
+        if not os.path.isfile(pos_path):
             raise UserError(f"{pos_new}: missing (nor tissue_positions_list.csv); Space Ranger writes it in outs/spatial/")
-        pos = pos.set_index("barcode")
+        pos = read_positions(pos_path)
         matched = np.array([b in pos.index for b in barcodes])
         if (~matched).sum() and not allow_unmatched:
-            raise UserError(f"{pos_new}: {(~matched).sum()} of {len(barcodes)} barcodes of {h5} have no position; "
+            raise UserError(f"{pos_path}: {(~matched).sum()} of {len(barcodes)} barcodes of {h5} have no position; "
                             "pass --allow-unmatched to drop them")
         barcodes = [b for b, m in zip(barcodes, matched) if m]
         p = pos.loc[barcodes]
@@ -335,6 +367,19 @@ def _h5ad_matrix(node):
     return cls((node["data"][()], node["indices"][()], node["indptr"][()]), shape=tuple(node.attrs["shape"])).toarray().astype(np.float32)
 
 
+def _h5ad_counts(f, path):
+    """X with its genes, or, when X is not integer (normalised or log values), the raw counts AnnData
+    keeps beside it in layers/counts (genes of var) or raw/X (genes of raw/var)."""
+    X, genes = _h5ad_matrix(f["X"]), _h5ad_index(f["var"])
+    if not non_integer(X).size:
+        return X, genes
+    for key, var in (("layers/counts", "var"), ("raw/X", "raw/var")):
+        if key in f:
+            print(f"{path}: X is not integer (normalised?); using the raw counts in {key}")
+            return _h5ad_matrix(f[key]), _h5ad_index(f[var])
+    return X, genes                                      # check_counts refuses it
+
+
 def read_hest(raw, allow_unmatched):
     """HEST-1k: st/<id>.h5ad (read with h5py) + patches/<id>.h5 (joined by barcode) or wsis/<id>.tif."""
     ids = sorted(os.path.basename(p)[:-len(".h5ad")] for p in glob.glob(os.path.join(raw, "st", "*.h5ad")))
@@ -343,9 +388,9 @@ def read_hest(raw, allow_unmatched):
     slices = []
     for sid in tqdm(ids, desc="read hest", unit="slice"):
         path = os.path.join(raw, "st", f"{sid}.h5ad")
-        with h5py.File(path, "r") as f:
-            X = _h5ad_matrix(f["X"])
-            genes, barcodes = _h5ad_index(f["var"]), _h5ad_index(f["obs"])
+        with open_h5(path, "an AnnData .h5ad") as f:
+            X, genes = _h5ad_counts(f, path)
+            barcodes = _h5ad_index(f["obs"])
             spatial = f["obsm/spatial"][()].astype(np.float32)
             obs = f["obs"]
             array = np.stack([obs["array_col"][()], obs["array_row"][()]], 1).astype(np.int32) \

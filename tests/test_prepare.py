@@ -163,6 +163,19 @@ def test_missing_image(tmp_path):
     assert_nothing_written(tmp_path / "out")
 
 
+def test_slice_without_image_folder_is_written_with_one_warning(tmp_path):
+    raw = make_her2st(tmp_path / "raw")
+    shutil.rmtree(raw / "ST-imgs" / "A" / "A3")
+    p = prepare_small(raw, tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+    warnings = [line for line in p.stderr.splitlines() if "warning" in line]
+    assert warnings == ["warning: 1 of 3 slices have no H&E image (A3): they serve gene selection and pre-training only"]
+    with h5py.File(tmp_path / "out" / "slices" / "A3.h5", "r") as f:
+        assert "img" not in f and len(f["barcode"]) == 30
+    with h5py.File(tmp_path / "out" / "slices" / "A1.h5", "r") as f:
+        assert "img" in f
+
+
 def test_unmatched_spots_need_allow_unmatched(tmp_path):
     raw = make_her2st(tmp_path / "raw")
     spots = pd.read_csv(raw / "ST-spotfiles" / "A1_selection.tsv", sep="\t")
@@ -213,6 +226,15 @@ def test_nan_or_negative_counts(tmp_path, value):
     df.to_csv(raw / "ST-cnts" / "A1.tsv.gz", sep="\t")
     p = prepare_small(raw, tmp_path / "out")
     assert_user_error(p, "A1.tsv.gz", "NaN" if value == "nan" else "1 negative")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_log_values_are_refused(tmp_path):
+    raw = make_her2st(tmp_path / "raw")
+    df = pd.read_csv(raw / "ST-cnts" / "A1.tsv.gz", sep="\t", index_col=0)
+    np.log1p(df).to_csv(raw / "ST-cnts" / "A1.tsv.gz", sep="\t")
+    p = prepare_small(raw, tmp_path / "out")
+    assert_user_error(p, "A1.tsv.gz", "slice A1", "non-integer", "raw counts")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -284,13 +306,65 @@ def test_visium_both_position_formats(tmp_path):
             assert f.attrs["pixel_size_um"] == pytest.approx(55 / 89.4)
 
 
-def write_h5ad(path, X, genes, barcodes, xy, diameter):
+def small_visium(outs, new_positions=True):
+    rng = np.random.default_rng(0)
+    genes, bcs = [f"G{i}" for i in range(30)], [f"AAAC{i:04d}-1" for i in range(20)]
+    counts = rng.poisson(5, (20, 30)).astype(np.float32)
+    write_visium(outs, bcs, genes, counts, rng.uniform(50, 350, (20, 2)).round(1), new_positions)
+
+
+def prepare_visium(raw, out):
+    return run_script("prepare_data.py", "--dataset", "visium", "--raw", raw, "--out", out, "--n-top", 30, check=False)
+
+
+def test_visium_headerless_tissue_positions_csv(tmp_path):
+    for name in ("headed", "headerless"):
+        small_visium(tmp_path / "raw" / name / "outs")
+    pos = tmp_path / "raw" / "headerless" / "outs" / "spatial" / "tissue_positions.csv"
+    pos.write_text(pos.read_text().split("\n", 1)[1])  # a renamed tissue_positions_list.csv
+    p = prepare_visium(tmp_path / "raw", tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+    with h5py.File(tmp_path / "out" / "slices" / "headed.h5", "r") as a, \
+            h5py.File(tmp_path / "out" / "slices" / "headerless.h5", "r") as b:
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k][()], b[k][()])
+
+
+@pytest.mark.parametrize("text", ["barcode,x,y\nAAAC0000-1,1,2\n", "AAAC0000-1,1,2\n"])
+def test_visium_positions_with_wrong_columns(tmp_path, text):
+    small_visium(tmp_path / "raw" / "outs")
+    (tmp_path / "raw" / "outs" / "spatial" / "tissue_positions.csv").write_text(text)
+    p = prepare_visium(tmp_path / "raw", tmp_path / "out")
+    assert_user_error(p, "tissue_positions.csv", "array_row", "pxl_col_in_fullres")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("content", ["text", "no matrix group"])
+def test_visium_matrix_that_is_not_space_ranger_h5(tmp_path, content):
+    small_visium(tmp_path / "raw" / "outs")
+    h5 = tmp_path / "raw" / "outs" / "filtered_feature_bc_matrix.h5"
+    if content == "text":
+        h5.write_text("barcode,G0\nAAAC0000-1,3\n")
+    else:
+        with h5py.File(h5, "w") as f:
+            f.create_group("GRCh38")                     # pre-3.0 Space Ranger: one group per genome
+    p = prepare_visium(tmp_path / "raw", tmp_path / "out")
+    assert_user_error(p, "filtered_feature_bc_matrix.h5", "not an HDF5 file" if content == "text" else "'matrix' group")
+    assert_nothing_written(tmp_path / "out")
+
+
+def write_csr(f, key, X):
     from scipy.sparse import csr_matrix
     m = csr_matrix(X)
+    g = f.create_group(key)
+    g.attrs["encoding-type"], g.attrs["shape"] = "csr_matrix", np.array(X.shape)
+    g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+
+
+def write_h5ad(path, X, genes, barcodes, xy, diameter):
     with h5py.File(path, "w") as f:
-        g = f.create_group("X")
-        g.attrs["encoding-type"], g.attrs["shape"] = "csr_matrix", np.array(X.shape)
-        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+        write_csr(f, "X", X)
         f.create_group("var").attrs["_index"] = "_index"
         f["var/_index"] = np.array([s.encode() for s in genes])
         f.create_group("obs").attrs["_index"] = "_index"
@@ -333,3 +407,42 @@ def test_hest_patches_and_tiled_wsi(tmp_path):
         native[max(-ya, 0):max(-ya, 0) + sub.shape[0], max(-xa, 0):max(-xa, 0) + sub.shape[1]] = sub
         expect = np.asarray(Image.fromarray(native).resize((224, 224), Image.LANCZOS))
         np.testing.assert_array_equal(f["img"][5], expect)
+
+
+def prepare_hest(raw, out):
+    return run_script("prepare_data.py", "--dataset", "hest", "--raw", raw, "--out", out, "--n-top", 25, check=False)
+
+
+def test_hest_h5ad_that_is_not_hdf5(tmp_path):
+    os.makedirs(tmp_path / "raw" / "st")
+    (tmp_path / "raw" / "st" / "TENX1.h5ad").write_text("barcode,G0\nB0,3\n")
+    p = prepare_hest(tmp_path / "raw", tmp_path / "out")
+    assert_user_error(p, "TENX1.h5ad", "not an HDF5 file", "AnnData")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("key", ["layers/counts", "raw/X", None])
+def test_hest_log_normalised_x_falls_back_to_raw_counts(tmp_path, key):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "raw" / "st" / "TENX1.h5ad"
+    os.makedirs(path.parent)
+    genes, bcs = [f"G{i}" for i in range(25)], [f"B{i}" for i in range(12)]
+    counts = rng.poisson(4, (12, 25)).astype(np.float32)
+    write_h5ad(path, np.log1p(counts / counts.sum(1, keepdims=True) * 1e4), genes, bcs, rng.uniform(120, 900, (12, 2)), 150.0)
+    with h5py.File(path, "a") as f:
+        if key == "layers/counts":
+            write_csr(f, key, counts)
+        elif key == "raw/X":                             # raw keeps its own genes, here in reverse order
+            write_csr(f, key, counts[:, ::-1])
+            f.create_group("raw/var").attrs["_index"] = "_index"
+            f["raw/var/_index"] = np.array([s.encode() for s in genes[::-1]])
+    p = prepare_hest(tmp_path / "raw", tmp_path / "out")
+    if key is None:
+        assert_user_error(p, "TENX1.h5ad", "slice TENX1", "non-integer", "raw counts")
+        assert_nothing_written(tmp_path / "out")
+        return
+    assert p.returncode == 0, p.stderr
+    assert key in p.stdout
+    with h5py.File(tmp_path / "out" / "slices" / "TENX1.h5", "r") as f:
+        cols = [int(g[1:]) for g in decode(f["genes"])]
+        np.testing.assert_array_equal(f["counts"][()], counts[:, cols])
