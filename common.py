@@ -175,3 +175,50 @@ def split_validation(n, frac=0.1, seed=42):
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(frac * n)))
     return perm[n_val:], perm[:n_val]
+
+
+def spot_diameter(s, pixel):
+    """Spot diameter in full-resolution px: the slice's own, else half the nearest-neighbour spacing."""
+    if "spot_diameter_px" in s.attrs:
+        return float(s.attrs["spot_diameter_px"])
+    from scipy.spatial import cKDTree
+    return float(np.median(cKDTree(pixel).query(pixel, k=2)[0][:, 1]) / 2) if len(pixel) > 1 else 1.0
+
+
+def write_anndata(pred_path, data_dir):
+    """<pred>.h5ad beside a prediction file, laid out as scanpy's Visium reader lays out a slide, so
+    that `scanpy.pl.spatial(adata, color=GENE)` draws the prediction over the H&E with no argument:
+    X = predicted log2(count + 1), layers 'std' (spread over the samples) and 'truth' (when the
+    slice has expression), obsm 'spatial' = full-resolution pixel (x, y), uns['spatial'][slice] =
+    the thumbnail as the 'hires' image with its scalefactors."""
+    import anndata
+    import pandas as pd
+    name = os.path.basename(pred_path)[:-len(".h5")]
+    with h5py.File(pred_path, "r") as f:
+        pred, genes, barcodes = f["pred"][()], decode(f["genes"]), decode(f["barcode"])
+        std = f["std"][()] if "std" in f else None
+        info = {k: v.item() if hasattr(v, "item") else v for k, v in f.attrs.items()}
+    with h5py.File(existing_slice(data_dir, name), "r") as s:
+        array = s["array"][()]
+        pixel = s["pixel"][()] if "pixel" in s else array.astype(np.float32)
+        truth = s["expr"][()] if "expr" in s and decode(s["genes"]) == genes else None
+        spatial = {"scalefactors": {"spot_diameter_fullres": spot_diameter(s, pixel)},
+                   "metadata": {"source": str(s.attrs.get("source", ""))}}
+        if "thumbnail" in s:
+            spatial["images"] = {"hires": s["thumbnail"][()]}
+            spatial["scalefactors"]["tissue_hires_scalef"] = float(s["thumbnail"].attrs["scale"])
+        if "pixel_size_um" in s.attrs:
+            spatial["metadata"]["pixel_size_um"] = float(s.attrs["pixel_size_um"])
+    obs = pd.DataFrame({"in_tissue": 1, "array_row": array[:, 1], "array_col": array[:, 0]}, index=barcodes)
+    ad = anndata.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=genes))
+    if std is not None:
+        ad.layers["std"] = std
+    if truth is not None:
+        ad.layers["truth"] = truth
+    ad.obsm["spatial"] = pixel.astype(np.float64)
+    ad.uns["spatial"] = {name: spatial}
+    ad.uns["expression_units"] = "log2(count + 1)"  # the training target of the paper (and Stem)
+    ad.uns["prediction"] = info
+    with atomic_path(pred_path + "ad") as tmp:
+        ad.write_h5ad(tmp)
+    return pred_path + "ad"

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from common import UserError, atomic_path, decode, read_slice, run, write_text
+from common import UserError, atomic_path, decode, existing_slice, read_slice, run, spot_diameter, write_text
 
 METRICS = ["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "RVD", "SSIM"]
 
@@ -96,10 +96,24 @@ def load_pair(pred_path, data):
     return name, s["expr"], pred, s["array"], genes, attrs, steps
 
 
-def evaluate_dir(pred_dir, data):
+def has_truth(path, data):
+    with h5py.File(existing_slice(data, os.path.basename(path)[:-3]), "r") as s:
+        return "expr" in s
+
+
+def prediction_files(pred_dir, data):
+    """The prediction files of a folder -> (those whose slice has measured expression, those without)."""
     files = sorted(glob.glob(os.path.join(pred_dir, "*.h5")))
     if not files:
         raise UserError(f"{pred_dir}: no prediction files (*.h5); run sample.py first")
+    truth = [p for p in files if has_truth(p, data)]
+    return truth, [p for p in files if p not in truth]
+
+
+def evaluate_dir(pred_dir, data):
+    files = prediction_files(pred_dir, data)[0]
+    if not files:
+        return None, None, []
     rows, per_gene, pairs = [], [], []
     for path in files:
         name, truth, pred, array, genes, attrs, steps = load_pair(path, data)
@@ -148,6 +162,39 @@ def fig_marker_maps(path, name, truth, pred, array, genes, markers):
                              label="log2(count + 1)" if k == 1 else None)
     fig.suptitle(f"{name}: marker genes; truth and prediction share each gene's colour scale", fontsize=10)
     fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def fig_predicted_maps(path, pred_path, data, markers):
+    """A slide without measured expression: each marker's prediction and its uncertainty (std over
+    the samples) drawn over the H&E thumbnail, spots at their true size."""
+    import matplotlib.pyplot as plt
+    name = os.path.basename(pred_path)[:-3]
+    with h5py.File(pred_path, "r") as f:
+        pred, genes = f["pred"][()], decode(f["genes"])
+        std = f["std"][()] if "std" in f else None
+    with h5py.File(existing_slice(data, name), "r") as s:
+        thumb = s["thumbnail"][()] if "thumbnail" in s else None
+        scale = float(s["thumbnail"].attrs["scale"]) if thumb is not None else 1.0
+        xy = (s["pixel"][()] if "pixel" in s else s["array"][()].astype(np.float32)) * scale
+        diam = spot_diameter(s, xy / scale) * scale
+    lo, hi = xy.min(0) - 2 * diam, xy.max(0) + 2 * diam  # the tissue's bounding box, a spot or two around it
+    cols = [("predicted", pred, "viridis")] + ([("uncertainty (std over samples)", std, "magma")] if std is not None else [])
+    fig, axes = plt.subplots(len(markers), len(cols), figsize=(5.2 * len(cols), 4.6 * len(markers)), squeeze=False,
+                             layout="constrained")
+    for i, g in enumerate(markers):
+        j = genes.index(g)
+        for k, (what, values, cmap) in enumerate(cols):
+            ax = axes[i, k]
+            if thumb is not None:
+                ax.imshow(thumb)
+            ax.set_xlim(lo[0], hi[0]); ax.set_ylim(hi[1], lo[1])
+            fig.canvas.draw()                            # the axes' size in points sets the spot size below
+            pts = ax.get_window_extent().width * 72 / fig.dpi / (hi[0] - lo[0])
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, j], s=(diam * pts) ** 2, cmap=cmap, alpha=0.85, lw=0)
+            ax.set_title(f"{g}: {what}", fontsize=10); ax.set_xticks([]); ax.set_yticks([])
+            fig.colorbar(sc, ax=ax, shrink=0.8, label="log2(count + 1)")
+    fig.suptitle(f"{name}: predicted expression over the H&E (no measured expression to compare with)", fontsize=11)
+    fig.savefig(path, dpi=100); plt.close(fig)
 
 
 def fig_ssim(path, per_gene, markers):
@@ -244,9 +291,37 @@ def main():
     if not (a.pred and a.data):
         raise UserError("give --pred and --data (or --compare EVAL_DIR ...)")
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.pred)), "eval")
+    import matplotlib
+    matplotlib.use("Agg")
+    os.makedirs(out, exist_ok=True)
+    blind = prediction_files(a.pred, a.data)[1]
+    if len(blind) < len(glob.glob(os.path.join(a.pred, "*.h5"))):
+        score(a, out)
+    if blind:
+        print(f"{len(blind)} slice(s) without measured expression ({', '.join(os.path.basename(p)[:-3] for p in blind)}): "
+              "no metrics for them, only maps of the prediction")
+        draw_blind(a, out, blind)
+
+
+def draw_blind(a, out, blind):
+    """Predicted maps over the H&E for slides without spatial data; markers: --markers, else the
+    genes whose prediction varies most across spots."""
+    paths = []
+    for p in blind:
+        with h5py.File(p, "r") as f:
+            genes, var = decode(f["genes"]), f["pred"][()].var(0)
+        markers = a.markers.split(",") if a.markers else [genes[i] for i in np.argsort(-var)[:4]]
+        if unknown := [m for m in markers if m not in genes]:
+            raise UserError(f"--markers {', '.join(unknown)}: not among the {len(genes)} predicted genes")
+        paths.append(os.path.join(out, f"predicted_{os.path.basename(p)[:-3]}.png"))
+        fig_predicted_maps(paths[-1], p, a.data, markers)
+    print("figures: " + ", ".join(paths))
+
+
+def score(a, out):
+    """Metrics, tables and figures for the slices with measured expression."""
     df, per_gene, pairs = evaluate_dir(a.pred, a.data)
     summary = summarise(df)
-    os.makedirs(out, exist_ok=True)
     for fname, frame in [("metrics.csv", pd.concat([df, pd.DataFrame([{"slice": "mean", **{k: v["mean"] for k, v in summary.items()}},
                                                                        {"slice": "std", **{k: v["std"] for k, v in summary.items()}}])])),
                          ("per_gene.csv", per_gene)]:
@@ -263,8 +338,6 @@ def main():
         {"label": a.label or a.pred, "metrics": summary, "n_slices": len(df), "excluded_genes": int(df["n_excluded"].sum()),
          "K_sweep": {str(k): v for k, v in sorted(sweep.items())}}, indent=1) + "\n")
 
-    import matplotlib
-    matplotlib.use("Agg")
     name, truth, pred, array, genes, steps = pairs[0]
     markers = a.markers.split(",") if a.markers else [genes[i] for i in np.argsort(-truth.var(0))[:4]]
     if unknown := [m for m in markers if m not in genes]:

@@ -1,10 +1,16 @@
-"""Stage 4: generate expression for held-out slices with a step budget K (DESIGN.md §3).
+"""Stage 4: generate expression for slices with a step budget K (the paper's sampler, Sec. 3).
 
     python sample.py --run runs/demo1 --data data/demo --steps 5 --samples 5
+    python sample.py --run runs/demo1 --data data/slides --slices my_slide      # a slide without spatial data
+    torchrun --nproc_per_node 4 sample.py --run ... --data ...                   # spots shared between processes
 
-Writes <run>/pred/<slice>.h5: `pred` [N, G] (mean over samples), `barcode`, `genes`, and on
-request `samples` float16 [S, N, G] and `steps` [R, N, G] (x̂0 at the recorded steps).
-Spots are processed in batches and streamed to disk, so memory does not grow with N.
+Writes <run>/pred/<slice>.h5: `pred` [N, G] (mean over the S samples), `std` [N, G] (their spread,
+the prediction's uncertainty), `barcode`, `genes`, and on request `samples` float16 [S, N, G] and
+`steps` [R, N, G] (x̂0 at the recorded steps); beside it <slice>.h5ad, the same prediction as an
+AnnData file that scanpy and squidpy open (`scanpy.pl.spatial(adata, color=GENE)`).
+Slices need features, not expression: genes come from the checkpoint. Spots are processed in
+batches and streamed to disk, so memory does not grow with N. Each batch draws its randomness
+from (--seed, its first row), so the output is the same for any number of processes.
 """
 import argparse
 import os
@@ -13,10 +19,11 @@ import time
 import h5py
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import Features, UserError, atomic_h5, read_slice, run, str_array
+from common import Features, UserError, atomic_h5, existing_slice, read_slice, run, str_array, write_anndata
 
 
 def load_run(path, device):
@@ -41,6 +48,69 @@ def parse_record(spec, K):
     return tuple(steps)
 
 
+def check_slice(data, name, ck, feats, hist_dim):
+    """The slice's genes (when it has any) and features must be the checkpoint's."""
+    with h5py.File(existing_slice(data, name), "r") as f:
+        genes = [g.decode() for g in f["genes"][()]] if "genes" in f else None
+    if genes is not None and genes != ck["genes"]:
+        raise UserError(f"slice {name} of {data} has other genes than the checkpoint's {len(ck['genes'])}; "
+                        "prepare the data with the same gene selection as training")
+    if feats.dim != hist_dim:
+        raise UserError(f"features {'+'.join(ck['features'])} of slice {name} have dimension {feats.dim}, but the "
+                        f"checkpoint expects {hist_dim}; extract the same encoders as in training")
+
+
+def sample_batches(f, starts, net, diffusion, feats, ck, a, dev, record):
+    """Generate the batches beginning at `starts` into the open prediction file f (other rows stay empty)."""
+    mu, sd = torch.from_numpy(ck["feat_mean"]).to(dev), torch.from_numpy(ck["feat_std"]).to(dev)
+    for b in tqdm(starts, desc=f"sample {os.path.basename(f.filename).split('.')[0]}", unit="batch"):
+        gen = torch.Generator(dev).manual_seed(a.seed * 1_000_003 + b)  # per batch: independent of the process split
+        h = (torch.from_numpy(feats.read(b, b + a.batch_size)).to(dev) - mu) / sd
+        with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
+            mean, smp, rec = M.generate(net, diffusion, h, a.steps, a.samples, gen, record)
+        f["pred"][b:b + len(h)] = mean.cpu().numpy()
+        f["std"][b:b + len(h)] = smp.std(0, correction=1 if a.samples > 1 else 0).cpu().numpy()
+        if a.save_samples:
+            f["samples"][:, b:b + len(h)] = smp.cpu().numpy().astype(np.float16)
+        for i, k in enumerate(record):
+            f["steps"][i, b:b + len(h)] = rec[k].cpu().numpy()
+
+
+def create_outputs(f, N, G, a, record):
+    rows = min(a.batch_size, N)                          # one chunk per batch: a batch is one write
+    f.create_dataset("pred", (N, G), np.float32, chunks=(rows, G))
+    f.create_dataset("std", (N, G), np.float32, chunks=(rows, G))
+    if a.save_samples:
+        f.create_dataset("samples", (a.samples, N, G), np.float16, chunks=(1, rows, G))
+    if record:
+        f.create_dataset("steps", (len(record), N, G), np.float32, chunks=(1, rows, G))
+
+
+def merge_parts(f, parts, starts, batch_size):
+    """Copy each batch from the process that generated it (batch i: process i mod world)."""
+    srcs = [h5py.File(p, "r") for p in parts]
+    for i, b in enumerate(starts):
+        src = srcs[i % len(srcs)]
+        for key in ("pred", "std"):
+            f[key][b:b + batch_size] = src[key][b:b + batch_size]
+        for key in ("samples", "steps"):
+            if key in src:
+                f[key][:, b:b + batch_size] = src[key][:, b:b + batch_size]
+    for s in srcs:
+        s.close()
+
+
+def finish(f, name, a, ck, diffusion, record, N, t0):
+    """Spot ids, genes and the run's settings, once every row is written."""
+    secs = time.time() - t0
+    f["barcode"], f["genes"] = read_slice(a.data, name, ("barcode",))["barcode"], str_array(ck["genes"])
+    if record:
+        f["recorded_steps"] = np.array(record, np.int32)
+        f["recorded_t"] = np.array([M.step_times(diffusion.T, a.steps)[k] for k in record], np.int32)
+    f.attrs.update(K=a.steps, T=diffusion.T, n_samples=a.samples, seed=a.seed, seconds=secs, spots_per_s=N / secs,
+                   checkpoint=os.path.abspath(os.path.join(a.run, a.checkpoint)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder of train.py")
@@ -48,19 +118,27 @@ def main():
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in --run (default best.pt)")
     p.add_argument("--slices", help="slices to generate (comma-separated; default the run's test slice)")
     p.add_argument("--steps", type=int, default=5, help="step budget K, 1..T (default 5)")
-    p.add_argument("--samples", type=int, default=5, help="samples per spot, averaged (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=5, help="samples per spot: their mean is the prediction, their "
+                                                          "spread its uncertainty (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the gene orders and fill noise (default 0)")
     p.add_argument("--record-steps", help="store x̂0 at these step indices (comma-separated, or 'all')")
     p.add_argument("--save-samples", action="store_true", help="also store every sample (float16)")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="spots per batch (default 32: on CPU larger batches fall out of cache and run slower; raise it on a GPU)")
+    p.add_argument("--batch-size", type=int,
+                   help="spots per batch (default 32 on CPU, where larger batches fall out of cache and run slower; "
+                        "256 on a GPU)")
     p.add_argument("--out", help="prediction folder (default <run>/pred)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs; slow on CPUs without bf16 units)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
     a = p.parse_args()
 
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+        if a.device.startswith("cuda"):
+            a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dev = torch.device(a.device)
+    a.batch_size = a.batch_size or (256 if dev.type == "cuda" else 32)
     net, diffusion, ck = load_run(os.path.join(a.run, a.checkpoint), dev)
     if not 1 <= a.steps <= diffusion.T:
         raise UserError(f"--steps {a.steps}: the step budget K must be between 1 and T={diffusion.T}")
@@ -70,43 +148,41 @@ def main():
     out_dir = a.out or os.path.join(a.run, "pred")
     names = a.slices.split(",") if a.slices else [ck["test_slice"]]
     G = net.cfg.n_genes
-    mu, sd = torch.from_numpy(ck["feat_mean"]).to(dev), torch.from_numpy(ck["feat_std"]).to(dev)
-    gen = torch.Generator(dev).manual_seed(a.seed)
     for name in names:
         dst = os.path.join(out_dir, f"{name}.h5")
         if os.path.isfile(dst) and not a.overwrite:
             raise UserError(f"{dst} exists; pass --overwrite to replace it or choose another --out")
-        s = read_slice(a.data, name, ("genes", "barcode"))
-        if [g.decode() for g in s["genes"]] != ck["genes"]:
-            raise UserError(f"slice {name} of {a.data} has other genes than the checkpoint's {len(ck['genes'])}; "
-                            "prepare the data with the same gene selection as training")
         feats = Features(a.data, ck["features"], name)
-        if feats.dim != net.cfg.hist_dim:
-            raise UserError(f"features {'+'.join(ck['features'])} of slice {name} have dimension {feats.dim}, but the "
-                            f"checkpoint expects {net.cfg.hist_dim}; extract the same encoders as in training")
+        check_slice(a.data, name, ck, feats, net.cfg.hist_dim)
         N, t0 = feats.n, time.time()
-        with atomic_h5(dst) as f:
-            pred = f.create_dataset("pred", (N, G), np.float32)
-            samples = f.create_dataset("samples", (a.samples, N, G), np.float16) if a.save_samples else None
-            steps = f.create_dataset("steps", (len(record), N, G), np.float32) if record else None
-            for b in tqdm(range(0, N, a.batch_size), desc=f"sample {name}", unit="batch"):
-                h = (torch.from_numpy(feats.read(b, b + a.batch_size)).to(dev) - mu) / sd
-                with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
-                    mean, smp, rec = M.generate(net, diffusion, h, a.steps, a.samples, gen, record)
-                pred[b:b + len(h)] = mean.cpu().numpy()
-                if samples is not None:
-                    samples[:, b:b + len(h)] = smp.cpu().numpy().astype(np.float16)
-                for i, k in enumerate(record):
-                    steps[i, b:b + len(h)] = rec[k].cpu().numpy()
-            secs = time.time() - t0
-            f["barcode"], f["genes"] = s["barcode"], str_array(ck["genes"])
-            if record:
-                f["recorded_steps"] = np.array(record, np.int32)
-                f["recorded_t"] = np.array([M.step_times(diffusion.T, a.steps)[k] for k in record], np.int32)
-            f.attrs.update(K=a.steps, T=diffusion.T, n_samples=a.samples, seed=a.seed, seconds=secs,
-                           spots_per_s=N / secs, checkpoint=os.path.abspath(os.path.join(a.run, a.checkpoint)))
+        starts = list(range(0, N, a.batch_size))
+        if world == 1:
+            with atomic_h5(dst) as f:
+                create_outputs(f, N, G, a, record)
+                sample_batches(f, starts, net, diffusion, feats, ck, a, dev, record)
+                finish(f, name, a, ck, diffusion, record, N, t0)
+        else:
+            part = f"{dst}.part{rank}"
+            with h5py.File(part, "w") as f:              # this process's batches; the other rows stay unwritten
+                create_outputs(f, N, G, a, record)
+                sample_batches(f, starts[rank::world], net, diffusion, feats, ck, a, dev, record)
+            dist.barrier()
+            if rank == 0:
+                with atomic_h5(dst) as f:
+                    create_outputs(f, N, G, a, record)
+                    merge_parts(f, [f"{dst}.part{r}" for r in range(world)], starts, a.batch_size)
+                    finish(f, name, a, ck, diffusion, record, N, t0)
+                for r in range(world):
+                    os.remove(f"{dst}.part{r}")
+            dist.barrier()
         feats.close()
-        print(f"{name}: {N} spots in {secs:.1f}s ({N / secs:.0f} spots/s, K={a.steps}, S={a.samples}) -> {dst}")
+        if rank == 0:
+            write_anndata(dst, a.data)
+            secs = time.time() - t0
+            print(f"{name}: {N} spots in {secs:.1f}s ({N / secs:.0f} spots/s, K={a.steps}, S={a.samples}"
+                  f"{f', {world} processes' if world > 1 else ''}) -> {dst}, {dst}ad")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
