@@ -190,18 +190,15 @@ def write_anndata(pred_path, data_dir):
     that `scanpy.pl.spatial(adata, color=GENE)` draws the prediction over the H&E with no argument:
     X = predicted log2(count + 1), layers 'std' (spread over the samples) and 'truth' (when the
     slice has expression), obsm 'spatial' = full-resolution pixel (x, y), uns['spatial'][slice] =
-    the thumbnail as the 'hires' image with its scalefactors."""
+    the thumbnail as the 'hires' image with its scalefactors. anndata writes the file; the [N, G]
+    matrices are then copied in block by block, so memory does not grow with the number of spots."""
     import anndata
     import pandas as pd
     name = os.path.basename(pred_path)[:-len(".h5")]
-    with h5py.File(pred_path, "r") as f:
-        pred, genes, barcodes = f["pred"][()], decode(f["genes"]), decode(f["barcode"])
-        std = f["std"][()] if "std" in f else None
-        info = {k: v.item() if hasattr(v, "item") else v for k, v in f.attrs.items()}
-    with h5py.File(existing_slice(data_dir, name), "r") as s:
+    with h5py.File(pred_path, "r") as f, h5py.File(existing_slice(data_dir, name), "r") as s:
+        genes, barcodes = decode(f["genes"]), decode(f["barcode"])
         array = s["array"][()]
         pixel = s["pixel"][()] if "pixel" in s else array.astype(np.float32)
-        truth = s["expr"][()] if "expr" in s and decode(s["genes"]) == genes else None
         spatial = {"scalefactors": {"spot_diameter_fullres": spot_diameter(s, pixel)},
                    "metadata": {"source": str(s.attrs.get("source", ""))}}
         if "thumbnail" in s:
@@ -209,16 +206,28 @@ def write_anndata(pred_path, data_dir):
             spatial["scalefactors"]["tissue_hires_scalef"] = float(s["thumbnail"].attrs["scale"])
         if "pixel_size_um" in s.attrs:
             spatial["metadata"]["pixel_size_um"] = float(s.attrs["pixel_size_um"])
-    obs = pd.DataFrame({"in_tissue": 1, "array_row": array[:, 1], "array_col": array[:, 0]}, index=barcodes)
-    ad = anndata.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=genes))
-    if std is not None:
-        ad.layers["std"] = std
-    if truth is not None:
-        ad.layers["truth"] = truth
-    ad.obsm["spatial"] = pixel.astype(np.float64)
-    ad.uns["spatial"] = {name: spatial}
-    ad.uns["expression_units"] = "log2(count + 1)"  # the training target of the paper (and Stem)
-    ad.uns["prediction"] = info
-    with atomic_path(pred_path + "ad") as tmp:
-        ad.write_h5ad(tmp)
+        obs = pd.DataFrame({"in_tissue": 1, "array_row": array[:, 1], "array_col": array[:, 0]}, index=barcodes)
+        ad = anndata.AnnData(obs=obs, var=pd.DataFrame(index=genes))
+        ad.obsm["spatial"] = pixel.astype(np.float64)
+        ad.uns["spatial"] = {name: spatial}
+        ad.uns["expression_units"] = "log2(count + 1)"  # the training target of the paper (and Stem)
+        ad.uns["prediction"] = {k: v.item() if hasattr(v, "item") else v for k, v in f.attrs.items()}
+        matrices = {"X": f["pred"]}
+        if "std" in f:
+            matrices["layers/std"] = f["std"]
+        if "expr" in s and decode(s["genes"]) == genes:
+            matrices["layers/truth"] = s["expr"]
+        with atomic_path(pred_path + "ad") as tmp:
+            ad.write_h5ad(tmp)
+            with h5py.File(tmp, "r+") as out:
+                for key, src in matrices.items():
+                    copy_rows(src, out, key)
     return pred_path + "ad"
+
+
+def copy_rows(src, out, key, rows=4096):
+    """A dense [N, G] matrix into an h5ad file under `key`, as anndata encodes a dense array."""
+    dst = out.create_dataset(key, src.shape, np.float32, chunks=(min(rows, src.shape[0]), src.shape[1]))
+    for s in range(0, src.shape[0], rows):
+        dst[s:s + rows] = src[s:s + rows]
+    dst.attrs["encoding-type"], dst.attrs["encoding-version"] = "array", "0.2.0"

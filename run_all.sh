@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # HINGE end to end: set up .venv, then prepare -> features -> pretrain -> train -> sample -> evaluate,
-# leave-one-slice-out over a test pool. `bash run_all.sh --help` lists the options.
+# leave-one-slice-out over a test pool; or, with --predict, a trained run applied to H&E slides that
+# have no spatial data. `bash run_all.sh --help` lists the options.
 # Re-running continues where an interrupted run stopped: finished stages and folds are skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,12 +27,22 @@ usage: bash run_all.sh [options]
   --samples S           samples per spot, averaged (default 5)
   --vocab CSV           CellFM gene_info.csv: keep vocabulary genes, store token ids (needed with --cellfm-ckpt)
   --install-only        only create or update .venv from requirements.txt
+
+Slides without spatial data (virtual spatial transcriptomics):
+  --predict SLIDES      H&E slides or folders of slides, comma-separated (.svs, .ndpi, .mrxs, .tif, .jpg, .png):
+                        predict expression on a grid of pseudo-spots with --run, write AnnData (.h5ad) files
+                        and maps, then stop (output in --out, default runs/predict)
+  --run DIR             the trained run (a train.py folder, e.g. runs/her2st/folds/C2) that --predict uses
+  --pixel-size UM       µm per pixel of the slides, when their metadata lacks it (always for .jpg/.png)
+  --spot-pitch-um UM    pseudo-spot spacing (default 100, Visium); --spot-diameter-um UM (default 55, Visium;
+                        use the diameter of the spots the run was trained on, e.g. 100 for Her2ST's ST spots)
+  --grid hex|square     pseudo-spot grid (default hex, as Visium)
   -h, --help            this help
 HELP
 }
 
 DATASET=demo RAW="" OUT="" TEST="" ENCODER=stain WEIGHTS="" CKPT="" PRESET="" EPOCHS="" PRE_EPOCHS="" LR=""
-STEPS=5 SAMPLES=5 VOCAB="" INSTALL_ONLY=0
+STEPS=5 SAMPLES=5 VOCAB="" INSTALL_ONLY=0 PREDICT="" RUN="" GRID_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) DATASET="$2"; shift 2 ;;
@@ -49,6 +60,9 @@ while [ $# -gt 0 ]; do
     --samples) SAMPLES="$2"; shift 2 ;;
     --vocab) VOCAB="$2"; shift 2 ;;
     --install-only) INSTALL_ONLY=1; shift ;;
+    --predict) PREDICT="$2"; shift 2 ;;
+    --run) RUN="$2"; shift 2 ;;
+    --pixel-size|--spot-pitch-um|--spot-diameter-um|--grid) GRID_ARGS+=("$1" "$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
   esac
@@ -65,11 +79,45 @@ fi
 [ "$INSTALL_ONLY" = 1 ] && exit 0
 PY=.venv/bin/python
 
-# CPU-sized defaults for the demo; the paper's protocol otherwise
+predict() {  # predict RUN SLIDES OUT: slides -> pseudo-spots -> features -> generated expression -> .h5ad + maps
+  local run=$1 out=$3 imgs encoders names
+  IFS=, read -ra imgs <<< "$2"
+  echo "== predict: ${imgs[*]} with $run"
+  $PY prepare_data.py --dataset image --image "${imgs[@]}" "${GRID_ARGS[@]}" --out "$out/data"
+  encoders=$($PY -c "import sys, torch; print(','.join(torch.load(sys.argv[1], map_location='cpu', weights_only=False)['features']))" "$run/best.pt")
+  features "$out/data" "$encoders"
+  names=$(awk -F'\t' 'NR > 1 {print $1}' "$out/data/slices.tsv" | paste -sd,)
+  $PY sample.py --run "$run" --data "$out/data" --slices "$names" --steps "$STEPS" --samples "$SAMPLES" --out "$out/pred" --overwrite
+  $PY evaluate.py --pred "$out/pred" --data "$out/data" --out "$out/eval"
+  echo "AnnData (open with scanpy.read_h5ad; scanpy.pl.spatial(adata, color=GENE) draws it over the H&E):"
+  ls "$out"/pred/*.h5ad
+}
+
+features() {  # features DATA ENCODERS: embed every slice with each encoder (weights from --weights, in order)
+  local enc weights i
+  IFS=, read -ra enc <<< "$2"
+  IFS=, read -ra weights <<< "$WEIGHTS"
+  for i in "${!enc[@]}"; do
+    feat=(--data "$1" --encoder "${enc[$i]}")
+    [ -n "${weights[$i]:-}" ] && feat+=(--weights "${weights[$i]}")
+    $PY extract_features.py "${feat[@]}"
+  done
+}
+
+if [ -n "$PREDICT" ]; then
+  [ -n "$RUN" ] && [ -f "$RUN/best.pt" ] || { echo "error: --predict needs --run DIR, a train.py run folder with best.pt (got '${RUN}')" >&2; exit 2; }
+  predict "$RUN" "$PREDICT" "${OUT:-runs/predict}"
+  exit 0
+fi
+
+# Defaults: the demo sized for minutes on a CPU; real data with the paper's protocol on a GPU, and on
+# a CPU the budget of bench/quality.sh (10 epochs at lr 1e-3: the paper's 50 at 1e-4 take hours there)
 if [ "$DATASET" = demo ]; then
-  PRESET=${PRESET:-tiny} EPOCHS=${EPOCHS:-30} PRE_EPOCHS=${PRE_EPOCHS:-20} LR=${LR:-3e-3}
+  PRESET=${PRESET:-tiny} EPOCHS=${EPOCHS:-30} PRE_EPOCHS=${PRE_EPOCHS:-20} LR=${LR:-3e-3} TEST=${TEST:-demo1,demo2}
+elif $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  PRESET=${PRESET:-small} EPOCHS=${EPOCHS:-50} PRE_EPOCHS=${PRE_EPOCHS:-10} LR=${LR:-1e-4}
 else
-  PRESET=${PRESET:-small} EPOCHS=${EPOCHS:-50} PRE_EPOCHS=${PRE_EPOCHS:-2} LR=${LR:-1e-4}
+  PRESET=${PRESET:-small} EPOCHS=${EPOCHS:-10} PRE_EPOCHS=${PRE_EPOCHS:-2} LR=${LR:-1e-3}
 fi
 OUT=${OUT:-runs/$DATASET}
 DATA=$OUT/data
@@ -81,13 +129,7 @@ prep=(--dataset "$DATASET" --out "$DATA")
 $PY prepare_data.py "${prep[@]}"
 
 echo "== features ($ENCODER)"
-IFS=, read -ra encoders <<< "$ENCODER"
-IFS=, read -ra weights <<< "$WEIGHTS"
-for i in "${!encoders[@]}"; do
-  feat=(--data "$DATA" --encoder "${encoders[$i]}")
-  [ -n "${weights[$i]:-}" ] && feat+=(--weights "${weights[$i]}")
-  $PY extract_features.py "${feat[@]}"
-done
+features "$DATA" "$ENCODER"
 
 if [ -z "$TEST" ]; then  # default test pool, from slices.tsv (slice, patient, n_spots, has_image)
   if [ "$DATASET" = her2st ]; then
@@ -117,3 +159,7 @@ done
 
 echo "== evaluate"
 $PY evaluate.py --pred "$OUT/pred" --data "$DATA" --out "$OUT/eval" --label "HINGE $PRESET ($ENCODER, K=$STEPS)"
+
+if [ "$DATASET" = demo ]; then  # the virtual-ST path on a demo slide's image, its counts ignored
+  predict "$OUT/folds/${folds[0]}" "$DATA/images/${folds[0]}.tif" "$OUT/predict"
+fi

@@ -159,7 +159,9 @@ def main():
         sched.step()
         v = val_mse()
         state["epoch"] = ep + 1
-        improved = v < state["best"]
+        # a curriculum epoch never trained on mostly hidden genes, so it cannot generate from scratch: selection starts
+        # after it (as the official code validates only late); its low per-step loss picked collapsed checkpoints on the demo
+        improved = v < state["best"] and ep >= curriculum
         state["best"], state["bad_epochs"] = (v, 0) if improved else (state["best"], state["bad_epochs"] + 1)
         if rank == 0:
             ck = {**meta, "model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,

@@ -70,3 +70,29 @@ def make_her2st(root, n_slices=3, n_spots=30, n_genes=60, img_mode="RGB", seed=0
         im = im.convert(img_mode) if img_mode != "RGB" else im
         im.save(os.path.join(d, f"{name}.png"))
     return root
+
+
+TINY = ["--preset", "tiny", "--lr", "3e-3"]
+
+
+def train(demo, out, *extra, check=True):
+    """train.py on the demo, fold demo1, the tiny preset."""
+    return run_script("train.py", "--data", demo / "data", "--features", "stain", "--test-slice", "demo1",
+                      "--out", out, *TINY, *extra, check=check)
+
+
+@pytest.fixture(scope="session")
+def backbone(demo):
+    """A tiny backbone pre-trained on the demo without demo1."""
+    out = demo / "backbone.safetensors"
+    run_script("pretrain.py", "--data", demo / "data", "--exclude", "demo1", "--preset", "tiny",
+               "--epochs", "12", "--lr", "3e-3", "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hinge_run(demo, backbone):
+    """HINGE trained 3 epochs on the demo, demo1 held out."""
+    out = demo / "hinge"
+    train(demo, out, "--cellfm-ckpt", backbone, "--epochs", "3")
+    return out

@@ -13,22 +13,8 @@ import pytest
 import torch
 
 import model as M
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, TINY, assert_user_error, run_script, train
 
-TINY = ["--preset", "tiny", "--lr", "3e-3"]
-
-
-def train(demo, out, *extra, check=True):
-    return run_script("train.py", "--data", demo / "data", "--features", "stain", "--test-slice", "demo1",
-                      "--out", out, *TINY, *extra, check=check)
-
-
-@pytest.fixture(scope="module")
-def backbone(demo):
-    out = demo / "backbone.safetensors"
-    run_script("pretrain.py", "--data", demo / "data", "--exclude", "demo1", "--preset", "tiny",
-               "--epochs", "12", "--lr", "3e-3", "--out", out)
-    return out
 
 
 def test_pretrain_lowers_masked_mse_and_loads_as_cellfm(backbone):
@@ -39,13 +25,6 @@ def test_pretrain_lowers_masked_mse_and_loads_as_cellfm(backbone):
     assert "demo1" not in meta["slices"].split(",")     # --exclude keeps the test slice out
     sd = M.load_cellfm(str(backbone))
     assert "encoder.1.post_norm2.weight" in sd and not any(k.startswith("cond_net") for k in sd)
-
-
-@pytest.fixture(scope="module")
-def hinge_run(demo, backbone):
-    out = demo / "hinge"
-    train(demo, out, "--cellfm-ckpt", backbone, "--epochs", "3")
-    return out
 
 
 def test_train_writes_checkpoints_and_log(hinge_run):
@@ -173,3 +152,11 @@ def test_pretrain_fills_hidden_genes_as_asked(fill):
     assert torch.equal(seen["x"][~hidden], x0[~hidden]) and hidden.sum() > 1000
     v = seen["x"][hidden]
     assert (v == 0).all() if fill == "zero" else (abs(v.mean()) < 0.1 and abs(v.std() - 1) < 0.1)
+
+
+def test_checkpoint_is_selected_after_the_curriculum(demo, backbone, tmp_path):
+    # a curriculum epoch never saw mostly hidden genes: its low per-step loss must not make it best.pt
+    train(demo, tmp_path / "r", "--cellfm-ckpt", backbone, "--epochs", "8", "--curriculum-epochs", "5")
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)["state"]["epoch"]
+    log = pd.read_csv(tmp_path / "r" / "log.csv")
+    assert best > 2 and log.val_mse[log.epoch > 2].min() == pytest.approx(log.val_mse[log.epoch == best].item())
