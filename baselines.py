@@ -1,5 +1,5 @@
 """Baselines on the same features and folds as HINGE, written as sample.py prediction files so
-that evaluate.py scores them identically (issue #6).
+that evaluate.py scores them identically (README, "Quality benchmark").
 
     python baselines.py --data data/her2st --features stain --test-slice C2 --method ridge --out runs/q/ridge/pred
 
@@ -116,7 +116,7 @@ METHODS = {"mean": fit_mean, "ridge": fit_ridge, "mlp": fit_mlp, "knn": fit_knn}
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fold_args(p)                                     # the same fold and validation split as train.py
-    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--method", required=True, choices=list(METHODS), help="mean, ridge, mlp or knn (see above)")
     p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction file")
     a = p.parse_args()

@@ -137,7 +137,7 @@ def add_fold_args(p):
     p.add_argument("--test-slice", required=True, help="held-out slice (leave-one-slice-out); never seen in training")
     p.add_argument("--exclude", default="", help="further slices to leave out of training (comma-separated)")
     p.add_argument("--val-frac", type=float, default=0.1, help="share of training spots for validation (default 0.1)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the validation split and of training (default 42, as the paper)")
 
 
 def feature_stats(H):
@@ -170,7 +170,7 @@ def load_fold(data_dir, encoders, test_slice, exclude=()):
 
 
 def split_validation(n, frac=0.1, seed=42):
-    """Random spot-level validation split of a fold's training spots (10 %, seed 42: DESIGN §4)
+    """Random spot-level validation split of a fold's training spots (10 %, seed 42, as the official HINGE training code)
     -> (train indices, validation indices)."""
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(frac * n)))

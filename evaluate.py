@@ -1,4 +1,4 @@
-"""Stage 5: metrics and figures for predicted slices (DESIGN.md §5).
+"""Stage 5: metrics and figures for predicted slices (the paper's Sec. 4 metrics; README "Stages").
 
     python evaluate.py --pred runs/demo/pred --data runs/demo/data --out runs/demo/eval
     python evaluate.py --pred runs/x/pred --data data --k-sweep runs/x/pred_K1 runs/x/pred_K50   # + metrics vs K
@@ -50,7 +50,7 @@ def rasterise(values, array):
 
 def ssim_per_gene(truth, pred, array):
     """Each gene's truth and prediction maps min-max scaled to [0, 1], SSIM with data_range 1
-    (HISTEX convention, anchors §4); NaN for genes constant in truth or prediction."""
+    (the HISTEX convention); NaN for genes constant in truth or prediction."""
     from skimage.metrics import structural_similarity
     out = np.full(truth.shape[1], np.nan)
     H, W = rasterise(truth[:, 0], array).shape

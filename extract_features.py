@@ -1,4 +1,4 @@
-"""Stage 2: patch embeddings for every slice with an image (DESIGN.md §1 feature file, anchors §3).
+"""Stage 2: patch embeddings for every slice with an image (README "Stages"; UNI and CONCH as their authors build them).
 
     python extract_features.py --data data/demo --encoder stain
     python extract_features.py --data data/her2st --encoder uni --weights UNI/pytorch_model.bin --amp

@@ -1,5 +1,5 @@
 """HINGE: a pre-trained CellFM backbone turned into a histology-conditioned masked-diffusion
-generator of spatial gene expression (DESIGN.md §3; anchors.md §2 CellFM, §5 official HINGE).
+generator of spatial gene expression (the paper's Sec. 3; CellFM's released model and the official HINGE code).
 
 One file, top to bottom: checkpoint loading, embeddings, retention blocks with SoftAdaLN,
 the model, masked and Gaussian diffusion, the sampler, variants and presets.
@@ -35,7 +35,7 @@ _MS_DTYPES = {"Float32": np.float32, "Float16": np.float16, "Float64": np.float6
 # Optimiser state and training scalars stored beside the weights in MindSpore checkpoints
 _IGNORED_PREFIXES = ("moment1.", "moment2.", "global_step", "learning_rate", "beta1_power", "beta2_power",
                      "current_iterator_step", "last_overflow_iterator_step", "scale_sense")
-# CellFM weights HINGE does not use: the 80M read-depth tokens and the cell-level head (anchors §5.2)
+# CellFM weights HINGE does not use: the 80M read-depth tokens and the cell-level head (unused by the official HINGE code)
 UNUSED_CELLFM = ("ST_emb", "ST_enc.", "cellwise_dec.")
 
 
@@ -182,7 +182,7 @@ class LoRALinear(nn.Linear):
 
 
 class SoftBinFFN(nn.Module):
-    """CellFM value encoder: a scalar becomes a softmax over 256 learned bins (anchors §2.3)."""
+    """CellFM value encoder: a scalar becomes a softmax over 256 learned bins (CellFM, Zeng et al. 2025)."""
     def __init__(self, dim, bins=256):
         super().__init__()
         self.w1 = nn.Linear(1, bins, bias=False)
@@ -200,7 +200,7 @@ class ValueEncoder(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.value_enc = SoftBinFFN(dim)
-        self.mask_emb = nn.Parameter(torch.zeros(1, 1, dim))  # CellFM's pre-training mask token; HINGE skips it (anchors §5.2)
+        self.mask_emb = nn.Parameter(torch.zeros(1, 1, dim))  # CellFM's pre-training mask token; HINGE skips it (official HINGE code)
 
     def forward(self, x):
         return self.value_enc(x)
@@ -235,7 +235,7 @@ class CondNet(nn.Module):
 #################################################################################
 
 class Retention(nn.Module):
-    """CellFM linear attention: ReLU q/k, per-head RMS norm, SiLU gate, no softmax (anchors §2.3)."""
+    """CellFM linear attention: ReLU q/k, per-head RMS norm, SiLU gate, no softmax (CellFM, Zeng et al. 2025)."""
     def __init__(self, dim, heads, rank=0):
         super().__init__()
         self.heads = heads
@@ -268,7 +268,7 @@ class GatedLinearUnit(nn.Module):
 
 
 class SoftNorm(nn.Module):
-    """z = (1 - λ)·h + λ·LN(h), λ = sigmoid(b): starts as the identity (DESIGN §3)."""
+    """z = (1 - λ)·h + λ·LN(h), λ = sigmoid(b): starts as the identity (the paper's SoftNorm)."""
     def __init__(self, dim, enabled=True):
         super().__init__()
         self.enabled = enabled
@@ -288,7 +288,7 @@ class RetentionBlock(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         dim = cfg.dim
-        self.alpha = (2 * cfg.layers) ** 0.25            # DeepNorm residual scale (anchors §2.3)
+        self.alpha = (2 * cfg.layers) ** 0.25            # DeepNorm residual scale (CellFM)
         self.attn = Retention(dim, cfg.heads, cfg.lora_rank)
         self.ffn = GatedLinearUnit(dim, cfg.lora_rank)
         self.post_norm1 = nn.LayerNorm(dim, eps=1e-6)   # eps as the official HINGE sets it
@@ -375,7 +375,7 @@ class Hinge(nn.Module):
 
     def initialize_weights(self):
         cfg = self.cfg
-        beta = (8 * cfg.layers) ** -0.25                 # DeepNorm gain for v, u, o and the GLU (anchors §2.3)
+        beta = (8 * cfg.layers) ** -0.25                 # DeepNorm gain for v, u, o and the GLU (CellFM)
         for blk in self.encoder:
             for lin in (blk.attn.q_proj, blk.attn.k_proj):
                 nn.init.xavier_normal_(lin.weight, gain=1.0)
@@ -432,6 +432,17 @@ def is_backbone_key(name):
         ".soft_norm" not in name and "lora_" not in name
 
 
+def shape_hint(sd, cfg):
+    """Why a checkpoint does not fit: another width or depth (name the preset that has it) or another vocabulary."""
+    width = sd["gene_emb"].shape[1] if "gene_emb" in sd else None
+    layers = len({k.split(".")[1] for k in sd if k.startswith("encoder.")})
+    if (width, layers) == (cfg.dim, cfg.layers):
+        return "; the checkpoint is for another gene vocabulary (prepare the data with the vocabulary it was trained on)"
+    fits = [p for p, make in PRESETS.items() if (make().dim, make().layers) == (width, layers)]
+    return (f"; the checkpoint is a {width}-wide, {layers}-layer backbone and this model {cfg.dim}-wide, {cfg.layers}-layer: "
+            + (f"pass --preset {' or '.join(fits)}" if fits else "no preset has that shape"))
+
+
 def load_backbone(model, sd, path="checkpoint"):
     """Copy CellFM weights into `model`; mis-shaped or missing backbone keys are errors, named.
     Returns (unused CellFM keys, unexpected keys)."""
@@ -439,9 +450,7 @@ def load_backbone(model, sd, path="checkpoint"):
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
            if k in own and v.shape != own[k].shape]
     if bad:
-        hint = "; the checkpoint is for another gene vocabulary" if any(b.startswith("gene_emb") for b in bad) \
-            else "; the checkpoint is for another preset"
-        raise CheckpointError(f"{path}: mis-shaped keys: " + "; ".join(bad[:5]) + hint)
+        raise CheckpointError(f"{path}: mis-shaped keys: " + "; ".join(bad[:5]) + shape_hint(sd, model.cfg))
     missing = sorted(set(own) - set(sd))
     if missing:
         raise CheckpointError(f"{path}: missing backbone keys {', '.join(missing[:5])}"

@@ -1,4 +1,4 @@
-"""Stage 1: raw spatial transcriptomics + H&E -> slice files (DESIGN.md §1, §2).
+"""Stage 1: raw spatial transcriptomics + H&E, or H&E slides alone -> slice files (README "Stages").
 
     python prepare_data.py --dataset demo --out data/demo
     python prepare_data.py --dataset her2st --raw her2st/data --vocab gene_info.csv --out data/her2st
@@ -54,7 +54,7 @@ def crop_patches(img, centres, side, out_size):
 #################################################################################
 
 def read_vocab(path):
-    """CellFM gene_info.csv: token id = row index + 1 (anchors §2.1)."""
+    """CellFM gene_info.csv: token id = row index + 1 (as CellFM's own code builds it)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: vocabulary file not found; pass CellFM's csv/gene_info.csv")
     df = pd.read_csv(path)
@@ -221,6 +221,9 @@ def parse_args():
     p.add_argument("--aliases", help="optional table old symbol -> current symbol, applied before the vocabulary")
     p.add_argument("--n-top", type=int, default=300, help="N of HMHVG: top-N by mean ∩ top-N by std (default 300)")
     p.add_argument("--select-from", help="comma-separated slices used for gene selection (default: all); keeps test slices out")
+    p.add_argument("--test-slices", help="held-out slices, comma-separated, or first-per-patient (the first slice with "
+                                         "an image of each patient): checked to exist and kept out of gene selection "
+                                         "(the paper selects genes across training slices); written to test_slices.txt")
     p.add_argument("--patch-size", type=int, default=224, help="stored patch side in pixels (default 224)")
     p.add_argument("--allow-unmatched", action="store_true", help="drop spots that have counts but no position instead of failing")
     p.add_argument("--overwrite", action="store_true", help="rewrite complete slice files and replace another dataset in --out")
@@ -234,6 +237,8 @@ def parse_args():
     elif a.dataset != "demo" and not (a.raw and os.path.isdir(a.raw)):
         hint = f"--raw {a.raw}: not a folder" if a.raw else "--raw is missing"
         raise UserError(f"{hint}; --dataset {a.dataset} needs the raw data folder")
+    if a.test_slices and a.select_from:
+        raise UserError("--test-slices and --select-from both choose the selection slices; give one")
     if a.dataset == "visium" and a.image and len(a.image) > 1:
         raise UserError(f"--image names {len(a.image)} files; visium takes one image (or put each beside its outs/)")
     return a
@@ -251,6 +256,24 @@ def read_dataset(a):
     return read_slides(a.image, a.pixel_size, a.spot_pitch_um, a.spot_diameter_um, a.grid)
 
 
+def resolve_test_slices(spec, slices):
+    """--test-slices -> the held-out slice names (None without the flag), checked before anything is written."""
+    if not spec:
+        return None
+    names = [rs.name for rs in slices]
+    if spec == "first-per-patient":
+        first = {}
+        for rs in slices:
+            if has_image(rs):
+                first.setdefault(rs.patient, rs.name)
+        return list(first.values())
+    test = spec.split(",")
+    if unknown := [t for t in test if t not in names]:
+        raise UserError(f"--test-slices {','.join(unknown)}: not a slice of this dataset (slices: {', '.join(names[:12])}"
+                        f"{' ...' if len(names) > 12 else ''})")
+    return test
+
+
 def main():
     a = parse_args()
     vocab = read_vocab(a.vocab) if a.vocab else None
@@ -260,6 +283,8 @@ def main():
                 "vocab": os.path.basename(a.vocab) if a.vocab else None, "aliases": bool(a.aliases),
                 "select_from": sorted(select_from) if select_from else None, "patch_size": a.patch_size,
                 "allow_unmatched": a.allow_unmatched}
+    if a.test_slices:
+        settings["test_slices"] = a.test_slices
     if a.dataset == "image":
         settings.update(image=[os.path.abspath(i) for i in a.image], pixel_size=a.pixel_size, grid=a.grid,
                         spot_pitch_um=a.spot_pitch_um, spot_diameter_um=a.spot_diameter_um)
@@ -267,6 +292,11 @@ def main():
     check_out_dir(a.out, settings, a.overwrite)
 
     slices = read_dataset(a)
+    test = resolve_test_slices(a.test_slices, slices)
+    if test is not None:
+        select_from = {rs.name for rs in slices} - set(test)
+        if not select_from:
+            raise UserError(f"--test-slices {a.test_slices}: every slice is held out, none is left to select genes from")
     if select_from and not select_from <= {s.name for s in slices}:
         raise UserError(f"--select-from names unknown slices: {', '.join(sorted(select_from - {s.name for s in slices}))}")
     genes = None
@@ -281,6 +311,8 @@ def main():
     write_text(os.path.join(a.out, "prepare.json"), json.dumps(settings, indent=1) + "\n")
     if genes is not None:
         write_text(os.path.join(a.out, "genes.txt"), "".join(g + "\n" for g in genes))
+    if test is not None:
+        write_text(os.path.join(a.out, "test_slices.txt"), "".join(t + "\n" for t in test))
     for rs in tqdm(slices, desc="write slices", unit="slice"):
         if a.dataset == "demo" and (a.overwrite or not os.path.isfile(demo_image(a.out, rs.name))):
             write_slide_tiff(demo_image(a.out, rs.name), rs.image_array, rs.pixel_size_um)  # to try --dataset image on

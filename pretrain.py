@@ -8,7 +8,6 @@ parameter names, which `train.py --cellfm-ckpt` loads like the official weights.
 """
 import argparse
 import json
-import os
 import time
 
 import numpy as np
@@ -42,12 +41,12 @@ def main():
     p.add_argument("--fill", default="zero", choices=["zero", "gauss"],
                    help="value of hidden genes: 0 as CellFM's own pre-training (default), or N(0,1) noise as "
                         "train.py fills them (better on some validation folds, unstable on others)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=30, help="passes over the spots (default 30)")
+    p.add_argument("--batch-size", type=int, default=64, help="spots per step (default 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine-annealed to 0 (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the spot order, masks and held-out 5 %% (default 0)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when present)")
     a = p.parse_args()
     if a.mask_ratio != "uniform":
         try:

@@ -13,8 +13,8 @@ usage: bash run_all.sh [options]
   --dataset NAME        demo (default: synthetic, offline, CPU minutes), her2st, visium or hest
   --raw DIR             raw data folder (her2st, visium, hest)
   --out DIR             output folder (default runs/<dataset>)
-  --test-slices A,B     held-out slices, one fold each (default: demo every slice; her2st the first
-                        slice of each patient that has an image; visium/hest every slice with an image)
+  --test-slices A,B     held-out slices, one fold each (default: demo and her2st the first slice of each
+                        patient that has an image; visium/hest every slice with an image)
   --encoder NAME        stain (default, weight-free), uni, conch, resnet50, or uni,conch (the paper's 1536-d)
   --weights PATHS       weights of the neural encoders, comma-separated in --encoder order
   --cellfm-ckpt PATH    CellFM weights (official .ckpt/.safetensors); without it pretrain.py builds a
@@ -113,7 +113,7 @@ fi
 # Defaults: the demo sized for minutes on a CPU; real data with the paper's protocol on a GPU, and on
 # a CPU the budget of bench/quality.sh (10 epochs at lr 1e-3: the paper's 50 at 1e-4 take hours there)
 if [ "$DATASET" = demo ]; then
-  PRESET=${PRESET:-tiny} EPOCHS=${EPOCHS:-30} PRE_EPOCHS=${PRE_EPOCHS:-20} LR=${LR:-3e-3} TEST=${TEST:-demo1,demo2}
+  PRESET=${PRESET:-tiny} EPOCHS=${EPOCHS:-30} PRE_EPOCHS=${PRE_EPOCHS:-20} LR=${LR:-3e-3}
 elif $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   PRESET=${PRESET:-small} EPOCHS=${EPOCHS:-50} PRE_EPOCHS=${PRE_EPOCHS:-10} LR=${LR:-1e-4}
 else
@@ -126,17 +126,20 @@ echo "== prepare ($DATASET)"
 prep=(--dataset "$DATASET" --out "$DATA")
 [ -n "$RAW" ] && prep+=(--raw "$RAW")
 [ -n "$VOCAB" ] && prep+=(--vocab "$VOCAB")
+if [ -n "$TEST" ]; then  # held-out slices are checked first and kept out of gene selection
+  prep+=(--test-slices "$TEST")
+elif [ "$DATASET" = her2st ] || [ "$DATASET" = demo ]; then  # default pool: the first imaged slice of each patient
+  prep+=(--test-slices first-per-patient)
+fi
 $PY prepare_data.py "${prep[@]}"
+[ -f "$DATA/test_slices.txt" ] && TEST=$(paste -sd, "$DATA/test_slices.txt")
 
 echo "== features ($ENCODER)"
 features "$DATA" "$ENCODER"
 
-if [ -z "$TEST" ]; then  # default test pool, from slices.tsv (slice, patient, n_spots, has_image)
-  if [ "$DATASET" = her2st ]; then
-    TEST=$(awk -F'\t' 'NR > 1 && $4 == 1 && !seen[$2]++ {print $1}' "$DATA/slices.tsv" | paste -sd,)
-  else
-    TEST=$(awk -F'\t' 'NR > 1 && $4 == 1 {print $1}' "$DATA/slices.tsv" | paste -sd,)
-  fi
+if [ -z "$TEST" ]; then  # visium/hest: every slice with an image (slices.tsv: slice, patient, n_spots, has_image)
+  TEST=$(awk -F'\t' 'NR > 1 && $4 == 1 {print $1}' "$DATA/slices.tsv" | paste -sd,)
+  echo "(genes were selected over every slice, the test slices included: pass --test-slices to hold some out of it)"
 fi
 echo "== leave-one-slice-out over: $TEST"
 IFS=, read -ra folds <<< "$TEST"

@@ -1,4 +1,4 @@
-"""Stage 3: train HINGE on all slices but the held-out one (DESIGN.md §3, §4).
+"""Stage 3: train HINGE on all slices but the held-out one (the paper's protocol; README "Stages").
 
     python train.py --data data/demo --features stain --test-slice demo1 --cellfm-ckpt backbone.safetensors --out runs/demo1
     torchrun --nproc_per_node 4 train.py ...            # DDP, no code change (NCCL on GPU, gloo on CPU)
@@ -53,7 +53,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=15, help="no early stop before this epoch (default 15)")
     p.add_argument("--curriculum-epochs", type=int, default=5, help="epochs restricted to <= 20 %% hidden genes (0 = NoCurr)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     return p.parse_args()
 

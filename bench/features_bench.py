@@ -1,7 +1,7 @@
 """Patches per second of each encoder on this machine, random weights, fp32 and bf16 autocast.
 
     python bench/features_bench.py [--encoders stain,resnet50,conch,uni] [--patches 32]
-Target (issue #3): stain at least 200 patches/s on the 2-core development machine.
+Target: stain at least 200 patches/s on the 2-core development machine.
 """
 import argparse
 import os

@@ -1,7 +1,7 @@
 """Wall time and peak memory of prepare_data.py on the shared Her2ST copy (36 slices, 5 images).
 
     python bench/prepare_bench.py [--raw ../shared/data/her2st] [--vocab ../shared/data/cellfm/gene_info.csv]
-Target (issue #2): under 60 s and under 3 GB on the 2-core development machine.
+Target: under 60 s and under 3 GB on the 2-core development machine.
 """
 import argparse
 import os

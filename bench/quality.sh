@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quality benchmark (issue #6): leave-one-slice-out over Her2ST C2-C6 with the stain encoder,
+# The quality benchmark (README "Quality benchmark"): leave-one-slice-out over Her2ST C2-C6 with the stain encoder,
 # HINGE against the baselines, Gauss-Diff and a scratch backbone, on the same folds and metrics.
 #
 #   bash bench/quality.sh                    # all five folds (about an hour on 2 CPU cores)

@@ -2,7 +2,7 @@
 
     python bench/sample_bench.py [--spots 1000,10000,50000] [--preset small] [--steps 1]
 A fresh `small` model (random conditioning) is written as a train.py checkpoint; each size runs
-sample.py in its own process. Targets (issue #4): time linear in spots, peak memory at 50k
+sample.py in its own process. Targets: time linear in spots, peak memory at 50k
 within 1.5x of 1k. K defaults to 1 so that 50k spots finish in minutes on 2 CPU cores; the
 step count scales time, not memory.
 """

@@ -1,4 +1,4 @@
-"""Sampler throughput against the step budget K, with and without caching (issue #6).
+"""Sampler throughput against the step budget K, with and without caching (README "Sampler speed").
 
     python bench/speed.py [--presets small,cellfm-80m] [--spots 64,4] [--genes 300] [--device cpu]
 

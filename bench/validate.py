@@ -1,5 +1,5 @@
 """Generation quality of trained runs on their own validation spots: the diagnostic for choosing
-between HINGE settings without touching the test slice (issue #6).
+between HINGE settings without touching the test slice (README "Quality benchmark").
 
     python bench/validate.py --data runs/quality/data --runs runs/quality/C2/hinge runs/quality/C2/scratch --steps 1,5
 

@@ -43,7 +43,9 @@ def main():
     a = p.parse_args()
     out, data = os.path.abspath(a.out), os.path.join(os.path.abspath(a.out), "data")
 
-    step("prepare", os.path.join(data, "slices.tsv"), "prepare_data.py", "--dataset", "her2st", "--raw", a.raw, "--out", data)
+    others = sorted(os.path.basename(p)[:-len(".tsv.gz")] for p in glob.glob(os.path.join(a.raw, "ST-cnts", "*.tsv.gz")))
+    step("prepare", os.path.join(data, "slices.tsv"), "prepare_data.py", "--dataset", "her2st", "--raw", a.raw, "--out", data,
+         "--select-from", ",".join(n for n in others if n != "C2"))  # genes chosen without the test slice
     step("features", os.path.join(data, "features", "stain", "C2.h5"), "extract_features.py", "--data", data, "--encoder", "stain")
     with open(os.path.join(data, "slices.tsv")) as f:
         imaged = [r.split("\t")[0] for r in f.read().splitlines()[1:] if r.split("\t")[3] == "1"]

@@ -1,5 +1,5 @@
 """baselines.py: each method's prediction file, hyper-parameters chosen on validation only,
-the test slice never used to fit or choose, and the bad inputs of issue #6."""
+the test slice never used to fit or choose, and their bad inputs."""
 import shutil
 
 import h5py

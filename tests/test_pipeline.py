@@ -1,5 +1,5 @@
 """pretrain.py -> train.py -> sample.py -> evaluate.py on the demo dataset: the protocol, resume,
-DDP, generation and every bad input named in issue #4."""
+DDP, generation and every bad input a user can give these stages."""
 import json
 import os
 import shutil
@@ -122,7 +122,7 @@ def test_checkpoint_from_another_gene_set(demo, hinge_run, backbone, tmp_path):
     assert not (tmp_path / "p").exists()
     p = run_script("train.py", "--data", other, "--features", "stain", "--test-slice", "demo1", "--out", tmp_path / "r",
                    *TINY, "--cellfm-ckpt", backbone, check=False)
-    assert_user_error(p, "backbone.safetensors", "mis-shaped", "gene_emb")
+    assert_user_error(p, "backbone.safetensors", "mis-shaped", "gene_emb", "another gene vocabulary")
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
@@ -131,7 +131,7 @@ def test_train_rejects_bad_fold_and_wrong_dimension_backbone(demo, backbone, tmp
     assert_user_error(p, "demo9")
     p = run_script("train.py", "--data", demo / "data", "--features", "stain", "--test-slice", "demo1", "--out",
                    tmp_path / "r", "--preset", "small", "--cellfm-ckpt", backbone, check=False)
-    assert_user_error(p, "mis-shaped")
+    assert_user_error(p, "mis-shaped", "32-wide, 2-layer", "--preset tiny")   # the preset it was made with, named
     p = train(demo, tmp_path / "r", check=False)         # hinge needs a backbone
     assert_user_error(p, "--cellfm-ckpt")
     assert not (tmp_path / "r" / "last.pt").exists()
@@ -160,3 +160,19 @@ def test_checkpoint_is_selected_after_the_curriculum(demo, backbone, tmp_path):
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)["state"]["epoch"]
     log = pd.read_csv(tmp_path / "r" / "log.csv")
     assert best > 2 and log.val_mse[log.epoch > 2].min() == pytest.approx(log.val_mse[log.epoch == best].item())
+
+
+@pytest.mark.parametrize("script", ["prepare_data", "extract_features", "pretrain", "train", "sample", "evaluate",
+                                    "baselines"])
+def test_every_flag_has_help(script, monkeypatch):
+    import argparse
+    import importlib
+    parsers = []
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).main()
+    assert [a.option_strings for a in parsers[0]._actions if not a.help] == []

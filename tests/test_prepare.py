@@ -1,4 +1,4 @@
-"""prepare_data.py: real Her2ST, the demo, Visium and HEST layouts, and every bad input of issue #2."""
+"""prepare_data.py: real Her2ST, the demo, Visium and HEST layouts, and every bad input found with real files."""
 import glob
 import gzip
 import hashlib
