@@ -459,14 +459,14 @@ def tissue_mask(rgb, um_per_px):
     of the brightest tenth, so tinted glass reads as glass) above Macenko's β = 0.15, minus green
     and black pen ink, then specks removed and small holes filled. (Otsu on saturation missed pale
     stroma on pink-tinted glass and haematoxylin-dense regions on Her2ST.)"""
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import binary_dilation, gaussian_filter
     from skimage.morphology import remove_small_holes, remove_small_objects
     a = rgb.astype(np.float32)
     bright = a.sum(-1)
     glass = np.maximum(np.median(a[bright >= np.percentile(bright, 90)], 0), 200)  # a slide all tissue: assume white glass
     od = gaussian_filter(np.log(glass / np.maximum(a, 1)).clip(0).sum(-1), 1.0)
-    green = (a[..., 1] > a[..., 0] + 15) & (a[..., 1] > a[..., 2] + 15)  # H&E is never green; ink is
-    mask = (od > 0.15) & ~green & (a.max(-1) > 40)
+    ink = ((a[..., 1] > a[..., 0] + 15) & (a[..., 1] > a[..., 2] + 15)) | (a.max(-1) <= 40)  # H&E is never green or black
+    mask = (od > 0.15) & ~binary_dilation(ink, iterations=3)  # dilated past the blur, which spreads ink's density
     area = max(1, int(MIN_TISSUE_UM2 / um_per_px ** 2))
     return remove_small_holes(remove_small_objects(mask, max_size=area), max_size=area)
 

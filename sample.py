@@ -2,7 +2,7 @@
 
     python sample.py --run runs/demo1 --data data/demo --steps 5 --samples 5
     python sample.py --run runs/demo1 --data data/slides --slices my_slide      # a slide without spatial data
-    torchrun --nproc_per_node 4 sample.py --run ... --data ...                   # spots shared between processes
+    torchrun --nproc_per_node 4 sample.py --run-dir ... --data ...               # spots shared between processes
 
 Writes <run>/pred/<slice>.h5: `pred` [N, G] (mean over the S samples), `std` [N, G] (their spread,
 the prediction's uncertainty), `barcode`, `genes`, and on request `samples` float16 [S, N, G] and
@@ -113,7 +113,8 @@ def finish(f, name, a, ck, diffusion, record, N, t0):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder of train.py")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder of train.py (under torchrun write --run-dir: torchrun reads --run as its --run-path)")
     p.add_argument("--data", required=True, help="folder written by prepare_data.py (with features/)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in --run (default best.pt)")
     p.add_argument("--slices", help="slices to generate (comma-separated; default the run's test slice)")
@@ -163,6 +164,7 @@ def main():
                 finish(f, name, a, ck, diffusion, record, N, t0)
         else:
             part = f"{dst}.part{rank}"
+            os.makedirs(out_dir, exist_ok=True)
             with h5py.File(part, "w") as f:              # this process's batches; the other rows stay unwritten
                 create_outputs(f, N, G, a, record)
                 sample_batches(f, starts[rank::world], net, diffusion, feats, ck, a, dev, record)
