@@ -129,11 +129,18 @@ def summarise(df):
     return {k: {"mean": float(df[k].mean()), "std": float(df[k].std(ddof=0))} for k in METRICS}
 
 
+def cell(mean, std=None):
+    """A table cell; undefined values (the r of a constant predictor) print as a dash, never nan."""
+    if mean != mean:
+        return "–"
+    return f"{mean:.3f}" + (f"±{std:.3f}" if std is not None else "")
+
+
 def table(df, summary):
     lines = [f"{'slice':<12}" + "".join(f"{k:>13}" for k in METRICS)]
     for _, r in df.iterrows():
-        lines.append(f"{r['slice']:<12}" + "".join(f"{r[k]:>13.3f}" for k in METRICS))
-    lines.append(f"{'mean ± std':<12}" + "".join(f"{summary[k]['mean']:.3f}±{summary[k]['std']:.3f}".rjust(13) for k in METRICS))
+        lines.append(f"{r['slice']:<12}" + "".join(cell(r[k]).rjust(13) for k in METRICS))
+    lines.append(f"{'mean ± std':<12}" + "".join(cell(summary[k]['mean'], summary[k]['std']).rjust(13) for k in METRICS))
     return "\n".join(lines)
 
 
@@ -142,25 +149,24 @@ def table(df, summary):
 #################################################################################
 
 def fig_marker_maps(path, name, truth, pred, array, genes, markers):
-    """Truth and prediction on one colour scale per gene (magnitude), plus the prediction on its
-    own scale (spatial pattern: diffusion means are often compressed, which hides it otherwise)."""
+    """Per marker gene: truth, the prediction on its own colour scale (its spatial pattern: diffusion
+    means are often compressed, which one shared scale would hide) and the prediction on the
+    truth's scale (its magnitude); each panel with its colour bar."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(markers), 3, figsize=(9.6, 2.6 * len(markers)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(markers), 3, figsize=(12, 2.9 * len(markers)), squeeze=False, layout="constrained")
     for i, g in enumerate(markers):
         j = genes.index(g)
-        lo, hi = min(truth[:, j].min(), pred[:, j].min()), max(truth[:, j].max(), pred[:, j].max())
+        t, p = truth[:, j], pred[:, j]
         r = pearson_per_gene(truth[:, [j]], pred[:, [j]])[0]
-        panels = [(truth[:, j], f"{g}: truth", lo, hi), (pred[:, j], f"predicted (r = {r:.2f})", lo, hi),
-                  (pred[:, j], "predicted, own scale", pred[:, j].min(), pred[:, j].max())]
+        panels = [(t, f"{g}: truth", t.min(), t.max()), (p, f"predicted, own scale (r = {r:.2f})", p.min(), p.max()),
+                  (p, "predicted, on the truth's scale", t.min(), t.max())]
         for k, (v, title, vmin, vmax) in enumerate(panels):
             ax = axes[i, k]
             sc = ax.scatter(array[:, 0], array[:, 1], c=v, s=14, marker="s", cmap="viridis", vmin=vmin, vmax=vmax)
             ax.set_title(title, fontsize=9)
             ax.invert_yaxis(); ax.set_aspect("equal"); ax.set_xticks([]); ax.set_yticks([])
-            if k >= 1:
-                fig.colorbar(sc, ax=axes[i, :2].tolist() if k == 1 else ax, shrink=0.8,
-                             label="log2(count + 1)" if k == 1 else None)
-    fig.suptitle(f"{name}: marker genes; truth and prediction share each gene's colour scale", fontsize=10)
+            fig.colorbar(sc, ax=ax, shrink=0.8, label="log2(count + 1)" if k == 0 else None)
+    fig.suptitle(f"{name}: the {len(markers)} marker genes, measured and predicted", fontsize=10)
     fig.savefig(path, dpi=110); plt.close(fig)
 
 
@@ -212,20 +218,23 @@ def fig_ssim(path, per_gene, markers):
 
 
 def fig_correlation(path, name, truth, pred, genes, n=40):
-    """Gene-gene correlation of the n most variable genes, truth vs prediction, same gene order."""
+    """Gene-gene correlation of the n genes most variable in truth, truth vs prediction, both in the
+    truth's clustering order."""
     import matplotlib.pyplot as plt
     from scipy.cluster.hierarchy import leaves_list, linkage
     idx = np.argsort(-truth.var(0))[:n]
     idx = idx[(pred[:, idx].std(0) > 0)]
     ct = np.corrcoef(truth[:, idx].T)
     order = leaves_list(linkage(truth[:, idx].T, "average", metric="correlation"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.6), layout="constrained")
     for ax, c, title in [(axes[0], ct, "truth"), (axes[1], np.corrcoef(pred[:, idx].T), "prediction")]:
         im = ax.imshow(c[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set_title(f"{name}: gene-gene correlation, {title}", fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.set_xticks([]); ax.set_yticks(range(len(order)))
-        ax.set_yticklabels([genes[idx[i]] for i in order], fontsize=5)
-    fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label="Pearson r")
+        ax.set_yticklabels([genes[idx[i]] for i in order], fontsize=7)
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label="Pearson r across spots")
+    fig.suptitle(f"{name}: gene-gene correlation of the {len(idx)} genes most variable in truth "
+                 "(clustered on truth, same order in both)", fontsize=10)
     fig.savefig(path, dpi=110); plt.close(fig)
 
 
@@ -269,7 +278,7 @@ def compare(dirs):
         if not os.path.isfile(p):
             raise UserError(f"{p} not found; run evaluate.py --out {d} first")
         s = json.load(open(p))
-        rows.append([s.get("label", d)] + [f"{s['metrics'][k]['mean']:.3f}±{s['metrics'][k]['std']:.3f}" for k in METRICS])
+        rows.append([s.get("label", d)] + [cell(s["metrics"][k]["mean"], s["metrics"][k]["std"]) for k in METRICS])
     w = max(len(r[0]) for r in rows) + 2
     print(f"{'run':<{w}}" + "".join(f"{k:>14}" for k in METRICS))
     for r in rows:
