@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common import (Features, UserError, add_fold_args, atomic_h5, feature_stats, load_fold, read_slice, run,
-                    split_validation, str_array)
+                    split_validation, str_array, write_anndata)
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
 KNN_GRID = [1, 2, 3, 5, 10, 20, 50, 100, 200]
@@ -143,6 +143,7 @@ def main():
         f["pred"], f["barcode"], f["genes"] = pred, barcode, str_array([g.decode() for g in genes])
         f.attrs.update(method=a.method, seconds=secs, spots_per_s=len(pred) / secs, train_slices=",".join(names),
                        **chosen)
+    write_anndata(dst, a.data)
     picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())
     print(f"{a.method}: {len(tr)} train / {len(val)} val spots from {len(names)} slices; {picked or 'nothing to choose'}; "
           f"{a.test_slice}: {len(pred)} spots -> {dst} ({secs:.1f}s)")

@@ -176,3 +176,13 @@ def test_every_flag_has_help(script, monkeypatch):
     with pytest.raises(SystemExit):
         importlib.import_module(script).main()
     assert [a.option_strings for a in parsers[0]._actions if not a.help] == []
+
+
+@pytest.mark.parametrize("args, words", [(["--test-slices", "demo9"], ["--test-slices demo9", "not a slice"]),
+                                         (["--dataset", "her2st"], ["--raw is missing"]),
+                                         (["--predict", "x.svs"], ["--predict needs --run"])])
+def test_run_all_names_the_users_flag_before_any_work(tmp_path, args, words):
+    p = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--out", str(tmp_path / "out"), *args],
+                       capture_output=True, text=True)
+    assert_user_error(p, *words)
+    assert not (tmp_path / "out").exists()               # nothing prepared, embedded or trained
