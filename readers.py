@@ -486,6 +486,18 @@ def spot_grid(W, H, pitch, kind):
     return np.concatenate(pts).astype(np.float32), np.concatenate(grid).astype(np.int32)
 
 
+def spots_on_tissue(mask, scale, size, um, pitch_um, diameter_um, grid, min_tissue):
+    """The grid points of a W x H slide whose spot footprint is at least `min_tissue` tissue on the
+    overview mask -> (centres [n, 2] in level-0 px, grid positions [n, 2])."""
+    from scipy.ndimage import uniform_filter
+    centres, array = spot_grid(*size, pitch_um / um, grid)
+    cover = uniform_filter(mask.astype(np.float32), size=max(1, round(diameter_um / um * scale)))  # tissue share per spot
+    cx = np.clip((centres[:, 0] * scale).astype(int), 0, mask.shape[1] - 1)
+    cy = np.clip((centres[:, 1] * scale).astype(int), 0, mask.shape[0] - 1)
+    keep = cover[cy, cx] >= min_tissue
+    return centres[keep], array[keep]
+
+
 def read_slides(items, pixel_size, pitch_um, diameter_um, grid, min_tissue=0.5):
     """H&E slides without spatial data -> RawSlices without counts: a grid of pseudo-spots over the
     tissue (a spot is kept when at least `min_tissue` of its footprint is tissue)."""
@@ -501,20 +513,14 @@ def read_slides(items, pixel_size, pitch_um, diameter_um, grid, min_tissue=0.5):
         mask = tissue_mask(thumb, um / scale)
         if not mask.any():
             raise UserError(f"{path}: no tissue found (the image looks like bare glass); is it an H&E slide?")
-        centres, array = spot_grid(*img.size, pitch_um / um, grid)
-        from scipy.ndimage import uniform_filter
-        cover = uniform_filter(mask.astype(np.float32), size=max(1, round(diameter_um / um * scale)))
-        cx = np.clip((centres[:, 0] * scale).astype(int), 0, mask.shape[1] - 1)
-        cy = np.clip((centres[:, 1] * scale).astype(int), 0, mask.shape[0] - 1)
-        keep = cover[cy, cx] >= min_tissue
-        if not keep.any():
+        centres, array = spots_on_tissue(mask, scale, img.size, um, pitch_um, diameter_um, grid, min_tissue)
+        if not len(centres):
             raise UserError(f"{path}: tissue found, but too little for one {diameter_um:g} µm spot; check --pixel-size")
-        centres, array = centres[keep], array[keep]
         slices.append(RawSlice(
             name=slide_name(path), patient=slide_name(path), barcodes=[f"{c}x{r}" for c, r in array], genes=[],
             counts=None, array=array, pixel=centres, image=path, spot_diameter_px=diameter_um / um,
             pixel_size_um=um, source=path, overview=(thumb, scale)))
-        print(f"{path}: {keep.sum()} spots on tissue ({grid} grid, pitch {pitch_um:g} µm, {um:.3f} µm/px, "
+        print(f"{path}: {len(centres)} spots on tissue ({grid} grid, pitch {pitch_um:g} µm, {um:.3f} µm/px, "
               f"tissue {mask.mean():.0%} of the slide)")
     names = [s.name for s in slices]
     if len(set(names)) < len(names):

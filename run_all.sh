@@ -160,8 +160,22 @@ for s in "${folds[@]}"; do
   $PY sample.py --run "$run" --data "$DATA" --steps "$STEPS" --samples "$SAMPLES" --out "$OUT/pred" --overwrite
 done
 
+echo "== reference rows: the training mean and ridge regression on the same folds and features (seconds)"
+for s in "${folds[@]}"; do
+  for m in mean ridge; do
+    [ -f "$OUT/reference/$m/$s.h5" ] || $PY baselines.py --data "$DATA" --features "$ENCODER" --test-slice "$s" \
+                                            --method "$m" --out "$OUT/reference/$m"
+  done
+done
+
 echo "== evaluate"
+for m in mean ridge; do
+  $PY evaluate.py --pred "$OUT/reference/$m/" --data "$DATA" --out "$OUT/reference/$m/eval" --label "$m" > /dev/null
+done
 $PY evaluate.py --pred "$OUT/pred" --data "$DATA" --out "$OUT/eval" --label "HINGE $PRESET ($ENCODER, K=$STEPS)"
+echo
+echo "HINGE against the reference rows (mean ± std over the held-out slices; the mean predictor has no r):"
+$PY evaluate.py --compare "$OUT/eval" "$OUT/reference/mean/eval" "$OUT/reference/ridge/eval"
 
 if [ "$DATASET" = demo ]; then  # the virtual-ST path on a demo slide's image, its counts ignored
   predict "$OUT/folds/${folds[0]}" "$DATA/images/${folds[0]}.tif" "$OUT/predict"

@@ -51,13 +51,20 @@ def build_slide(raw, path, cols=3):
 
 
 def timed(*cmd, env=None):
-    """Run a command; -> (seconds, peak resident memory of that process in MiB)."""
-    t0 = time.time()
+    """Run a command; -> (seconds, its peak resident memory in MiB). The peak is VmHWM, polled while
+    it runs: getrusage would count the memory of this process, which the child inherits at fork."""
+    t0, peak = time.time(), 0
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        raise SystemExit(f"failed ({status}): {' '.join(cmd)}")
-    return time.time() - t0, usage.ru_maxrss / 1024
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM")])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.05)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return time.time() - t0, peak / 1024
 
 
 def random_run(preset, genes, encoder, dim):
@@ -119,14 +126,12 @@ def main():
 
     print(f"\nslide {img.size[0]} x {img.size[1]} px ({UM_PER_PX} µm/px), tissue {tissue_um2 / 1e6:.1f} mm²; "
           f"{a.encoder} features, {a.preset} backbone, K = 5, S = 1, device {dev}")
-    stages = ["tissue detection", "patching", "features", "sampling"]
-    print(f"{'spots':>7} {'pitch µm':>9}" + "".join(f"{s + ' spots/s':>22}" for s in stages)
-          + "".join(f"{s.split()[0] + ' MiB':>14}" for s in stages))
-    for n, pitch, *stage in rows:
-        print(f"{n:>7} {pitch:>9.1f}" + "".join(f"{n / s:>22.1f}" for s, _ in stage) + "".join(f"{m:>14.0f}" for _, m in stage))
-    first, last = rows[0], rows[-1]
-    print("peak memory ratio, " + f"{last[0]} / {first[0]} spots: "
-          + ", ".join(f"{s} {b[1] / a_[1]:.2f}x" for s, a_, b in zip(stages, first[2:], last[2:])))
+    print(f"{'stage':<18}" + "".join(f"{f'{n} spots: s, spots/s, MiB':>34}" for n, *_ in rows) + f"{'MiB ratio':>11}")
+    for k, stage in enumerate(["tissue detection", "patching", "features", "sampling"]):
+        cells = [f"{r[2 + k][0]:.1f}, {r[0] / r[2 + k][0]:.1f}, {r[2 + k][1]:.0f}" for r in rows]
+        print(f"{stage:<18}" + "".join(f"{c:>34}" for c in cells) + f"{rows[-1][2 + k][1] / rows[0][2 + k][1]:>10.2f}x")
+    print(f"(pitch per row: {', '.join(f'{r[1]:.1f} µm' for r in rows)}; MiB ratio = peak memory at {rows[-1][0]} / "
+          f"{rows[0][0]} spots)")
 
 
 if __name__ == "__main__":
