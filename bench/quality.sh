@@ -37,12 +37,14 @@ timed() {  # timed LABEL FOLD cmd...: run cmd, append "LABEL FOLD seconds" to ti
 }
 
 echo "== data: Her2ST from $RAW, stain features"
-$PY prepare_data.py --dataset her2st --raw "$RAW" --out "$DATA"
+# every slice with an image is a test slice of some fold: genes are selected on the others only
+IMAGED=$(for d in "$RAW"/ST-imgs/*/*/; do ls "$d" | grep -qi '\.jpg$' && basename "$d"; done | sort | paste -sd,)
+$PY prepare_data.py --dataset her2st --raw "$RAW" --out "$DATA" --test-slices "$IMAGED"
 $PY extract_features.py --data "$DATA" --encoder stain
-IMAGED=$(awk -F'\t' 'NR > 1 && $4 == 1 {print $1}' "$DATA/slices.tsv" | paste -sd,)
 FOLDS=${FOLDS:-$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 == "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)}
+OTHERS=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 != "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)  # within patient C only
 
-BACKBONE=$OUT/backbone.safetensors  # pre-trained once on the 31 slices without images: no fold's test slice is in it
+BACKBONE=$OUT/backbone.safetensors  # pre-trained once on the 30 slices without images: no fold's test slice is in it
 [ -f "$BACKBONE" ] || timed pretrain all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" --preset small \
                                          --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$BACKBONE"
 
@@ -50,7 +52,7 @@ train() {  # train NAME FOLD args...: one train.py run, skipped when finished
   local name=$1 s=$2; shift 2
   [ -f "$OUT/runs/$s/$name/done" ] && return
   rm -rf "$OUT/runs/$s/$name"
-  timed "train:$name" "$s" $PY train.py --data "$DATA" --features stain --test-slice "$s" --preset small \
+  timed "train:$name" "$s" $PY train.py --data "$DATA" --features stain --test-slice "$s" --exclude "$OTHERS" --preset small \
       --epochs "$EPOCHS" --lr "$LR" --out "$OUT/runs/$s/$name" "$@"
   touch "$OUT/runs/$s/$name/done"
 }
@@ -65,7 +67,7 @@ IFS=, read -ra folds <<< "$FOLDS"
 for s in "${folds[@]}"; do
   echo "== fold $s"
   for m in mean ridge mlp knn; do
-    [ -f "$OUT/pred/$m/$s.h5" ] || timed "$m" "$s" $PY baselines.py --data "$DATA" --features stain --test-slice "$s" \
+    [ -f "$OUT/pred/$m/$s.h5" ] || timed "$m" "$s" $PY baselines.py --data "$DATA" --features stain --test-slice "$s" --exclude "$OTHERS" \
                                         --method "$m" --out "$OUT/pred/$m"
   done
   train hinge "$s" --cellfm-ckpt "$BACKBONE"
