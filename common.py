@@ -140,6 +140,16 @@ def add_fold_args(p):
     p.add_argument("--seed", type=int, default=42, help="seed of the validation split and of training (default 42, as the paper)")
 
 
+def training_pixel_size(data_dir, names):
+    """Median µm/px of the training slices (None when none states it): the scale the model saw."""
+    sizes = []
+    for n in names:
+        with h5py.File(existing_slice(data_dir, n), "r") as f:
+            if "pixel_size_um" in f.attrs:
+                sizes.append(float(f.attrs["pixel_size_um"]))
+    return float(np.median(sizes)) if sizes else None
+
+
 def feature_stats(H):
     """Per-dimension mean and std of the training features, used to standardise every slice."""
     return H.mean(0), H.std(0) + 1e-6

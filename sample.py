@@ -14,6 +14,7 @@ from (--seed, its first row), so the output is the same for any number of proces
 """
 import argparse
 import os
+import sys
 import time
 
 import h5py
@@ -52,6 +53,10 @@ def check_slice(data, name, ck, feats, hist_dim):
     """The slice's genes (when it has any) and features must be the checkpoint's."""
     with h5py.File(existing_slice(data, name), "r") as f:
         genes = [g.decode() for g in f["genes"][()]] if "genes" in f else None
+        um, trained = f.attrs.get("pixel_size_um"), ck.get("pixel_size_um")
+    if um and trained and max(um / trained, trained / um) > 1.5:  # patches are native pixels: the field of view differs
+        print(f"warning: slice {name} is at {um:.2f} µm/px but the run was trained on slides at {trained:.2f} µm/px, so "
+              f"each patch covers {um / trained:.2f}x the width of tissue it learned from; expect a loss", file=sys.stderr)
     if genes is not None and genes != ck["genes"]:
         raise UserError(f"slice {name} of {data} has other genes than the checkpoint's {len(ck['genes'])}; "
                         "prepare the data with the same gene selection as training")

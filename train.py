@@ -20,7 +20,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import UserError, add_fold_args, atomic_path, feature_stats, gene_tokens, load_fold, run, split_validation
+from common import (UserError, add_fold_args, atomic_path, feature_stats, gene_tokens, load_fold, run, split_validation,
+                    training_pixel_size)
 
 
 def parse_args():
@@ -116,7 +117,7 @@ def main():
     meta = {"config": M.config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": [g.decode() for g in genes],
             "features": encoders, "feat_mean": mu, "feat_std": sd, "test_slice": a.test_slice, "train_slices": train_names,
             "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T, "variant": a.variant,
-            "cellfm_ckpt": a.cellfm_ckpt, "args": vars(a)}
+            "cellfm_ckpt": a.cellfm_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names)}
 
     def batches(idx, gen, aug):
         for s in range(0, len(idx), a.batch_size):

@@ -242,3 +242,12 @@ def test_sample_under_torchrun_equals_one_process(demo, hinge_run, tmp_path):
             np.testing.assert_allclose(a[key][()], b[key][()], atol=1e-5)
         assert decode(a["barcode"]) == decode(b["barcode"])
     assert sorted(os.listdir(tmp_path / "two")) == ["demo1.h5", "demo1.h5ad"]  # the per-process parts are gone
+
+
+def test_sample_warns_when_the_slide_scale_differs_from_training(demo, hinge_run, tmp_path):
+    prepare_image(tmp_path / "data", demo / "data" / "images" / "demo1.tif",
+                  extra=("--pixel-size", "0.5", "--spot-pitch-um", "300"))  # as if scanned at twice the training resolution
+    run_script("extract_features.py", "--data", tmp_path / "data", "--encoder", "stain")
+    p = run_script("sample.py", "--run", hinge_run, "--data", tmp_path / "data", "--slices", "demo1", "--samples", "1",
+                   "--out", tmp_path / "pred")
+    assert "0.50 µm/px" in p.stderr and "1.00 µm/px" in p.stderr and "0.50x the width" in p.stderr
