@@ -6,7 +6,8 @@
 
 Per held-out slice: per-gene Pearson r across spots (log2 space), PCC-10/50/200 (mean of the k
 largest r, Stem), mean r, MSE, MAE, RVD and gene-wise SSIM on the spot grid; then mean ± std
-over slices. Genes constant in truth or prediction are excluded from r and counted.
+over slices. Genes constant in truth or prediction are excluded from r and counted. Slides
+without measured expression get no metrics, only maps of the prediction and its uncertainty.
 """
 import argparse
 import glob
@@ -172,8 +173,9 @@ def fig_marker_maps(path, name, truth, pred, array, genes, markers):
 
 def fig_predicted_maps(path, pred_path, data, markers):
     """A slide without measured expression: each marker's prediction and its uncertainty (std over
-    the samples) drawn over the H&E thumbnail, spots at their true size."""
+    the samples) drawn over the H&E thumbnail, spots as discs of their true diameter."""
     import matplotlib.pyplot as plt
+    from matplotlib.collections import EllipseCollection
     name = os.path.basename(pred_path)[:-3]
     with h5py.File(pred_path, "r") as f:
         pred, genes = f["pred"][()], decode(f["genes"])
@@ -193,12 +195,13 @@ def fig_predicted_maps(path, pred_path, data, markers):
             ax = axes[i, k]
             if thumb is not None:
                 ax.imshow(thumb)
-            ax.set_xlim(lo[0], hi[0]); ax.set_ylim(hi[1], lo[1])
-            fig.canvas.draw()                            # the axes' size in points sets the spot size below
-            pts = ax.get_window_extent().width * 72 / fig.dpi / (hi[0] - lo[0])
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, j], s=(diam * pts) ** 2, cmap=cmap, alpha=0.85, lw=0)
+            spots = EllipseCollection(diam, diam, 0, units="xy", offsets=xy, offset_transform=ax.transData,
+                                      cmap=cmap, alpha=0.85, linewidths=0)
+            spots.set_array(values[:, j])
+            ax.add_collection(spots)
+            ax.set_xlim(lo[0], hi[0]); ax.set_ylim(hi[1], lo[1]); ax.set_aspect("equal")
             ax.set_title(f"{g}: {what}", fontsize=10); ax.set_xticks([]); ax.set_yticks([])
-            fig.colorbar(sc, ax=ax, shrink=0.8, label="log2(count + 1)")
+            fig.colorbar(spots, ax=ax, shrink=0.8, label="log2(count + 1)")
     fig.suptitle(f"{name}: predicted expression over the H&E (no measured expression to compare with)", fontsize=11)
     fig.savefig(path, dpi=100); plt.close(fig)
 
@@ -288,10 +291,11 @@ def compare(dirs):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", help="folder of prediction files (sample.py output)")
-    p.add_argument("--data", help="folder written by prepare_data.py (the truth)")
+    p.add_argument("--data", help="folder written by prepare_data.py (the truth, where the slices have expression)")
     p.add_argument("--out", help="output folder (default: <pred>/../eval)")
     p.add_argument("--label", help="name of this run in --compare tables (default: the --pred folder)")
-    p.add_argument("--markers", help="genes for the maps (comma-separated; default the 4 most variable in truth)")
+    p.add_argument("--markers", help="genes for the maps (comma-separated; default the 4 most variable in truth, or in "
+                                     "the prediction for slides without expression)")
     p.add_argument("--k-sweep", nargs="*", default=[], help="more prediction folders of the same slices at other K")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print these evaluations side by side and exit")
     a = p.parse_args()
@@ -303,8 +307,8 @@ def main():
     import matplotlib
     matplotlib.use("Agg")
     os.makedirs(out, exist_ok=True)
-    blind = prediction_files(a.pred, a.data)[1]
-    if len(blind) < len(glob.glob(os.path.join(a.pred, "*.h5"))):
+    truth, blind = prediction_files(a.pred, a.data)
+    if truth:
         score(a, out)
     if blind:
         print(f"{len(blind)} slice(s) without measured expression ({', '.join(os.path.basename(p)[:-3] for p in blind)}): "
@@ -339,7 +343,7 @@ def score(a, out):
     sweep = {}
     for d in [a.pred, *a.k_sweep]:
         dd = df if d == a.pred else evaluate_dir(d, a.data)[0]
-        if dd["K"].isna().any():                         # baselines.py predictions have no step budget
+        if dd is None or dd["K"].isna().any():           # no truth there, or baselines.py predictions (no step budget)
             continue
         sweep[int(dd["K"].iloc[0])] = {"PCC-50": dd["PCC-50"].mean(), "mean_r": dd["mean_r"].mean(),
                                        "spots_per_s": dd["spots_per_s"].mean()}

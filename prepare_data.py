@@ -2,9 +2,11 @@
 
     python prepare_data.py --dataset demo --out data/demo
     python prepare_data.py --dataset her2st --raw her2st/data --vocab gene_info.csv --out data/her2st
+    python prepare_data.py --dataset image --image slides/ --out data/slides          # H&E without spatial data
 
 Writes <out>/slices/<slice>.h5 (patches, spot positions, counts, log2(counts+1) of the selected
-genes), <out>/genes.txt and, last, <out>/slices.tsv. Gene selection is Stem's HMHVG.
+genes), <out>/genes.txt and, last, <out>/slices.tsv. Gene selection is Stem's HMHVG. Slides
+without spatial data get a grid of pseudo-spots over their tissue, and no counts or genes.
 """
 import argparse
 import hashlib

@@ -476,11 +476,11 @@ def spot_grid(W, H, pitch, kind):
     hexagonal as Visium (rows pitch·√3/2 apart, odd rows shifted by half a pitch, col = 2·i + row
     parity as Visium's array_col) or square."""
     dy = pitch * math.sqrt(3) / 2 if kind == "hex" else pitch
-    rows = np.arange(int(H // dy) + 1)
+    rows = np.arange(math.ceil(H / dy))                  # every point inside [0, W) x [0, H)
     pts, grid = [], []
     for r in rows:
         shift = pitch / 2 * (r % 2) if kind == "hex" else 0.0
-        i = np.arange(int((W - shift) // pitch) + 1)
+        i = np.arange(math.ceil((W - shift) / pitch))
         pts.append(np.stack([shift + i * pitch, np.full(len(i), r * dy)], 1))
         grid.append(np.stack([2 * i + r % 2 if kind == "hex" else i, np.full(len(i), r)], 1))
     return np.concatenate(pts).astype(np.float32), np.concatenate(grid).astype(np.int32)
@@ -512,7 +512,8 @@ def read_slides(items, pixel_size, pitch_um, diameter_um, grid, min_tissue=0.5):
         thumb, scale = img.overview(OVERVIEW_SIDE)
         mask = tissue_mask(thumb, um / scale)
         if not mask.any():
-            raise UserError(f"{path}: no tissue found (the image looks like bare glass); is it an H&E slide?")
+            raise UserError(f"{path}: no tissue found (bare glass, or only specks under 0.05 mm²); is it an H&E slide, "
+                            "and is its pixel size right?")
         centres, array = spots_on_tissue(mask, scale, img.size, um, pitch_um, diameter_um, grid, min_tissue)
         if not len(centres):
             raise UserError(f"{path}: tissue found, but too little for one {diameter_um:g} µm spot; check --pixel-size")

@@ -20,9 +20,9 @@ usage: bash run_all.sh [options]
   --cellfm-ckpt PATH    CellFM weights (official .ckpt/.safetensors); without it pretrain.py builds a
                         backbone per fold from the training slices' expression
   --preset NAME         backbone size: tiny (demo default), small (default otherwise), cellfm-80m, cellfm-800m
-  --epochs N            training epochs at most (demo default 30, otherwise 50 = the paper)
-  --pretrain-epochs N   pretrain.py epochs when no --cellfm-ckpt (demo default 20, otherwise 2)
-  --lr LR               training learning rate (demo default 3e-3 for its tiny CPU budget, otherwise 1e-4 = the paper)
+  --epochs N            training epochs at most (demo 30; real data 50 = the paper on a GPU, 10 on a CPU)
+  --pretrain-epochs N   pretrain.py epochs when no --cellfm-ckpt (demo 20; real data 10 on a GPU, 2 on a CPU)
+  --lr LR               training learning rate (demo 3e-3; real data 1e-4 = the paper on a GPU, 1e-3 on a CPU)
   --steps K             sampling step budget (default 5)
   --samples S           samples per spot, averaged (default 5)
   --vocab CSV           CellFM gene_info.csv: keep vocabulary genes, store token ids (needed with --cellfm-ckpt)
@@ -145,7 +145,7 @@ echo "== leave-one-slice-out over: $TEST"
 IFS=, read -ra folds <<< "$TEST"
 for s in "${folds[@]}"; do
   run=$OUT/folds/$s
-  [ -f "$OUT/pred/$s.h5" ] && { echo "-- $s: done"; continue; }
+  [ -f "$OUT/pred/$s.h5ad" ] && { echo "-- $s: done"; continue; }  # the AnnData twin is written last
   backbone=$CKPT
   if [ -z "$CKPT" ]; then
     backbone=$OUT/folds/backbone_$s.safetensors

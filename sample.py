@@ -13,6 +13,7 @@ batches and streamed to disk, so memory does not grow with N. Each batch draws i
 from (--seed, its first row), so the output is the same for any number of processes.
 """
 import argparse
+import glob
 import os
 import sys
 import time
@@ -140,9 +141,10 @@ def main():
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
         if a.device.startswith("cuda"):
             a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(a.device)                 # NCCL's barrier uses the current device: one per process
+        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
     dev = torch.device(a.device)
     a.batch_size = a.batch_size or (256 if dev.type == "cuda" else 32)
     net, diffusion, ck = load_run(os.path.join(a.run, a.checkpoint), dev)
@@ -157,7 +159,11 @@ def main():
     for name in names:
         dst = os.path.join(out_dir, f"{name}.h5")
         if os.path.isfile(dst) and not a.overwrite:
-            raise UserError(f"{dst} exists; pass --overwrite to replace it or choose another --out")
+            if os.path.isfile(dst + "ad"):
+                raise UserError(f"{dst} exists; pass --overwrite to replace it or choose another --out")
+            if rank == 0:                                # sampled, but interrupted before its AnnData twin
+                write_anndata(dst, a.data)
+            continue
         feats = Features(a.data, ck["features"], name)
         check_slice(a.data, name, ck, feats, net.cfg.hist_dim)
         N, t0 = feats.n, time.time()
@@ -169,7 +175,11 @@ def main():
                 finish(f, name, a, ck, diffusion, record, N, t0)
         else:
             part = f"{dst}.part{rank}"
-            os.makedirs(out_dir, exist_ok=True)
+            if rank == 0:                                # parts an interrupted run left behind
+                os.makedirs(out_dir, exist_ok=True)
+                for stale in glob.glob(glob.escape(dst) + ".part*"):
+                    os.remove(stale)
+            dist.barrier()
             with h5py.File(part, "w") as f:              # this process's batches; the other rows stay unwritten
                 create_outputs(f, N, G, a, record)
                 sample_batches(f, starts[rank::world], net, diffusion, feats, ck, a, dev, record)

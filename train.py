@@ -163,7 +163,7 @@ def main():
         # a curriculum epoch never trained on mostly hidden genes, so it cannot generate from scratch: selection starts
         # after it (as the official code validates only late); its low per-step loss picked collapsed checkpoints on the demo
         improved = v < state["best"] and ep >= curriculum
-        state["best"], state["bad_epochs"] = (v, 0) if improved else (state["best"], state["bad_epochs"] + 1)
+        state["best"], state["bad_epochs"] = (v, 0) if improved else (state["best"], state["bad_epochs"] + (ep >= curriculum))
         if rank == 0:
             ck = {**meta, "model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}

@@ -38,7 +38,8 @@ timed() {  # timed LABEL FOLD cmd...: run cmd, append "LABEL FOLD seconds" to ti
 
 echo "== data: Her2ST from $RAW, stain features"
 # every slice with an image is a test slice of some fold: genes are selected on the others only
-IMAGED=$(for d in "$RAW"/ST-imgs/*/*/; do ls "$d" | grep -qi '\.jpg$' && basename "$d"; done | sort | paste -sd,)
+IMAGED=$(find "$RAW/ST-imgs" -mindepth 3 -maxdepth 3 -type f \( -iname '*.jp*g' -o -iname '*.png' -o -iname '*.tif*' \) \
+         -exec dirname {} \; | xargs -n1 basename | sort -u | paste -sd,)
 $PY prepare_data.py --dataset her2st --raw "$RAW" --out "$DATA" --test-slices "$IMAGED"
 $PY extract_features.py --data "$DATA" --encoder stain
 FOLDS=${FOLDS:-$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 == "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)}

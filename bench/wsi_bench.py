@@ -7,7 +7,7 @@ The slide is built once from real tissue: the tissue of Her2ST's imaged slices (
 boxes) tiled into one pyramidal, JPEG-tiled TIFF at 0.69 µm/px, read through OpenSlide. The same
 slide is then gridded at three pitches to give about 1k, 10k and 50k pseudo-spots, so that only
 the number of spots changes. Each stage runs as its own process; its wall time and peak resident
-memory (getrusage of that process) are reported, with spots/s and the memory ratio 50k / 1k.
+memory (VmHWM of that process) are reported, with spots/s and the memory ratio 50k / 1k.
 Sampling uses random weights (speed does not depend on them), K = 5, S = 1.
 """
 import argparse

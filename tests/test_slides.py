@@ -98,7 +98,8 @@ def test_hex_grid_is_visium_like():
     probe = np.random.default_rng(0).uniform([100, 100], [900, 700], (2000, 2))
     assert cKDTree(xy).query(probe)[0].max() <= 100 / np.sqrt(3) + 1e-6  # no point of the tissue farther than pitch/√3
     sq, arr = R.spot_grid(1000, 800, 100.0, "square")
-    assert len(sq) == 11 * 9 and np.array_equal(sq, arr * 100.0)
+    assert len(sq) == 10 * 8 and np.array_equal(sq, arr * 100.0)  # inside the 1000 x 800 image: x < 1000, y < 800
+    assert xy[:, 0].max() < 1000 and xy[:, 1].max() < 800
 
 
 def test_tissue_mask_keeps_tissue_and_drops_glass_ink_and_specks():
