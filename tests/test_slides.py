@@ -252,3 +252,15 @@ def test_sample_warns_when_the_slide_scale_differs_from_training(demo, hinge_run
     p = run_script("sample.py", "--run", hinge_run, "--data", tmp_path / "data", "--slices", "demo1", "--samples", "1",
                    "--out", tmp_path / "pred")
     assert "0.50 µm/px" in p.stderr and "1.00 µm/px" in p.stderr and "0.50x the width" in p.stderr
+
+
+def test_rerun_writes_a_missing_anndata_twin_without_resampling(predicted_slide, hinge_run):
+    h5, h5ad = predicted_slide / "pred" / "demo1.h5", predicted_slide / "pred" / "demo1.h5ad"
+    before = os.path.getmtime(h5)
+    os.remove(h5ad)                                      # as if interrupted between the two files
+    run_script("sample.py", "--run", hinge_run, "--data", predicted_slide / "data", "--slices", "demo1",
+               "--out", predicted_slide / "pred")
+    assert h5ad.exists() and os.path.getmtime(h5) == before
+    p = run_script("sample.py", "--run", hinge_run, "--data", predicted_slide / "data", "--slices", "demo1",
+                   "--out", predicted_slide / "pred", check=False)
+    assert_user_error(p, "demo1.h5 exists", "--overwrite")   # both complete: never silently replaced
