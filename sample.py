@@ -106,6 +106,31 @@ def merge_parts(f, parts, starts, batch_size):
         s.close()
 
 
+def sample_sharded(dst, name, job, rank, world, N, G, t0):
+    """Under torchrun: each process generates every world-th batch into its part file, then process 0
+    merges the parts into `dst` (the same rows one process would write) and removes them."""
+    net, diffusion, feats, ck, a, dev, record = job
+    starts = list(range(0, N, a.batch_size))
+    if rank == 0:                                        # parts an interrupted run left behind
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        for stale in glob.glob(glob.escape(dst) + ".part*"):
+            os.remove(stale)
+    dist.barrier()
+    with h5py.File(f"{dst}.part{rank}", "w") as f:       # this process's batches; the other rows stay unwritten
+        create_outputs(f, N, G, a, record)
+        sample_batches(f, starts[rank::world], *job)
+    dist.barrier()
+    if rank == 0:
+        parts = [f"{dst}.part{r}" for r in range(world)]
+        with atomic_h5(dst) as f:
+            create_outputs(f, N, G, a, record)
+            merge_parts(f, parts, starts, a.batch_size)
+            finish(f, name, a, ck, diffusion, record, N, t0)
+        for p in parts:
+            os.remove(p)
+    dist.barrier()
+
+
 def finish(f, name, a, ck, diffusion, record, N, t0):
     """Spot ids, genes and the run's settings, once every row is written."""
     secs = time.time() - t0
@@ -167,31 +192,14 @@ def main():
         feats = Features(a.data, ck["features"], name)
         check_slice(a.data, name, ck, feats, net.cfg.hist_dim)
         N, t0 = feats.n, time.time()
-        starts = list(range(0, N, a.batch_size))
+        job = (net, diffusion, feats, ck, a, dev, record)
         if world == 1:
             with atomic_h5(dst) as f:
                 create_outputs(f, N, G, a, record)
-                sample_batches(f, starts, net, diffusion, feats, ck, a, dev, record)
+                sample_batches(f, list(range(0, N, a.batch_size)), *job)
                 finish(f, name, a, ck, diffusion, record, N, t0)
         else:
-            part = f"{dst}.part{rank}"
-            if rank == 0:                                # parts an interrupted run left behind
-                os.makedirs(out_dir, exist_ok=True)
-                for stale in glob.glob(glob.escape(dst) + ".part*"):
-                    os.remove(stale)
-            dist.barrier()
-            with h5py.File(part, "w") as f:              # this process's batches; the other rows stay unwritten
-                create_outputs(f, N, G, a, record)
-                sample_batches(f, starts[rank::world], net, diffusion, feats, ck, a, dev, record)
-            dist.barrier()
-            if rank == 0:
-                with atomic_h5(dst) as f:
-                    create_outputs(f, N, G, a, record)
-                    merge_parts(f, [f"{dst}.part{r}" for r in range(world)], starts, a.batch_size)
-                    finish(f, name, a, ck, diffusion, record, N, t0)
-                for r in range(world):
-                    os.remove(f"{dst}.part{r}")
-            dist.barrier()
+            sample_sharded(dst, name, job, rank, world, N, G, t0)
         feats.close()
         if rank == 0:
             write_anndata(dst, a.data)
