@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import FIXTURES, ROOT, run_script
+from conftest import FIXTURES, run_script
 
 CKPT = os.path.join(FIXTURES, "cellfm_tiny_mindspore.ckpt")
 needs_fixture = pytest.mark.skipif(not os.path.isfile(CKPT), reason=f"CellFM fixture not found at {CKPT}")
