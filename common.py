@@ -129,6 +129,20 @@ def gene_tokens(gene_ids, vocab):
     return gene_ids, vocab
 
 
+def init_distributed(device):
+    """Under torchrun, join the process group (NCCL on GPUs, one per process; gloo on CPUs)
+    -> (rank, world size, this process's device); a single process gets (0, 1, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)                # NCCL's barrier uses the current device
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
 def add_fold_args(p):
     """The arguments that define a leave-one-slice-out fold and its validation split, shared by
     train.py and baselines.py so that both see the same training and validation spots."""
@@ -195,6 +209,15 @@ def spot_diameter(s, pixel):
     return float(np.median(cKDTree(pixel).query(pixel, k=2)[0][:, 1]) / 2) if len(pixel) > 1 else 1.0
 
 
+def slice_layout(s):
+    """An open slice file's geometry -> (spot centres [N, 2] in full-resolution px, spot diameter
+    in px, thumbnail or None, thumbnail px per full-resolution px)."""
+    pixel = s["pixel"][()] if "pixel" in s else s["array"][()].astype(np.float32)
+    thumb = s["thumbnail"][()] if "thumbnail" in s else None
+    scale = float(s["thumbnail"].attrs["scale"]) if thumb is not None else 1.0
+    return pixel, spot_diameter(s, pixel), thumb, scale
+
+
 def write_anndata(pred_path, data_dir):
     """<pred>.h5ad beside a prediction file, laid out as scanpy's Visium reader lays out a slide, so
     that `scanpy.pl.spatial(adata, color=GENE)` draws the prediction over the H&E with no argument:
@@ -208,12 +231,11 @@ def write_anndata(pred_path, data_dir):
     with h5py.File(pred_path, "r") as f, h5py.File(existing_slice(data_dir, name), "r") as s:
         genes, barcodes = decode(f["genes"]), decode(f["barcode"])
         array = s["array"][()]
-        pixel = s["pixel"][()] if "pixel" in s else array.astype(np.float32)
-        spatial = {"scalefactors": {"spot_diameter_fullres": spot_diameter(s, pixel)},
-                   "metadata": {"source": str(s.attrs.get("source", ""))}}
-        if "thumbnail" in s:
-            spatial["images"] = {"hires": s["thumbnail"][()]}
-            spatial["scalefactors"]["tissue_hires_scalef"] = float(s["thumbnail"].attrs["scale"])
+        pixel, diameter, thumb, scale = slice_layout(s)
+        spatial = {"scalefactors": {"spot_diameter_fullres": diameter}, "metadata": {"source": str(s.attrs.get("source", ""))}}
+        if thumb is not None:
+            spatial["images"] = {"hires": thumb}
+            spatial["scalefactors"]["tissue_hires_scalef"] = scale
         if "pixel_size_um" in s.attrs:
             spatial["metadata"]["pixel_size_um"] = float(s.attrs["pixel_size_um"])
         obs = pd.DataFrame({"in_tissue": 1, "array_row": array[:, 1], "array_col": array[:, 0]}, index=barcodes)

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from common import UserError, atomic_path, decode, existing_slice, read_slice, run, spot_diameter, write_text
+from common import UserError, atomic_path, decode, existing_slice, read_slice, run, slice_layout, write_text
 
 METRICS = ["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "RVD", "SSIM"]
 
@@ -181,10 +181,8 @@ def fig_predicted_maps(path, pred_path, data, markers):
         pred, genes = f["pred"][()], decode(f["genes"])
         std = f["std"][()] if "std" in f else None
     with h5py.File(existing_slice(data, name), "r") as s:
-        thumb = s["thumbnail"][()] if "thumbnail" in s else None
-        scale = float(s["thumbnail"].attrs["scale"]) if thumb is not None else 1.0
-        xy = (s["pixel"][()] if "pixel" in s else s["array"][()].astype(np.float32)) * scale
-        diam = spot_diameter(s, xy / scale) * scale
+        pixel, diameter, thumb, scale = slice_layout(s)
+    xy, diam = pixel * scale, diameter * scale           # in thumbnail pixels
     lo, hi = xy.min(0) - 2 * diam, xy.max(0) + 2 * diam  # the tissue's bounding box, a spot or two around it
     cols = [("predicted", pred, "viridis")] + ([("uncertainty (std over samples)", std, "magma")] if std is not None else [])
     fig, axes = plt.subplots(len(markers), len(cols), figsize=(5.2 * len(cols), 4.6 * len(markers)), squeeze=False,

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import Features, UserError, atomic_h5, existing_slice, read_slice, run, str_array, write_anndata
+from common import (Features, UserError, atomic_h5, existing_slice, init_distributed, read_slice, run, str_array,
+                    write_anndata)
 
 
 def load_run(path, device):
@@ -164,12 +165,7 @@ def main():
     p.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
     a = p.parse_args()
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        if a.device.startswith("cuda"):
-            a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(a.device)                 # NCCL's barrier uses the current device: one per process
-        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+    rank, world, a.device = init_distributed(a.device)
     dev = torch.device(a.device)
     a.batch_size = a.batch_size or (256 if dev.type == "cuda" else 32)
     net, diffusion, ck = load_run(os.path.join(a.run, a.checkpoint), dev)

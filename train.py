@@ -20,8 +20,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (UserError, add_fold_args, atomic_path, feature_stats, gene_tokens, load_fold, run, split_validation,
-                    training_pixel_size)
+from common import (UserError, add_fold_args, atomic_path, feature_stats, gene_tokens, init_distributed, load_fold, run,
+                    split_validation, training_pixel_size)
 
 
 def parse_args():
@@ -61,12 +61,8 @@ def parse_args():
 
 def main():
     a = parse_args()
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if ddp:
-        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
-        if a.device.startswith("cuda"):
-            a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    rank, world, a.device = init_distributed(a.device)
+    ddp = world > 1
     dev = torch.device(a.device)
     torch.manual_seed(a.seed); np.random.seed(a.seed); random.seed(a.seed)
     encoders = a.features.split(",")
@@ -162,8 +158,9 @@ def main():
         state["epoch"] = ep + 1
         # a curriculum epoch never trained on mostly hidden genes, so it cannot generate from scratch: selection starts
         # after it (as the official code validates only late); its low per-step loss picked collapsed checkpoints on the demo
-        improved = v < state["best"] and ep >= curriculum
-        state["best"], state["bad_epochs"] = (v, 0) if improved else (state["best"], state["bad_epochs"] + (ep >= curriculum))
+        selecting = ep >= curriculum
+        improved = selecting and v < state["best"]
+        state["best"], state["bad_epochs"] = (v, 0) if improved else (state["best"], state["bad_epochs"] + selecting)
         if rank == 0:
             ck = {**meta, "model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
