@@ -6,6 +6,7 @@ import sys
 
 import h5py
 import numpy as np
+import pandas as pd
 
 
 class UserError(Exception):
@@ -118,6 +119,29 @@ class Features:
 def read_slice(data_dir, name, keys=("expr",)):
     with h5py.File(existing_slice(data_dir, name), "r") as f:
         return {k: f[k][()] for k in keys}
+
+
+def read_vocab(path):
+    """CellFM gene_info.csv: token id = row index + 1 (as CellFM's own code builds it)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: vocabulary file not found; pass CellFM's csv/gene_info.csv")
+    df = pd.read_csv(path)
+    col = next((c for c in ("HGNC_gene", "gene_name", "gene", "symbol") if c in df.columns), None)
+    if col is None:
+        raise UserError(f"{path}: no HGNC_gene column (found {', '.join(map(str, df.columns[:6]))}); "
+                        "pass CellFM's csv/gene_info.csv, whose rows give the token ids")
+    return {str(g): i + 1 for i, g in enumerate(df[col])}
+
+
+def read_gene_list(path):
+    """A gene list, one symbol per line in model order (the official HINGE code's used_selected_gene_list.txt)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: gene list not found")
+    genes = [g.strip() for g in open(path) if g.strip()]
+    dup = sorted({g for g in genes if genes.count(g) > 1})
+    if not genes or dup:
+        raise UserError(f"{path}: " + (f"genes listed twice: {', '.join(dup[:5])}" if dup else "no genes"))
+    return genes
 
 
 def gene_tokens(gene_ids, vocab):

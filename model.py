@@ -7,7 +7,7 @@ Parameter names of the backbone are exactly those of the released CellFM checkpo
 """
 import math
 import os
-import sys
+import re
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -18,6 +18,11 @@ import torch.nn.functional as F
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
+
+
+def gate(g, kind):
+    """SoftAdaLN's residual gate τ(c): the official sigmoid(g), its bias starting at 6, or the residual 1 + g."""
+    return torch.sigmoid(g) if kind == "sigmoid" else 1 + g
 
 
 #################################################################################
@@ -167,18 +172,18 @@ def load_cellfm(path):
 #################################################################################
 
 class LoRALinear(nn.Linear):
-    """Bias-free Linear with an optional low-rank update B·A (B zero-init, CellFM lora.py);
-    keeps the checkpoint name `<name>.weight`."""
+    """Bias-free Linear with an optional low-rank update B·A/r (the official HINGE LoraBlock's 1/r scale);
+    keeps the checkpoint name `<name>.weight`. A and B are set by `Hinge.initialize_weights`."""
     def __init__(self, d_in, d_out, rank=0):
         super().__init__(d_in, d_out, bias=False)
         self.rank = rank
         if rank:
-            self.lora_A = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
-            self.lora_B = nn.Parameter(torch.zeros(d_out, rank))
+            self.lora_A = nn.Parameter(torch.empty(rank, d_in))
+            self.lora_B = nn.Parameter(torch.empty(d_out, rank))
 
     def forward(self, x):
         y = F.linear(x, self.weight)
-        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) if self.rank else y
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) / self.rank if self.rank else y
 
 
 class SoftBinFFN(nn.Module):
@@ -252,7 +257,8 @@ class Retention(nn.Module):
             v = v * key_mask[:, :, None, None]
         kv = torch.einsum("blhd,blhe->bhde", k, v)       # [B, h, dh, dh]
         o = torch.einsum("blhd,bhde->blhe", q, kv)       # [B, L, h, dh]
-        o = o / (o.norm(dim=-1, keepdim=True) / math.sqrt(dh)).clamp_min(1e-12)  # SRMSNorm per head
+        o32 = o.float()                                  # SRMSNorm per head, in float32 under autocast (official HINGE)
+        o = (o32 / (o32.norm(dim=-1, keepdim=True) / math.sqrt(dh)).clamp_min(1e-12)).to(o.dtype)
         o = o.reshape(B, L, D) * F.silu(self.u_proj(x))  # [B, L, D]
         return self.o_proj(o)
 
@@ -294,7 +300,7 @@ class RetentionBlock(nn.Module):
         self.post_norm1 = nn.LayerNorm(dim, eps=1e-6)   # eps as the official HINGE sets it
         self.post_norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.dropout = nn.Dropout(cfg.dropout * layer / cfg.layers)  # CellFM: enc_dropout·i/N
-        self.cond = cfg.cond
+        self.cond, self.gate = cfg.cond, cfg.gate
         if cfg.cond == "softadaln":
             self.adaln = nn.Linear(dim, 6 * dim)
             self.soft_norm1 = SoftNorm(dim, cfg.soft_norm)
@@ -312,9 +318,9 @@ class RetentionBlock(nn.Module):
             return modulate(self.post_norm2(self.alpha * h + self.dropout(self.ffn(h))), s2, k2)
         sa, ka, ga, sf, kf, gf = self.adaln(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each [B, 1, D]
         a = self.attn(modulate(self.soft_norm1(h), sa, ka), key_mask)
-        h = self.post_norm1(self.alpha * h + (1 + ga) * self.dropout(a))
+        h = self.post_norm1(self.alpha * h + gate(ga, self.gate) * self.dropout(a))
         f = self.ffn(modulate(self.soft_norm2(h), sf, kf))
-        return self.post_norm2(self.alpha * h + (1 + gf) * self.dropout(f))
+        return self.post_norm2(self.alpha * h + gate(gf, self.gate) * self.dropout(f))
 
 
 class ValueDecoder(nn.Module):
@@ -344,6 +350,8 @@ class Config:
     soft_norm: bool = True
     id_init: bool = True
     lora_rank: int = 0
+    gate: str = "residual"         # sigmoid | residual (runs saved before the choice existed are residual)
+    init: str = "cellfm"           # official (xavier_uniform everywhere, the official HINGE code) | cellfm
 
     @property
     def gene_rows(self):           # vocab + padding row 0, rounded up to a multiple of 8 (CellFM)
@@ -375,29 +383,48 @@ class Hinge(nn.Module):
 
     def initialize_weights(self):
         cfg = self.cfg
-        beta = (8 * cfg.layers) ** -0.25                 # DeepNorm gain for v, u, o and the GLU (CellFM)
-        for blk in self.encoder:
-            for lin in (blk.attn.q_proj, blk.attn.k_proj):
-                nn.init.xavier_normal_(lin.weight, gain=1.0)
-            for lin in (blk.attn.v_proj, blk.attn.u_proj, blk.attn.o_proj, *blk.ffn.children()):
-                nn.init.xavier_normal_(lin.weight, gain=beta)
-        nn.init.normal_(self.gene_emb, std=0.02)
+        loras = [m for m in self.modules() if isinstance(m, LoRALinear) and m.rank]
+        if cfg.init == "official":                       # the official code's xavier_uniform on every Linear, LoRA A and B included
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+            for m in loras:
+                nn.init.xavier_uniform_(m.lora_A)
+                nn.init.xavier_uniform_(m.lora_B)
+            nn.init.xavier_normal_(self.gene_emb)
+            nn.init.xavier_normal_(self.cls_token)
+        else:
+            beta = (8 * cfg.layers) ** -0.25             # DeepNorm gain for v, u, o and the GLU (CellFM)
+            for blk in self.encoder:
+                for lin in (blk.attn.q_proj, blk.attn.k_proj):
+                    nn.init.xavier_normal_(lin.weight, gain=1.0)
+                for lin in (blk.attn.v_proj, blk.attn.u_proj, blk.attn.o_proj, *blk.ffn.children()):
+                    nn.init.xavier_normal_(lin.weight, gain=beta)
+            for m in self.cond_net.modules():            # the official CondNet's own N(0, 0.02), zero bias
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+            for m in loras:                              # B = 0: LoRA starts as a no-op (CellFM lora.py)
+                nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(m.lora_B)
+            nn.init.normal_(self.gene_emb, std=0.02)
+            nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.zero_emb, std=0.02)
         with torch.no_grad():
             self.gene_emb[0].zero_()                     # token 0 is padding
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.zero_emb, std=0.02)
-        for m in self.cond_net.modules():                # official CondNet: N(0, 0.02), zero bias
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        heads = [blk.adaln for blk in self.encoder if hasattr(blk, "adaln")] + [self.dec_adaln]
-        norms = [m for m in self.modules() if isinstance(m, SoftNorm)]
-        if not cfg.id_init:                              # --no-id-init: default Linear init, λ = 0.5
+        if not cfg.id_init:                              # --no-id-init: the heads keep their Linear init, λ = 0.5
             return
-        for lin in heads:                                # shift = scale = gate offset = 0: the untrained model is CellFM
+        heads = [blk.adaln for blk in self.encoder if hasattr(blk, "adaln")] + [self.dec_adaln]
+        for lin in heads:                                # shift = scale = 0: the untrained model is CellFM
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
-        for n in norms:                                  # λ = sigmoid(-12) ≈ 6e-6: SoftNorm starts as the identity
+        if cfg.cond == "softadaln" and cfg.gate == "sigmoid":
+            with torch.no_grad():                        # gate biases 6: sigmoid(6) ≈ 0.9975, almost CellFM (official HINGE)
+                for blk in self.encoder:
+                    blk.adaln.bias.view(6, cfg.dim)[[2, 5]] = 6.0
+        for n in (m for m in self.modules() if isinstance(m, SoftNorm)):  # λ = sigmoid(-12) ≈ 6e-6: SoftNorm starts as the identity
             nn.init.constant_(n.lambda_bias, -12.0)
 
     def embed_histology(self, hist):                     # hist [B, hist_dim] -> [B, D]; once per spot when sampling
@@ -463,6 +490,73 @@ def load_backbone(model, sd, path="checkpoint"):
 
 
 #################################################################################
+#                 Checkpoints of the official HINGE code (donghaifang/HINGE)    #
+#################################################################################
+
+# our name -> the official one (its models.py, retentionlayer.py); the first rule that matches applies
+OFFICIAL_NAMES = [
+    (r"^encoder\.(\d+)\.adaln\.", r"retentionblocks.\1.adaln.proj."),
+    (r"^encoder\.(\d+)\.soft_norm(\d)\.lambda_bias$", r"retentionblocks.\1.pre_norm\2._lambda_bias"),
+    (r"^encoder\.(\d+)\.(attn|ffn)\.(\w)_proj\.lora_(A|B)$", r"retentionblocks.\1.\2.lora_\3.\4.weight"),
+    (r"^encoder\.", "retentionblocks."),
+    (r"^cond_net\.t_embedder\.", "cond_embed.time."),
+    (r"^cond_net\.hist_embedder\.", "cond_embed.label."),
+    (r"^cond_net\.mask_embedder\.", "cond_embed.mask."),
+    (r"^dec_norm\.lambda_bias$", "final_layer.pre_norm._lambda_bias"),
+    (r"^dec_adaln\.", "final_layer.proj."),
+    (r"^value_dec\.", "final_layer."),
+]
+OURS_ONLY = ("value_enc.mask_emb",)                     # CellFM's pre-training mask token: the official model drops it
+
+
+def official_name(name):
+    for pattern, repl in OFFICIAL_NAMES:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def official_config(sd, heads=None, gate="sigmoid"):
+    """The shape of an official HINGE model, read off its tensors: width and layers from the blocks,
+    vocabulary rows from gene_emb, genes from the mask MLP, heads = width / 32 as in CellFM."""
+    need = ["gene_emb", "cond_embed.label.0.weight", "cond_embed.mask.0.weight", "gg"]
+    absent = [k for k in need if k not in sd]
+    if absent:
+        raise CheckpointError(f"not an official HINGE checkpoint: no {', '.join(absent)}")
+    rows, dim = sd["gene_emb"].shape
+    lora = sd.get("retentionblocks.0.attn.lora_q.A.weight")
+    return Config(dim=dim, layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("retentionblocks.")),
+                  heads=heads or dim // 32, vocab=rows - 1, n_genes=sd["cond_embed.mask.0.weight"].shape[1],
+                  hist_dim=sd["cond_embed.label.0.weight"].shape[1], gate=gate, init="official",
+                  lora_rank=0 if lora is None else lora.shape[0])
+
+
+def import_official(sd, cfg):
+    """An official HINGE state dict -> our model, every tensor mapped by name; a missing, unexpected
+    or mis-shaped tensor is an error that names it."""
+    net = Hinge(cfg, sd["gg"])
+    own = {k: v for k, v in net.state_dict().items() if k not in OURS_ONLY}
+    names = {official_name(k): k for k in own}
+    missing = sorted(set(names) - set(sd))
+    unexpected = sorted(set(sd) - set(names) - {"gg"})
+    bad = [f"{o} {tuple(sd[o].shape)} (expected {tuple(own[k].shape)})" for o, k in names.items()
+           if o in sd and sd[o].numel() != own[k].numel()]
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
+        if keys:
+            raise CheckpointError(f"{what} tensors: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} "
+                                  f"({len(keys)} in all)")
+    with torch.no_grad():
+        for o, k in names.items():
+            own[k].copy_(sd[o].reshape(own[k].shape))   # the official λ biases are scalars, ours [1]
+        if cfg.gate == "residual":                       # official use_sigmoid=False gates with g, ours with 1 + g
+            for blk in net.encoder:
+                blk.adaln.bias.view(6, cfg.dim)[[2, 5]] -= 1
+        net.value_enc.mask_emb.zero_()
+    return net
+
+
+#################################################################################
 #                                 Variants                                      #
 #################################################################################
 
@@ -489,27 +583,32 @@ def set_trainable(model, variant):
 #                               Masked diffusion                                #
 #################################################################################
 
-def visible_fraction(schedule, T, G):
-    """ᾱ_t for t = 0..T (the fraction of genes visible at step t)."""
-    s = torch.arange(T + 1, dtype=torch.float64) / T
+def hidden_counts(schedule, T, G):
+    """Genes hidden at t = 0..T, counted exactly as the official scheduler: ⌊γ(t)·G⌋ in float32, γ = 1 - ᾱ,
+    in its order of operations (float64 gives one gene more or less at some G, t); pow and cos are rounded
+    correctly to float32, as a scalar torch call does (the vectorised CPU pow is one ulp off at a few G, T = 100)."""
+    t = torch.arange(T + 1, dtype=torch.float32)
+    f32 = lambda fn, x: fn(x.double()).float()           # noqa: E731
     if schedule == "poly-auto":                          # ζ = log_T G: exactly one gene visible at t = T-1 (official)
-        return (1 - s) ** min(max(math.log(G) / math.log(T), 1.05), 4.0)
-    if schedule == "linear":
-        return 1 - s
-    if schedule == "cosine":
-        return 0.5 * (1 + torch.cos(math.pi * s))
-    if schedule.startswith("power:"):
-        return (1 - s) ** float(schedule.split(":", 1)[1])
-    raise ValueError(f"unknown schedule {schedule!r}; use poly-auto, linear, cosine or power:<zeta>")
+        zeta = min(max(math.log(1 / float(G)) / math.log(1.0 / float(max(2, T))), 1.05), 4.0)
+        g = 1 - f32(lambda x: x ** zeta, 1 - t / float(T))
+    elif schedule == "linear":
+        g = t / float(T)
+    elif schedule == "cosine":
+        g = 0.5 * (1 - f32(torch.cos, math.pi * t / float(T)))
+    elif schedule.startswith("power:"):
+        zeta = float(schedule.split(":", 1)[1])
+        g = 1 - f32(lambda x: x ** zeta, 1 - t / float(T))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; use poly-auto, linear, cosine or power:<zeta>")
+    return (g.clamp(0, 1) * G).long()
 
 
 class MaskedDiffusion:
-    """Nested random gene orders: at step t the first ⌊(1-ᾱ_t)·G⌋ genes of a sample's order are hidden."""
+    """Nested random gene orders: at step t the first ⌊γ(t)·G⌋ genes of a sample's order are hidden."""
     def __init__(self, G, T=50, schedule="poly-auto", fill="gauss", loss_norm="sample"):
         self.G, self.T, self.fill, self.loss_norm = G, T, fill, loss_norm
-        n = torch.floor((1 - visible_fraction(schedule, T, G)) * G + 1e-6).long()
-        n[0], n[T] = 0, G
-        self.n_hidden = torch.cummax(n, 0).values        # [T+1], non-decreasing
+        self.n_hidden = hidden_counts(schedule, T, G)    # [T+1]
 
     def curriculum_cap(self, max_hidden=0.2):
         """Largest t whose hidden fraction is at most `max_hidden` (≥ 1): the warm-up range."""
@@ -650,18 +749,82 @@ def config_dict(cfg):
     return asdict(cfg)
 
 
+def convert(src, dst):
+    """A CellFM checkpoint -> .safetensors, so later loads are fast and need no protobuf parsing."""
+    from safetensors.torch import save_file
+    sd = load_cellfm(src)
+    save_file({k: v.contiguous() for k, v in sd.items()}, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values")
+
+
+def import_hinge(a):
+    """An official HINGE best_weight.pt -> a run sample.py and evaluate.py use as they are (README
+    "Using the authors' checkpoints"). The official code feeds raw UNI + CONCH embeddings, so the
+    run standardises nothing (mean 0, std 1), and trains with T = 50 and the poly-auto schedule."""
+    from common import UserError, atomic_path, read_gene_list, read_vocab
+    if not os.path.isfile(a.import_hinge):
+        raise UserError(f"{a.import_hinge}: no such checkpoint")
+    ck = torch.load(a.import_hinge, map_location="cpu", weights_only=True)
+    sd = ck.get("model", ck) if isinstance(ck, dict) else None
+    if not isinstance(sd, dict):
+        raise UserError(f"{a.import_hinge}: not an official HINGE checkpoint (expected {{'model', 'opt', 'epoch'}})")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    genes, vocab = read_gene_list(a.genes), read_vocab(a.vocab)
+    unknown = [g for g in genes if g not in vocab]
+    if unknown:
+        raise UserError(f"{a.vocab}: {len(unknown)} listed genes are not in the vocabulary: {', '.join(unknown[:5])}")
+    try:
+        cfg = official_config(sd, a.heads, a.gate)
+        tokens, gg = torch.tensor([vocab[g] for g in genes]), sd["gg"].long()
+        if len(tokens) != len(gg):
+            raise CheckpointError(f"it has {len(gg)} genes (gg) and {a.genes} lists {len(genes)}")
+        if not torch.equal(tokens, gg):
+            i = int((tokens != gg).nonzero()[0])
+            raise CheckpointError(f"gene {i} of {a.genes}, {genes[i]}, has token id {int(tokens[i])} in {a.vocab} but "
+                                  f"the checkpoint's gg holds {int(gg[i])}: another gene order or vocabulary file")
+        net = import_official(sd, cfg)
+    except CheckpointError as e:
+        raise UserError(f"{a.import_hinge}: {e}") from e
+    feats = a.features.split(",")
+    run = {"config": config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": genes, "features": feats,
+           "feat_mean": np.zeros(cfg.hist_dim, np.float32), "feat_std": np.ones(cfg.hist_dim, np.float32),
+           "test_slice": None, "train_slices": [], "objective": "masked", "schedule": "poly-auto", "fill": "gauss",
+           "T": a.T, "variant": "hinge", "cellfm_ckpt": None, "pixel_size_um": None, "model": net.state_dict(),
+           "imported_from": os.path.abspath(a.import_hinge), "epoch": ck.get("epoch"), "args": vars(a)}
+    with atomic_path(a.out) as tmp:
+        torch.save(run, tmp)
+    print(f"wrote {a.out}: {cfg.layers} layers, width {cfg.dim}, {cfg.heads} heads, {cfg.n_genes} genes, "
+          f"{cfg.hist_dim}-d features ({a.features}), {cfg.gate} gate" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
+
+
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Convert a CellFM checkpoint (.ckpt/.pt/.bin) to .safetensors once, "
-                                            "so later loads are fast and need no protobuf parsing.")
-    p.add_argument("--convert", nargs=2, metavar=("IN", "OUT"), required=True, help="input checkpoint, output .safetensors")
+    from common import UserError, run
+    p = argparse.ArgumentParser(description="Checkpoint tools: convert a CellFM checkpoint to .safetensors, or import "
+                                            "an official HINGE checkpoint as a run for sample.py.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--convert", nargs=2, metavar=("IN", "OUT"), help="CellFM .ckpt/.pt/.bin -> .safetensors")
+    g.add_argument("--import-hinge", metavar="PT", help="official HINGE best_weight.pt ({'model', 'opt', 'epoch'})")
+    p.add_argument("--genes", help="import: its gene list, one symbol per line in training order (used_selected_gene_list.txt)")
+    p.add_argument("--vocab", help="import: CellFM gene_info.csv it was trained with (token id = row + 1)")
+    p.add_argument("--out", help="import: the run checkpoint to write, e.g. RUN/best.pt")
+    p.add_argument("--heads", type=int, help="import: attention heads (default width / 32, as CellFM)")
+    p.add_argument("--gate", choices=["sigmoid", "residual"], default="sigmoid",
+                   help="import: the official use_sigmoid=True (default) or use_sigmoid=False")
+    p.add_argument("--features", default="uni,conch", help="import: its histology features, in order (default uni,conch)")
+    p.add_argument("--T", type=int, default=50, help="import: its --num_timesteps (default 50)")
     a = p.parse_args()
-    from safetensors.torch import save_file
-    try:
-        sd = load_cellfm(a.convert[0])
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    tmp = a.convert[1] + ".tmp"
-    save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
-    os.replace(tmp, a.convert[1])
-    print(f"wrote {a.convert[1]}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values")
+
+    def main():
+        if a.convert:
+            try:
+                convert(*a.convert)
+            except CheckpointError as e:
+                raise UserError(str(e)) from e
+            return
+        missing = [f"--{k}" for k in ("genes", "vocab", "out") if not getattr(a, k)]
+        if missing:
+            raise UserError(f"--import-hinge needs {', '.join(missing)}")
+        import_hinge(a)
+    run(main)

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, atomic_h5, run, slice_path, str_array, write_text
+from common import UserError, atomic_h5, read_gene_list, read_vocab, run, slice_path, str_array, write_text
 from readers import (OVERVIEW_SIDE, WHITE, ArrayImage, check_counts, demo_slice, image_size, open_image, read_her2st,
                      read_hest, read_slides, read_visium, write_slide_tiff)
 
@@ -55,18 +55,6 @@ def crop_patches(img, centres, side, out_size):
 #                               Gene selection                                  #
 #################################################################################
 
-def read_vocab(path):
-    """CellFM gene_info.csv: token id = row index + 1 (as CellFM's own code builds it)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: vocabulary file not found; pass CellFM's csv/gene_info.csv")
-    df = pd.read_csv(path)
-    col = next((c for c in ("HGNC_gene", "gene_name", "gene", "symbol") if c in df.columns), None)
-    if col is None:
-        raise UserError(f"{path}: no HGNC_gene column (found {', '.join(map(str, df.columns[:6]))}); "
-                        "pass CellFM's csv/gene_info.csv, whose rows give the token ids")
-    return {str(g): i + 1 for i, g in enumerate(df[col])}
-
-
 def read_aliases(path):
     df = pd.read_csv(path, sep=None, engine="python")
     if df.shape[1] < 2:
@@ -98,6 +86,19 @@ def select_genes(slices, vocab, n_top, select_from):
     if not chosen:
         raise UserError("no gene survives selection; raise --n-top or check --vocab / --aliases")
     return chosen
+
+
+def given_genes(path, slices, vocab):
+    """--genes: a fixed list in its own order (a trained model's genes), instead of selecting."""
+    genes = read_gene_list(path)
+    for s in slices:
+        missing = [g for g in genes if g not in s.genes]
+        if missing:
+            raise UserError(f"{path}: {len(missing)} genes are not measured in slice {s.name}: {', '.join(missing[:5])}")
+    if vocab is not None and any(g not in vocab for g in genes):
+        raise UserError(f"{path}: genes not in the vocabulary: {', '.join([g for g in genes if g not in vocab][:5])}")
+    print(f"genes: the {len(genes)} of {path}")
+    return genes
 
 
 def _indexer(have, want):
@@ -221,6 +222,8 @@ def parse_args():
     p.add_argument("--grid", choices=["hex", "square"], default="hex", help="image: hexagonal as Visium (default) or square")
     p.add_argument("--vocab", help="CellFM gene_info.csv: keep only vocabulary genes and store their token ids")
     p.add_argument("--aliases", help="optional table old symbol -> current symbol, applied before the vocabulary")
+    p.add_argument("--genes", help="use this gene list (one symbol per line, in order) instead of selecting genes, "
+                                   "e.g. the list an official HINGE checkpoint was trained on")
     p.add_argument("--n-top", type=int, default=300, help="N of HMHVG: top-N by mean ∩ top-N by std (default 300)")
     p.add_argument("--select-from", help="comma-separated slices used for gene selection (default: all); keeps test slices out")
     p.add_argument("--test-slices", help="held-out slices, comma-separated, or first-per-patient (the first slice with "
@@ -287,6 +290,8 @@ def main():
                 "allow_unmatched": a.allow_unmatched}
     if a.test_slices:
         settings["test_slices"] = a.test_slices
+    if a.genes:
+        settings["genes"] = os.path.abspath(a.genes)
     if a.dataset == "image":
         settings.update(image=[os.path.abspath(i) for i in a.image], pixel_size=a.pixel_size, grid=a.grid,
                         spot_pitch_um=a.spot_pitch_um, spot_diameter_um=a.spot_diameter_um)
@@ -308,7 +313,7 @@ def main():
             apply_aliases(rs, aliases)
             check_image(rs)
         warn_imageless(slices)
-        genes = select_genes(slices, vocab, a.n_top, select_from)
+        genes = given_genes(a.genes, slices, vocab) if a.genes else select_genes(slices, vocab, a.n_top, select_from)
 
     write_text(os.path.join(a.out, "prepare.json"), json.dumps(settings, indent=1) + "\n")
     if genes is not None:

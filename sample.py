@@ -175,6 +175,8 @@ def main():
         raise UserError(f"--samples {a.samples}: at least one sample per spot")
     record = parse_record(a.record_steps, a.steps)
     out_dir = a.out or os.path.join(a.run, "pred")
+    if not (a.slices or ck["test_slice"]):
+        raise UserError(f"{a.run}: this run has no test slice (an imported checkpoint); name the slices with --slices")
     names = a.slices.split(",") if a.slices else [ck["test_slice"]]
     G = net.cfg.n_genes
     for name in names:

@@ -36,6 +36,11 @@ def parse_args():
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for --variant backbone-lora (default 8)")
     p.add_argument("--objective", default="masked", choices=["masked", "gaussian"], help="masked diffusion or Gauss-Diff ablation")
     p.add_argument("--cond", default="softadaln", choices=["softadaln", "hist-affine-ln"], help="how histology enters the blocks")
+    p.add_argument("--gate", default="sigmoid", choices=["sigmoid", "residual"],
+                   help="SoftAdaLN's gate: sigmoid(g), starting at sigmoid(6) (the official code; default) or 1 + g")
+    p.add_argument("--init", default="official", choices=["official", "cellfm"],
+                   help="random weights (scratch, LoRA, conditioning): the official code's xavier_uniform on every Linear "
+                        "(default) or CellFM's (DeepNorm gains, LoRA B = 0, conditioning N(0, 0.02))")
     p.add_argument("--no-soft-norm", action="store_true", help="ablation: plain LayerNorm instead of SoftNorm")
     p.add_argument("--no-id-init", action="store_true", help="ablation: default init of the modulation (no identity start)")
     p.add_argument("--schedule", default="poly-auto", help="poly-auto (ζ = log_T G), linear, cosine or power:<ζ>")
@@ -81,7 +86,8 @@ def main():
 
     tokens, vocab = gene_tokens(gene_ids, M.make_config(a.preset).vocab)
     cfg = M.make_config(a.preset, vocab=vocab, n_genes=G, hist_dim=D, cond=a.cond, soft_norm=not a.no_soft_norm,
-                        id_init=not a.no_id_init, lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0)
+                        id_init=not a.no_id_init, lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0,
+                        gate=a.gate, init=a.init)
     net = M.Hinge(cfg, tokens)
     if a.cellfm_ckpt:
         try:
