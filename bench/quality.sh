@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RAW=../shared/data/her2st OUT=runs/quality FOLDS="" EPOCHS=10 LR=1e-3 PRE_EPOCHS=2 SAMPLES=2
+RAW=../shared/data/her2st OUT=runs/quality FOLDS="" EPOCHS=10 LR=1e-3 PRE_EPOCHS=2 SAMPLES=2 DATA_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --raw) RAW="$2"; shift 2 ;;
@@ -22,7 +22,8 @@ while [ $# -gt 0 ]; do
     --lr) LR="$2"; shift 2 ;;
     --pretrain-epochs) PRE_EPOCHS="$2"; shift 2 ;;
     --samples) SAMPLES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; echo "options: --raw DIR --out DIR --folds C2,C3 --epochs N --lr LR --pretrain-epochs N --samples S"; exit 0 ;;
+    --data-only) DATA_ONLY=1; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; echo "options: --raw DIR --out DIR --folds C2,C3 --epochs N --lr LR --pretrain-epochs N --samples S --data-only"; exit 0 ;;
     *) echo "error: unknown option $1 (see bash bench/quality.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,6 +49,7 @@ OTHERS=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 != "C" {print $1}' "$DATA/slices.ts
 BACKBONE=$OUT/backbone.safetensors  # pre-trained once on the 30 slices without images: no fold's test slice is in it
 [ -f "$BACKBONE" ] || timed pretrain all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" --preset small \
                                          --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$BACKBONE"
+[ "$DATA_ONLY" = 1 ] && exit 0  # data, features and backbone only (bench/choose_gate.sh)
 
 train() {  # train NAME FOLD args...: one train.py run, skipped when finished
   local name=$1 s=$2; shift 2

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# How train.py's default SoftAdaLN gate was chosen (README "Quality benchmark"): HINGE trained with the
+# official sigmoid(g) gate and with the residual 1 + g gate, on the Her2ST quick benchmark's fold C2 (its
+# settings) and on the demo's two folds (run_all.sh's settings), scored on each fold's validation spots only.
+#
+#   bash bench/choose_gate.sh                # about 25 minutes on 2 CPU cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash bench/quality.sh --folds C2 --data-only       # Her2ST data, stain features and the shared backbone
+PY=.venv/bin/python Q=runs/quality OUT=runs/choose_gate
+DEMO=$OUT/demo
+[ -f "$DEMO/test_slices.txt" ] || $PY prepare_data.py --out "$DEMO" --test-slices first-per-patient
+$PY extract_features.py --data "$DEMO" --encoder stain
+
+train() {  # train NAME args...: one train.py run, skipped when finished
+  local out=$OUT/$1; shift
+  [ -f "$out/done" ] || { rm -rf "$out"; $PY train.py "$@" --out "$out" && touch "$out/done"; }
+}
+for s in demo1 demo3; do
+  [ -f "$OUT/backbone_$s.safetensors" ] || $PY pretrain.py --data "$DEMO" --exclude "$s" --preset tiny --epochs 20 \
+                                              --lr 3e-3 --out "$OUT/backbone_$s.safetensors"
+done
+for gate in sigmoid residual; do
+  train "her2st_C2_$gate" --data $Q/data --features stain --test-slice C2 --exclude B4 --preset small --epochs 10 \
+      --lr 1e-3 --cellfm-ckpt $Q/backbone.safetensors --gate $gate
+  for s in demo1 demo3; do
+    train "demo_${s}_$gate" --data "$DEMO" --features stain --test-slice $s --preset tiny --epochs 30 --lr 3e-3 \
+        --cellfm-ckpt "$OUT/backbone_$s.safetensors" --gate $gate
+  done
+done
+echo "== validation spots of Her2ST fold C2"
+$PY bench/validate.py --data $Q/data --runs $OUT/her2st_C2_sigmoid $OUT/her2st_C2_residual --steps 1,5
+for s in demo1 demo3; do
+  echo "== validation spots of demo fold $s"
+  $PY bench/validate.py --data "$DEMO" --runs $OUT/demo_${s}_sigmoid $OUT/demo_${s}_residual --steps 1,5
+done
