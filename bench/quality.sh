@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# The quality benchmark (README "Quality benchmark"): leave-one-slice-out over Her2ST C2-C6 with the stain encoder,
-# HINGE against the baselines, Gauss-Diff and a scratch backbone, on the same folds and metrics.
+# The quality benchmark (README "Quality benchmark"): Her2ST with the stain encoder, HINGE against the
+# baselines, Gauss-Diff and a scratch backbone, on the same folds and metrics, in two tables:
+#   within patient C: leave-one-slice-out over C2-C6 (the other four C slices train);
+#   across patients:  train on C2-C6, test on B4 (patient B), HINGE over three training seeds.
 #
-#   bash bench/quality.sh                    # all five folds (about an hour on 2 CPU cores)
-#   bash bench/quality.sh --folds C2         # the quick version (17 minutes on 2 CPU cores)
+#   bash bench/quality.sh                    # every fold (about 80 minutes on 2 CPU cores)
+#   bash bench/quality.sh --folds C2         # the quick version (one within-patient fold)
 #
-# Every hyper-parameter is chosen on the fold's validation spots (10 % of the training spots,
-# seed 42) or fixed in advance; each test slice is generated once per method and only scored.
-# Re-running continues: finished predictions are kept. Ends with one table (mean ± std over
-# folds) and the wall time per method.
+# Every hyper-parameter is chosen on the fold's validation spots (10 % of the training spots)
+# or fixed in advance; each test slice is generated once per method (and seed) and only scored.
+# Re-running continues: finished predictions are kept. Ends with the two tables (mean ± std over
+# folds, or over seeds) and the wall time per method.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RAW=../shared/data/her2st OUT=runs/quality FOLDS="" EPOCHS=10 LR=1e-3 PRE_EPOCHS=2 SAMPLES=2 DATA_ONLY=0
+RAW=../shared/data/her2st OUT=runs/quality FOLDS="" SEEDS=42,1,2 EPOCHS=10 LR=1e-3 PRE_EPOCHS=2 SAMPLES=10 DATA_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --raw) RAW="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --folds) FOLDS="$2"; shift 2 ;;
+    --seeds) SEEDS="$2"; shift 2 ;;
     --epochs) EPOCHS="$2"; shift 2 ;;
     --lr) LR="$2"; shift 2 ;;
     --pretrain-epochs) PRE_EPOCHS="$2"; shift 2 ;;
     --samples) SAMPLES="$2"; shift 2 ;;
     --data-only) DATA_ONLY=1; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; echo "options: --raw DIR --out DIR --folds C2,C3 --epochs N --lr LR --pretrain-epochs N --samples S --data-only"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"
+               echo "options: --raw DIR --out DIR --folds C2,B4 --seeds 42,1,2 (cross-patient HINGE) --epochs N --lr LR"
+               echo "         --pretrain-epochs N --samples S (HINGE and scratch; Gauss-Diff at K = 50 draws 2) --data-only"
+               exit 0 ;;
     *) echo "error: unknown option $1 (see bash bench/quality.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -43,42 +49,52 @@ IMAGED=$(find "$RAW/ST-imgs" -mindepth 3 -maxdepth 3 -type f \( -iname '*.jp*g' 
          -exec dirname {} \; | xargs -n1 basename | sort -u | paste -sd,)
 $PY prepare_data.py --dataset her2st --raw "$RAW" --out "$DATA" --test-slices "$IMAGED"
 $PY extract_features.py --data "$DATA" --encoder stain
-FOLDS=${FOLDS:-$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 == "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)}
-OTHERS=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 != "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)  # within patient C only
+WITHIN=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 == "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)
+OTHERS=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 != "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)  # B4
+FOLDS=${FOLDS:-$WITHIN,$OTHERS}  # every fold trains on patient C's imaged slices other than its test slice
 
 BACKBONE=$OUT/backbone.safetensors  # pre-trained once on the 30 slices without images: no fold's test slice is in it
 [ -f "$BACKBONE" ] || timed pretrain all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" --preset small \
                                          --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$BACKBONE"
 [ "$DATA_ONLY" = 1 ] && exit 0  # data, features and backbone only (bench/choose_gate.sh)
 
+table_of() { [[ ",$WITHIN," == *",$1,"* ]] && echo within || echo cross; }
+
 train() {  # train NAME FOLD args...: one train.py run, skipped when finished
   local name=$1 s=$2; shift 2
   [ -f "$OUT/runs/$s/$name/done" ] && return
   rm -rf "$OUT/runs/$s/$name"
-  timed "train:$name" "$s" $PY train.py --data "$DATA" --features stain --test-slice "$s" --exclude "$OTHERS" --preset small \
-      --epochs "$EPOCHS" --lr "$LR" --out "$OUT/runs/$s/$name" "$@"
+  timed "train:${name%@*}" "$s" $PY train.py --data "$DATA" --features stain --test-slice "$s" --exclude "$OTHERS" \
+      --preset small --epochs "$EPOCHS" --lr "$LR" --out "$OUT/runs/$s/$name" "$@"
   touch "$OUT/runs/$s/$name/done"
 }
 
-sample() {  # sample METHOD RUN FOLD K
-  [ -f "$OUT/pred/$1/$3.h5" ] && return
-  timed "$1" "$3" $PY sample.py --run "$OUT/runs/$3/$2" --data "$DATA" --steps "$4" --samples "$SAMPLES" \
-      --out "$OUT/pred/$1" --overwrite
+sample() {  # sample METHOD RUN FOLD K S
+  local dir=$OUT/pred/$(table_of "$3")/$1
+  [ -f "$dir/$3.h5" ] && return
+  timed "${1%@*}" "$3" $PY sample.py --run "$OUT/runs/$3/$2" --data "$DATA" --steps "$4" --samples "$5" \
+      --save-samples --out "$dir" --overwrite
 }
 
 IFS=, read -ra folds <<< "$FOLDS"
 for s in "${folds[@]}"; do
-  echo "== fold $s"
+  echo "== fold $s ($(table_of "$s") patient)"
   for m in mean ridge mlp knn; do
-    [ -f "$OUT/pred/$m/$s.h5" ] || timed "$m" "$s" $PY baselines.py --data "$DATA" --features stain --test-slice "$s" --exclude "$OTHERS" \
-                                        --method "$m" --out "$OUT/pred/$m"
+    dir=$OUT/pred/$(table_of "$s")/$m
+    [ -f "$dir/$s.h5" ] || timed "$m" "$s" $PY baselines.py --data "$DATA" --features stain --test-slice "$s" \
+                              --exclude "$OTHERS" --method "$m" --save-samples --out "$dir"
   done
-  train hinge "$s" --cellfm-ckpt "$BACKBONE"
-  for K in 1 5 50; do sample "hinge_K$K" hinge "$s" "$K"; done
+  seeds=42; [ "$(table_of "$s")" = cross ] && seeds=$SEEDS
+  IFS=, read -ra seed_list <<< "$seeds"
+  for seed in "${seed_list[@]}"; do
+    tag=$([ "$seed" = 42 ] || echo "@$seed")  # seed 42 (the default) is the plain name
+    train "hinge$tag" "$s" --cellfm-ckpt "$BACKBONE" --seed "$seed"
+    for K in 1 5; do sample "hinge_K$K$tag" "hinge$tag" "$s" "$K" "$SAMPLES"; done
+  done
   train gaussian "$s" --cellfm-ckpt "$BACKBONE" --objective gaussian
-  sample gaussian_K50 gaussian "$s" 50                     # DDIM at the full budget: Gauss-Diff's best case
+  sample gaussian_K50 gaussian "$s" 50 2                   # DDIM at the full budget: Gauss-Diff's best case
   train scratch "$s" --variant scratch
-  sample scratch_K5 scratch "$s" 5
+  sample scratch_K5 scratch "$s" 5 "$SAMPLES"
 done
 
 echo "== evaluate"
