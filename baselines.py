@@ -5,13 +5,16 @@ that evaluate.py scores them identically (README, "Quality benchmark").
 
 Methods, each fitted on the fold's training spots with its one hyper-parameter chosen by MSE on
 the same 10 % validation spots that train.py holds out (seed 42); the test slice is read once,
-to predict it:
-  mean   the training-mean expression of each gene (no hyper-parameter)
-  ridge  linear regression on standardised features, penalty λ from a log grid
+to predict it. Each gives a predictive distribution too, written as `std` (and `samples`) the way
+sample.py writes them, so that evaluate.py scores its uncertainty as the generative model's:
+  mean   the training-mean expression of each gene (no hyper-parameter); std: the gene's training std
+  ridge  linear regression on standardised features, penalty λ from a log grid; std: a Gaussian
+         residual per gene, its variance the mean squared error on the validation spots
   mlp    an ST-Net-style regression head (one hidden layer) on the frozen features, the epoch
-         count chosen by early stopping on validation
+         count chosen by early stopping on validation; std: as ridge
   knn    BLEEP-style retrieval: the mean expression of the k training spots nearest in cosine
-         similarity of the standardised features, k from a grid
+         similarity of the standardised features, k from a grid; the k neighbours are its samples,
+         std their spread (--save-samples stores them)
 """
 import argparse
 import os
@@ -19,16 +22,28 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common import (Features, UserError, add_fold_args, atomic_h5, feature_stats, load_fold, read_slice, run,
                     split_validation, str_array, write_anndata)
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
 KNN_GRID = [1, 2, 3, 5, 10, 20, 50, 100, 200]
+CHUNK = 1024                                             # test spots per prediction step: memory stays flat
 
 
 def mse(a, b):
     return float(((a - b) ** 2).mean())
+
+
+def gaussian(mean_of, std):
+    """A predictor Q -> (mean, std, no samples) with one std per gene, the same at every spot."""
+    return lambda Q: (mean_of(Q), np.repeat(std[None], len(Q), 0), None)
+
+
+def validation_std(mean_of, Hv, Xv):
+    """Per gene, the root mean squared error on the validation spots: the std of a Gaussian residual."""
+    return np.sqrt(((mean_of(Hv) - Xv) ** 2).mean(0))
 
 
 #################################################################################
@@ -37,7 +52,7 @@ def mse(a, b):
 
 def fit_mean(H, X, Hv, Xv, seed):
     m = X.mean(0)
-    return (lambda Q: np.repeat(m[None], len(Q), 0)), {}
+    return gaussian(lambda Q: np.repeat(m[None], len(Q), 0), X.std(0)), {}
 
 
 def fit_ridge(H, X, Hv, Xv, seed):
@@ -52,24 +67,34 @@ def fit_ridge(H, X, Hv, Xv, seed):
     scores = [mse((Hv - hm) @ weights(lam) + xm, Xv) for lam in RIDGE_GRID]
     lam = float(RIDGE_GRID[int(np.argmin(scores))])
     W = weights(lam)
-    return (lambda Q: (Q - hm) @ W + xm), {"lambda": lam, "val_mse": min(scores), "on_grid_edge": lam in RIDGE_GRID[[0, -1]]}
+
+    def mean_of(Q):
+        return (Q - hm) @ W + xm
+    return gaussian(mean_of, validation_std(mean_of, Hv, Xv)), {"lambda": lam, "val_mse": min(scores),
+                                                                 "on_grid_edge": lam in RIDGE_GRID[[0, -1]]}
 
 
 def fit_knn(H, X, Hv, Xv, seed):
     ks = [k for k in KNN_GRID if k <= len(H)]
-    ref = H / np.linalg.norm(H, axis=1, keepdims=True).clip(1e-8)
 
-    def predict(Q, k, chunk=1024):                       # chunks keep the similarity matrix small
-        out = []
-        for s in range(0, len(Q), chunk):
-            q = Q[s:s + chunk] / np.linalg.norm(Q[s:s + chunk], axis=1, keepdims=True).clip(1e-8)
-            nn_idx = np.argpartition(-(q @ ref.T), k - 1, axis=1)[:, :k]  # [n, k] most similar training spots
-            out.append(X[nn_idx].mean(1))
-        return np.concatenate(out)
+    def unit(A):
+        return A / np.linalg.norm(A, axis=1, keepdims=True).clip(1e-8)
+    ref = unit(H)
 
-    scores = [mse(predict(Hv, k), Xv) for k in ks]
+    def neighbours(Q, k):                                # -> [k, n, G]: the expression of the k most similar training spots
+        nn_idx = np.argpartition(-(unit(Q) @ ref.T), k - 1, axis=1)[:, :k]
+        return X[nn_idx.T]
+
+    def mean_of(Q, k):                                   # chunks keep the similarity matrix small
+        return np.concatenate([neighbours(Q[s:s + CHUNK], k).mean(0) for s in range(0, len(Q), CHUNK)])
+
+    scores = [mse(mean_of(Hv, k), Xv) for k in ks]
     k = ks[int(np.argmin(scores))]
-    return (lambda Q: predict(Q, k)), {"k": k, "val_mse": min(scores), "on_grid_edge": k in (ks[0], ks[-1])}
+
+    def predict(Q):                                      # spread as sample.py's: ddof 1 when there are several
+        x = neighbours(Q, k)
+        return x.mean(0), x.std(0, ddof=1 if k > 1 else 0), x
+    return predict, {"k": k, "val_mse": min(scores), "on_grid_edge": k in (ks[0], ks[-1])}
 
 
 def fit_mlp(H, X, Hv, Xv, seed, hidden=512, max_epochs=300, patience=20, batch=32):
@@ -100,12 +125,14 @@ def fit_mlp(H, X, Hv, Xv, seed, hidden=512, max_epochs=300, patience=20, batch=3
     net.load_state_dict(best_state)
     net.eval()
 
-    def predict(Q):
+    def mean_of(Q):
         with torch.no_grad():
             return net(torch.from_numpy(Q)).numpy()
-    return predict, {"epochs": best_epoch, "val_mse": best}
+    return gaussian(mean_of, validation_std(mean_of, Hv, Xv)), {"epochs": best_epoch, "val_mse": best}
 
 
+# each: (H, X, Hv, Xv, seed) -> (predict: features [n, D] -> (mean [n, G], std [n, G], samples [S, n, G] or None),
+#                               the chosen hyper-parameters)
 METHODS = {"mean": fit_mean, "ridge": fit_ridge, "mlp": fit_mlp, "knn": fit_knn}
 
 
@@ -118,12 +145,17 @@ def main():
     add_fold_args(p)                                     # the same fold and validation split as train.py
     p.add_argument("--method", required=True, choices=list(METHODS), help="mean, ridge, mlp or knn (see above)")
     p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
+    p.add_argument("--save-samples", action="store_true", help="knn: also store the k neighbours' expression as "
+                                                               "`samples` float16 [k, N, G], as sample.py does")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction file")
     a = p.parse_args()
 
     dst = os.path.join(a.out, f"{a.test_slice}.h5")
     if os.path.isfile(dst) and not a.overwrite:
         raise UserError(f"{dst} exists; pass --overwrite to replace it or choose another --out")
+    if a.save_samples and a.method != "knn":
+        raise UserError(f"--save-samples: only knn has samples (its neighbours); {a.method}'s distribution is the "
+                        "Gaussian pred ± std it writes anyway")
     t0 = time.time()
     encoders = a.features.split(",")
     names, genes, _, X, H, _ = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
@@ -135,18 +167,26 @@ def main():
     predict, chosen = METHODS[a.method](H[tr], X[tr], H[val], X[val], a.seed)
 
     feats = Features(a.data, encoders, a.test_slice)
-    pred = predict(((feats.read() - mu) / sd).astype(np.float32)).astype(np.float32)
-    feats.close()
-    secs = time.time() - t0
-    barcode = read_slice(a.data, a.test_slice, ("barcode",))["barcode"]
+    N, G = feats.n, X.shape[1]
     with atomic_h5(dst) as f:
-        f["pred"], f["barcode"], f["genes"] = pred, barcode, str_array([g.decode() for g in genes])
-        f.attrs.update(method=a.method, seconds=secs, spots_per_s=len(pred) / secs, train_slices=",".join(names),
-                       **chosen)
+        f.create_dataset("pred", (N, G), np.float32)
+        f.create_dataset("std", (N, G), np.float32)
+        for s in tqdm(range(0, N, CHUNK), desc=f"predict {a.test_slice}", unit="chunk"):
+            mean, std, samples = predict(((feats.read(s, s + CHUNK) - mu) / sd).astype(np.float32))
+            f["pred"][s:s + len(mean)], f["std"][s:s + len(mean)] = mean, std
+            if a.save_samples:
+                if "samples" not in f:                   # their number (k) is known once the first chunk is predicted
+                    f.create_dataset("samples", (len(samples), N, G), np.float16, chunks=(1, min(CHUNK, N), G))
+                f["samples"][:, s:s + len(mean)] = samples.astype(np.float16)
+        secs = time.time() - t0
+        f["barcode"] = read_slice(a.data, a.test_slice, ("barcode",))["barcode"]
+        f["genes"] = str_array([g.decode() for g in genes])
+        f.attrs.update(method=a.method, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names), **chosen)
+    feats.close()
     write_anndata(dst, a.data)
     picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())
     print(f"{a.method}: {len(tr)} train / {len(val)} val spots from {len(names)} slices; {picked or 'nothing to choose'}; "
-          f"{a.test_slice}: {len(pred)} spots -> {dst} ({secs:.1f}s)")
+          f"{a.test_slice}: {N} spots -> {dst} ({secs:.1f}s)")
     if chosen.get("on_grid_edge"):
         print("note: the chosen value lies on the edge of the search grid; the optimum may lie beyond it")
 

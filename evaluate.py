@@ -8,6 +8,19 @@ Per held-out slice: per-gene Pearson r across spots (log2 space), PCC-10/50/200 
 largest r, Stem), mean r, MSE, MAE, RVD and gene-wise SSIM on the spot grid; then mean ± std
 over slices. Genes constant in truth or prediction are excluded from r and counted. Slides
 without measured expression get no metrics, only maps of the prediction and its uncertainty.
+
+The predictive distribution (the stored samples, else the Gaussian pred ± std):
+  CRPS          energy form from the samples (fair estimator), else the Gaussian closed form; a
+                point prediction scores its MAE
+  cover50/90    share of truth inside the central 50 % / 90 % interval pred ± z·std (ideal 0.5 / 0.9)
+  spread_skill  r across spots between std and |truth - pred|, mean over genes (undefined for a
+                std constant per gene); spread_skill_all: the same r pooled over all spot-gene entries
+Gene-gene structure, from the G x G correlation matrices across spots of truth and prediction:
+  struct_r, struct_mad  r and mean absolute difference between their off-diagonal entries
+  struct_r_sample       the same for one sample (the first stored) instead of the mean
+  struct_r_top          on the 40 genes most variable in truth (those of the correlation figure)
+  struct_r_partial, struct_mad_partial  partial correlations given the spot's true log depth, so
+                        that predicting depth alone scores nothing
 """
 import argparse
 import glob
@@ -19,20 +32,22 @@ import numpy as np
 import pandas as pd
 
 from common import UserError, atomic_path, decode, existing_slice, read_slice, run, slice_layout, write_text
+from scores import (LEVELS, calibration, covered, crps_gaussian, crps_samples, pearson_per_gene, spread_skill,
+                    structure)
 
-METRICS = ["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "RVD", "SSIM"]
+GROUPS = [["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "RVD", "SSIM"],
+          ["CRPS", "cover50", "cover90", "spread_skill", "spread_skill_all"],
+          ["struct_r", "struct_mad", "struct_r_sample", "struct_r_top", "struct_r_partial", "struct_mad_partial"]]
+METRICS = [k for group in GROUPS for k in group]
 
 
 #################################################################################
 #                                  Metrics                                      #
 #################################################################################
 
-def pearson_per_gene(truth, pred):
-    """r across spots for each gene; NaN where truth or prediction is constant."""
-    t, p = truth - truth.mean(0), pred - pred.mean(0)
-    ok = (np.ptp(truth, 0) > 0) & (np.ptp(pred, 0) > 0)  # exact constancy, immune to rounding in the mean
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(ok, (t * p).sum(0) / np.sqrt((t * t).sum(0) * (p * p).sum(0)), np.nan)
+def nan_mean(x):
+    """Mean of the defined values; NaN when none is."""
+    return float(np.nanmean(x)) if (~np.isnan(x)).any() else float("nan")
 
 
 def top_k_mean(r, k):
@@ -74,27 +89,74 @@ def slice_metrics(truth, pred, array):
     ok = var_t > 0
     ssim = ssim_per_gene(truth, pred, array)
     m = {"PCC-10": top_k_mean(r, 10), "PCC-50": top_k_mean(r, 50), "PCC-200": top_k_mean(r, 200),
-         "mean_r": float(np.nanmean(r)) if (~np.isnan(r)).any() else float("nan"),
+         "mean_r": nan_mean(r),
          "MSE": float(((truth - pred) ** 2).mean()), "MAE": float(np.abs(truth - pred).mean()),
          "RVD": float(((var_p[ok] - var_t[ok]) ** 2 / var_t[ok] ** 2).mean()),
-         "SSIM": float(np.nanmean(ssim)) if (~np.isnan(ssim)).any() else float("nan"),
+         "SSIM": nan_mean(ssim),
          "n_genes": truth.shape[1], "n_excluded": int(np.isnan(r).sum()), "n_spots": truth.shape[0]}
     return m, r, ssim
 
 
+def distribution_metrics(truth, pred, std, samples):
+    """CRPS, coverage and spread-skill of one slice -> (slice values, per-gene values, calibration
+    curve). Without std only CRPS is defined (the MAE); the rest is NaN and the curve None."""
+    crps = crps_samples(truth, samples) if samples is not None else crps_gaussian(truth, pred, 0 if std is None else std)
+    if std is None:
+        nan = np.full(truth.shape[1], np.nan)
+        cover50, cover90, skill, skill_all, curve = nan, nan, nan, float("nan"), None
+    else:
+        cover50, cover90 = (covered(truth, pred, std, q).mean(0) for q in (0.5, 0.9))
+        (skill, skill_all), curve = spread_skill(truth, pred, std), calibration(truth, pred, std)
+    per_gene = {"CRPS": crps.mean(0), "cover50": cover50, "cover90": cover90, "spread_skill": skill}
+    m = {"CRPS": float(crps.mean()), "cover50": float(cover50.mean()), "cover90": float(cover90.mean()),
+         "spread_skill": nan_mean(skill), "spread_skill_all": skill_all}
+    return m, per_gene, curve
+
+
+def top_variable(truth, n=40):
+    """The n genes most variable in truth: the genes of the correlation figure."""
+    return np.argsort(-truth.var(0))[:n]
+
+
+def structure_metrics(truth, pred, depth, samples):
+    r, mad = structure(truth, pred)
+    r_partial, mad_partial = structure(truth, pred, depth)
+    top = top_variable(truth)
+    return {"struct_r": r, "struct_mad": mad,
+            "struct_r_sample": structure(truth, samples[0])[0] if samples is not None else float("nan"),
+            "struct_r_top": structure(truth[:, top], pred[:, top])[0],
+            "struct_r_partial": r_partial, "struct_mad_partial": mad_partial}
+
+
+def check_spread(path, pred, std, samples):
+    """A stored std is [N, G] like pred and >= 0; stored samples are [S, N, G]."""
+    if std is not None and std.shape != pred.shape:
+        raise UserError(f"{path}: std has shape {std.shape} but pred {pred.shape}; re-write the prediction file")
+    if std is not None and not (std >= 0).all():
+        raise UserError(f"{path}: std has {int((~(std >= 0)).sum())} negative or NaN values; a spread is >= 0, "
+                        "re-write the prediction file")
+    if samples is not None and samples.shape[1:] != pred.shape:
+        raise UserError(f"{path}: samples have shape {samples.shape}, not [S, {pred.shape[0]}, {pred.shape[1]}]; "
+                        "re-write the prediction file")
+
+
 def load_pair(pred_path, data):
-    """Prediction and truth of one slice, rows joined by barcode."""
+    """Prediction (and its std, when stored) and truth of one slice, rows joined by barcode, with the
+    spots' true log depth."""
     name = os.path.basename(pred_path)[:-3]
     with h5py.File(pred_path, "r") as f:
         pred, bc, genes = f["pred"][()], decode(f["barcode"]), decode(f["genes"])
+        std = f["std"][()] if "std" in f else None
+        check_spread(pred_path, pred, std, f.get("samples"))
         attrs = dict(f.attrs)
         steps = (f["steps"][()], f["recorded_t"][()]) if "steps" in f else None
-    s = read_slice(data, name, ("expr", "barcode", "genes", "array"))
+    s = read_slice(data, name, ("expr", "counts", "barcode", "genes", "array"))
     if decode(s["genes"]) != genes:
         raise UserError(f"{pred_path}: genes differ from slice {name} of {data}; evaluate against the data it was trained on")
     if decode(s["barcode"]) != bc:
         raise UserError(f"{pred_path}: spots differ from slice {name} of {data}; re-run sample.py")
-    return name, s["expr"], pred, s["array"], genes, attrs, steps
+    depth = np.log2(s["counts"].sum(1) + 1)              # slices keep the selected genes' counts only: depth is their total
+    return name, s["expr"], pred, std, s["array"], genes, attrs, steps, depth
 
 
 def has_truth(path, data):
@@ -112,18 +174,25 @@ def prediction_files(pred_dir, data):
 
 
 def evaluate_dir(pred_dir, data):
+    """Every slice's metrics -> (table, per-gene table, (name, truth, pred, array, genes, steps) per slice,
+    calibration curve per slice that has a std)."""
     files = prediction_files(pred_dir, data)[0]
     if not files:
-        return None, None, []
-    rows, per_gene, pairs = [], [], []
+        return None, None, [], {}
+    rows, per_gene, pairs, curves = [], [], [], {}
     for path in files:
-        name, truth, pred, array, genes, attrs, steps = load_pair(path, data)
+        name, truth, pred, std, array, genes, attrs, steps, depth = load_pair(path, data)
         m, r, ssim = slice_metrics(truth, pred, array)
-        rows.append({"slice": name, **m, "K": attrs.get("K"), "spots_per_s": attrs.get("spots_per_s")})
-        per_gene.append(pd.DataFrame({"slice": name, "gene": genes, "pearson": r, "ssim": ssim,
+        with h5py.File(path, "r") as f:                  # samples stay on disk, read a block of spots at a time
+            dist, dist_gene, curve = distribution_metrics(truth, pred, std, f.get("samples"))
+            struct = structure_metrics(truth, pred, depth, f.get("samples"))
+        rows.append({"slice": name, **m, **dist, **struct, "K": attrs.get("K"), "spots_per_s": attrs.get("spots_per_s")})
+        per_gene.append(pd.DataFrame({"slice": name, "gene": genes, "pearson": r, "ssim": ssim, **dist_gene,
                                       "var_truth": truth.var(0), "var_pred": pred.var(0)}))
         pairs.append((name, truth, pred, array, genes, steps))
-    return pd.DataFrame(rows), pd.concat(per_gene), pairs
+        if curve is not None:
+            curves[name] = curve
+    return pd.DataFrame(rows), pd.concat(per_gene), pairs, curves
 
 
 def summarise(df):
@@ -137,12 +206,21 @@ def cell(mean, std=None):
     return f"{mean:.3f}" + (f"±{std:.3f}" if std is not None else "")
 
 
+def width(k):
+    return max(13, len(k) + 2)
+
+
 def table(df, summary):
-    lines = [f"{'slice':<12}" + "".join(f"{k:>13}" for k in METRICS)]
-    for _, r in df.iterrows():
-        lines.append(f"{r['slice']:<12}" + "".join(cell(r[k]).rjust(13) for k in METRICS))
-    lines.append(f"{'mean ± std':<12}" + "".join(cell(summary[k]['mean'], summary[k]['std']).rjust(13) for k in METRICS))
-    return "\n".join(lines)
+    """Per-slice rows and mean ± std, one block per group of metrics."""
+    blocks = []
+    for keys in GROUPS:
+        lines = [f"{'slice':<12}" + "".join(k.rjust(width(k)) for k in keys)]
+        for _, r in df.iterrows():
+            lines.append(f"{r['slice']:<12}" + "".join(cell(r[k]).rjust(width(k)) for k in keys))
+        lines.append(f"{'mean ± std':<12}" + "".join(cell(summary[k]["mean"], summary[k]["std"]).rjust(width(k))
+                                                     for k in keys))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 #################################################################################
@@ -218,12 +296,12 @@ def fig_ssim(path, per_gene, markers):
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 
-def fig_correlation(path, name, truth, pred, genes, n=40):
-    """Gene-gene correlation of the n genes most variable in truth, truth vs prediction, both in the
-    truth's clustering order."""
+def fig_correlation(path, name, truth, pred, genes, m):
+    """Gene-gene correlation of the genes most variable in truth, truth vs prediction, both in the
+    truth's clustering order; the title gives struct_r on these genes and on all (m: the slice's metrics)."""
     import matplotlib.pyplot as plt
     from scipy.cluster.hierarchy import leaves_list, linkage
-    idx = np.argsort(-truth.var(0))[:n]
+    idx = top_variable(truth)
     idx = idx[np.ptp(pred[:, idx], 0) > 0]               # exact constancy: a float32 std of equal values is not 0
     ct = np.corrcoef(truth[:, idx].T)
     order = leaves_list(linkage(truth[:, idx].T, "average", metric="correlation"))
@@ -234,9 +312,26 @@ def fig_correlation(path, name, truth, pred, genes, n=40):
         ax.set_xticks([]); ax.set_yticks(range(len(order)))
         ax.set_yticklabels([genes[idx[i]] for i in order], fontsize=7)
     fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label="Pearson r across spots")
-    fig.suptitle(f"{name}: gene-gene correlation of the {len(idx)} genes most variable in truth "
-                 "(clustered on truth, same order in both)", fontsize=10)
+    fig.suptitle(f"{name}: gene-gene correlation of the {len(idx)} genes most variable in truth (clustered on truth, "
+                 f"same order in both)\nstruct_r {cell(m['struct_r_top'])} on these genes, {cell(m['struct_r'])} on all "
+                 f"{len(genes)}; depth partialled out: {cell(m['struct_r_partial'])}", fontsize=10)
     fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def fig_calibration(path, curves):
+    """Observed coverage of the central predictive intervals against their nominal level, per slice
+    and the mean over slices; on the diagonal the intervals are calibrated."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    ax.plot([0, 1], [0, 1], ":", color="0.5", label="calibrated")
+    for c in curves.values():
+        ax.plot(LEVELS, c, color="0.75", lw=0.8)
+    ax.plot(LEVELS, np.mean(list(curves.values()), 0), "o-", color="crimson", label=f"mean over {len(curves)} slice(s)")
+    ax.set_xlim(0, 1); ax.set_ylim(0, 1); ax.set_aspect("equal")
+    ax.set_xlabel("nominal level of the central interval pred ± z·std"); ax.set_ylabel("observed coverage of truth")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Calibration: below the diagonal = overconfident", fontsize=10)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 
 def fig_metrics_vs_k(path, sweep):
@@ -273,17 +368,20 @@ def fig_steps(path, name, truth, steps):
 #################################################################################
 
 def compare(dirs):
-    rows = []
+    runs = []
     for d in dirs:
         p = os.path.join(d, "summary.json")
         if not os.path.isfile(p):
             raise UserError(f"{p} not found; run evaluate.py --out {d} first")
         s = json.load(open(p))
-        rows.append([s.get("label", d)] + [cell(s["metrics"][k]["mean"], s["metrics"][k]["std"]) for k in METRICS])
-    w = max(len(r[0]) for r in rows) + 2
-    print(f"{'run':<{w}}" + "".join(f"{k:>14}" for k in METRICS))
-    for r in rows:
-        print(f"{r[0]:<{w}}" + "".join(f"{v:>14}" for v in r[1:]))
+        m = s["metrics"]                                 # an evaluation older than a metric shows it as a dash
+        runs.append((s.get("label", d), {k: cell(m[k]["mean"], m[k]["std"]) if k in m else "–" for k in METRICS}))
+    w = max(len(label) for label, _ in runs) + 2
+    for keys in GROUPS:
+        print(f"{'run':<{w}}" + "".join(k.rjust(width(k) + 1) for k in keys))
+        for label, cells in runs:
+            print(f"{label:<{w}}" + "".join(cells[k].rjust(width(k) + 1) for k in keys))
+        print()
 
 
 def main():
@@ -331,7 +429,7 @@ def draw_blind(a, out, blind):
 
 def score(a, out):
     """Metrics, tables and figures for the slices with measured expression."""
-    df, per_gene, pairs = evaluate_dir(a.pred, a.data)
+    df, per_gene, pairs, curves = evaluate_dir(a.pred, a.data)
     summary = summarise(df)
     for fname, frame in [("metrics.csv", pd.concat([df, pd.DataFrame([{"slice": "mean", **{k: v["mean"] for k, v in summary.items()}},
                                                                        {"slice": "std", **{k: v["std"] for k, v in summary.items()}}])])),
@@ -347,7 +445,10 @@ def score(a, out):
                                        "spots_per_s": dd["spots_per_s"].mean()}
     write_text(os.path.join(out, "summary.json"), json.dumps(
         {"label": a.label or a.pred, "metrics": summary, "n_slices": len(df), "excluded_genes": int(df["n_excluded"].sum()),
-         "K_sweep": {str(k): v for k, v in sorted(sweep.items())}}, indent=1) + "\n")
+         "K_sweep": {str(k): v for k, v in sorted(sweep.items())},
+         "calibration": {"levels": LEVELS.tolist(), "coverage": np.mean(list(curves.values()), 0).tolist(),
+                         "per_slice": {n: c.tolist() for n, c in curves.items()}} if curves else None},
+        indent=1) + "\n")
 
     name, truth, pred, array, genes, steps = pairs[0]
     markers = a.markers.split(",") if a.markers else [genes[i] for i in np.argsort(-truth.var(0))[:4]]
@@ -356,7 +457,9 @@ def score(a, out):
     figs = {f"maps_{name}.png": lambda f: fig_marker_maps(f, name, truth, pred, array, genes, markers),
             "ssim_per_gene.png": lambda f: fig_ssim(f, per_gene, markers)}
     if (np.ptp(pred, 0) > 0).sum() >= 2:                 # a constant predictor (baselines.py mean) has no correlations
-        figs[f"correlation_{name}.png"] = lambda f: fig_correlation(f, name, truth, pred, genes)
+        figs[f"correlation_{name}.png"] = lambda f: fig_correlation(f, name, truth, pred, genes, df.iloc[0])
+    if curves:
+        figs["calibration.png"] = lambda f: fig_calibration(f, curves)
     if len(sweep) > 1:
         figs["metrics_vs_K.png"] = lambda f: fig_metrics_vs_k(f, sweep)
     if steps is not None:

@@ -1,5 +1,5 @@
-"""baselines.py: each method's prediction file, hyper-parameters chosen on validation only,
-the test slice never used to fit or choose, and their bad inputs."""
+"""baselines.py: each method's prediction file and predictive distribution, hyper-parameters chosen
+on validation only, the test slice never used to fit or choose, and their bad inputs."""
 import shutil
 
 import h5py
@@ -22,6 +22,7 @@ def preds(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
     for m in B.METHODS:
         fit(demo, m, root / m)
+    fit(demo, "knn", root / "knn_samples", "--save-samples")
     return root
 
 
@@ -38,6 +39,11 @@ def test_prediction_files_match_the_slice_and_beat_the_mean(demo, preds):
             assert f["pred"].shape == X.shape and f["pred"].dtype == np.float32
             assert list(f["barcode"][()]) == list(barcode) and list(f["genes"][()]) == list(genes)
             assert f.attrs["method"] == m and f.attrs["spots_per_s"] > 0
+            assert f["std"].shape == X.shape and f["std"].dtype == np.float32 and "samples" not in f
+            std = f["std"][()]
+            assert (std > 0).all() if m in ("mean", "ridge", "mlp") else (std >= 0).all() and (std > 0).mean() > 0.5
+            with h5py.File(preds / m / "demo1.h5ad", "r") as ad:          # scanpy sees the spread as a layer
+                np.testing.assert_array_equal(ad["layers/std"][()], std)
             metrics[m] = slice_metrics(X, f["pred"][()], array)[0]
     for m in ("ridge", "mlp", "knn"):                    # the demo's compartments are visible in the stain features
         assert metrics[m]["MSE"] < 0.95 * metrics["mean"]["MSE"], (m, metrics[m]["MSE"], metrics["mean"]["MSE"])
@@ -46,11 +52,23 @@ def test_prediction_files_match_the_slice_and_beat_the_mean(demo, preds):
     assert "mean ± std" in p.stdout and (preds / "eval" / "summary.json").exists()
 
 
-def test_mean_is_the_training_mean(demo, preds):
+def test_mean_is_the_training_mean_with_the_training_spread(demo, preds):
     _, _, _, X, _, _ = load_fold(str(demo / "data"), ["stain"], "demo1")
     tr, _ = split_validation(len(X))
     with h5py.File(preds / "mean" / "demo1.h5", "r") as f:
-        np.testing.assert_allclose(f["pred"][()], np.repeat(X[tr].mean(0)[None], f["pred"].shape[0], 0), rtol=1e-5)
+        n = f["pred"].shape[0]
+        np.testing.assert_allclose(f["pred"][()], np.repeat(X[tr].mean(0)[None], n, 0), rtol=1e-5)
+        np.testing.assert_allclose(f["std"][()], np.repeat(X[tr].std(0)[None], n, 0), rtol=1e-5)
+
+
+def test_knn_samples_are_the_neighbours(demo, preds):
+    with h5py.File(preds / "knn_samples" / "demo1.h5", "r") as f, h5py.File(preds / "knn" / "demo1.h5", "r") as g:
+        k, (N, G) = int(f.attrs["k"]), f["pred"].shape
+        assert f["samples"].shape == (k, N, G) and f["samples"].dtype == np.float16 and k > 1
+        x = f["samples"][()].astype(np.float64)
+        np.testing.assert_allclose(x.mean(0), f["pred"][()], atol=0.01)          # float16 rounding of log2 values
+        np.testing.assert_allclose(x.std(0, ddof=1), f["std"][()], atol=0.01)
+        np.testing.assert_array_equal(f["pred"][()], g["pred"][()])               # samples change nothing else
 
 
 def linear_problem(seed=0, n=300, d=20, g=5):
@@ -72,7 +90,26 @@ def test_ridge_penalty_is_the_validation_argmin_and_the_closed_form():
     val = [(((Hv - hm) @ solve(lam) + xm - Xv) ** 2).mean() for lam in B.RIDGE_GRID]
     assert chosen["lambda"] == B.RIDGE_GRID[int(np.argmin(val))]
     assert 0.01 < chosen["lambda"] < 1e6                  # noisy targets: neither end of the grid
-    np.testing.assert_allclose(predict(Hv), (Hv - hm) @ solve(chosen["lambda"]) + xm, rtol=1e-6, atol=1e-8)
+    mean, std, samples = predict(Hv)
+    np.testing.assert_allclose(mean, (Hv - hm) @ solve(chosen["lambda"]) + xm, rtol=1e-6, atol=1e-8)
+    assert samples is None and std.shape == Xv.shape
+
+
+def test_ridge_and_mlp_std_is_the_validation_residual_per_gene():
+    H, X, Hv, Xv = linear_problem(2)
+    predict, chosen = B.fit_ridge(H, X, Hv, Xv, 0)
+    hm, xm, Hc = H.mean(0), X.mean(0), H - H.mean(0)
+    W = np.linalg.solve(Hc.T @ Hc + chosen["lambda"] * np.eye(H.shape[1]), Hc.T @ (X - xm))
+    residual_var = (((Hv - hm) @ W + xm - Xv) ** 2).mean(0)        # per gene, from an independent solution
+    Q = np.random.default_rng(0).normal(size=(7, H.shape[1]))
+    std = predict(Q)[1]
+    np.testing.assert_allclose(std ** 2, np.repeat(residual_var[None], 7, 0), rtol=1e-6)
+    assert residual_var.std() > 0.1 * residual_var.mean()         # the genes' residuals differ: one std per gene matters
+    predict, chosen = B.fit_mlp(H.astype(np.float32), X.astype(np.float32), Hv.astype(np.float32),
+                                Xv.astype(np.float32), 0, hidden=32, max_epochs=5)
+    mean, std, _ = predict(Hv.astype(np.float32))
+    np.testing.assert_allclose(std[0] ** 2, ((mean - Xv) ** 2).mean(0), rtol=1e-4)
+    assert (std[0] ** 2).mean() == pytest.approx(chosen["val_mse"], rel=1e-4)  # the MSE that chose the epoch
 
 
 def test_knn_k_is_the_validation_argmin_and_averages_the_nearest():
@@ -85,7 +122,10 @@ def test_knn_k_is_the_validation_argmin_and_averages_the_nearest():
         return X[order[:, :k]].mean(1)
     val = {k: ((brute(k) - Xv) ** 2).mean() for k in B.KNN_GRID if k <= len(H)}
     assert chosen["k"] == min(val, key=val.get)
-    np.testing.assert_allclose(predict(Hv), brute(chosen["k"]), rtol=1e-6)
+    mean, std, samples = predict(Hv)
+    np.testing.assert_allclose(mean, brute(chosen["k"]), rtol=1e-6)
+    np.testing.assert_allclose(std, X[order[:, :chosen["k"]]].std(1, ddof=1), rtol=1e-6)
+    assert samples.shape == (chosen["k"], len(Hv), X.shape[1])
 
 
 def test_test_slice_expression_is_never_used(demo, preds, tmp_path):
@@ -112,4 +152,6 @@ def test_bad_inputs(demo, preds, tmp_path):
     p = run_script("baselines.py", "--data", demo / "data", "--features", "uni", "--test-slice", "demo1",
                    "--method", "knn", "--out", tmp_path / "x", check=False)
     assert_user_error(p, "no uni features", "extract_features.py")
+    p = fit(demo, "ridge", tmp_path / "x", "--save-samples", check=False)
+    assert_user_error(p, "--save-samples", "only knn")
     assert not (tmp_path / "x").exists()

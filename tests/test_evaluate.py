@@ -1,8 +1,13 @@
-"""evaluate.py metrics on hand-made predictions with known answers."""
+"""evaluate.py metrics on hand-made predictions with known answers, and its outputs end to end."""
+import json
+
+import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 import evaluate as E
+from conftest import assert_user_error, run_script
 
 
 @pytest.fixture
@@ -65,3 +70,90 @@ def test_ssim_known_values():
     assert E.ssim_per_gene(t, p, array)[0] == pytest.approx(expect)
     raster = E.rasterise(np.arange(3.0), np.array([[5, 2], [7, 2], [5, 3]]))
     assert raster.tolist() == [[0, 0, 1], [2, 0, 0]]    # off-tissue cells are 0
+
+
+def test_point_prediction_has_crps_equal_to_mae_and_no_calibration(grid):
+    truth, _ = grid
+    pred = truth + np.random.default_rng(2).normal(0, 0.5, truth.shape)
+    m, per_gene, curve = E.distribution_metrics(truth, pred, None, None)
+    assert m["CRPS"] == np.abs(truth - pred).mean() and curve is None
+    assert np.isnan([m["cover50"], m["cover90"], m["spread_skill"], m["spread_skill_all"]]).all()
+    m0 = E.distribution_metrics(truth, pred, np.zeros_like(pred), None)[0]            # a zero spread is a point too
+    assert m0["CRPS"] == m["CRPS"] and m0["cover90"] == 0
+
+
+def write_slice(root, name, counts, array):
+    with h5py.File(root / "slices" / f"{name}.h5", "w") as s:
+        s["counts"], s["expr"] = counts, np.log2(counts + 1)
+        s["barcode"] = np.array([f"{c}x{r}".encode() for c, r in array])
+        s["genes"] = np.array([f"G{g}".encode() for g in range(counts.shape[1])])
+        s["array"] = array.astype(np.int32)
+
+
+def write_prediction(path, data, name, pred, std=None, samples=None):
+    with h5py.File(data / "slices" / f"{name}.h5", "r") as s, h5py.File(path, "w") as f:
+        f["pred"], f["barcode"], f["genes"] = pred.astype(np.float32), s["barcode"][()], s["genes"][()]
+        if std is not None:
+            f["std"] = std.astype(np.float32)
+        if samples is not None:
+            f["samples"] = samples.astype(np.float16)
+
+
+@pytest.fixture
+def folders(tmp_path, grid):
+    """Two slices of Poisson counts on the 10 x 12 grid; a prediction with samples for one, a Gaussian
+    (pred, std) for the other."""
+    _, array = grid
+    rng = np.random.default_rng(3)
+    (tmp_path / "data" / "slices").mkdir(parents=True)
+    (tmp_path / "pred").mkdir()
+    for k, name in enumerate(("s1", "s2")):
+        rate = np.exp(np.sin(array[:, :1] / (2.0 + k)) * rng.uniform(0.5, 2, 30) + rng.uniform(0, 2, 30))
+        write_slice(tmp_path / "data", name, rng.poisson(rate).astype(np.float32), array)
+        samples = np.log2(rng.poisson(rate, (8, *rate.shape)) + 1.0)  # the data's own distribution
+        if name == "s1":
+            write_prediction(tmp_path / "pred" / "s1.h5", tmp_path / "data", name, samples.mean(0),
+                             samples.std(0, ddof=1), samples)
+        else:
+            write_prediction(tmp_path / "pred" / "s2.h5", tmp_path / "data", name, samples.mean(0), samples.std(0, ddof=1))
+    return tmp_path
+
+
+def test_evaluate_writes_distribution_and_structure_metrics(folders):
+    p = run_script("evaluate.py", "--pred", folders / "pred", "--data", folders / "data", "--out", folders / "eval",
+                   "--label", "toy")
+    assert "CRPS" in p.stdout and "struct_r_partial" in p.stdout
+    ev = folders / "eval"
+    per_gene = pd.read_csv(ev / "per_gene.csv")
+    assert {"CRPS", "cover50", "cover90", "spread_skill"} <= set(per_gene.columns) and len(per_gene) == 60
+    assert per_gene["CRPS"].notna().all() and per_gene["cover90"].between(0, 1).all()
+    metrics = pd.read_csv(ev / "metrics.csv").set_index("slice")
+    assert np.isnan(metrics.loc["s2", "struct_r_sample"]) and np.isfinite(metrics.loc["s1", "struct_r_sample"])
+    summary = json.load(open(ev / "summary.json"))
+    assert set(E.METRICS) <= set(summary["metrics"])
+    cal = summary["calibration"]
+    assert cal["levels"][4] == 0.5 and set(cal["per_slice"]) == {"s1", "s2"} and len(cal["coverage"]) == 9
+    assert 0.6 < summary["metrics"]["cover90"]["mean"] <= 1 and summary["metrics"]["struct_r"]["mean"] > 0.5
+    assert (ev / "calibration.png").stat().st_size > 0 and (ev / "correlation_s1.png").stat().st_size > 0
+
+    old = folders / "old_eval"                            # an evaluation written before these metrics existed
+    old.mkdir()
+    json.dump({"label": "old", "metrics": {k: summary["metrics"][k] for k in E.GROUPS[0]}}, open(old / "summary.json", "w"))
+    p = run_script("evaluate.py", "--compare", ev, old)
+    lines = p.stdout.splitlines()
+    assert all(any(k in line for line in lines) for k in ("CRPS", "cover90", "struct_r", "struct_r_partial"))
+    old_rows = [line for line in lines if line.startswith("old ")]
+    assert old_rows[0].count("±") == 8 and "–" in old_rows[1] and "±" not in old_rows[1]
+
+
+@pytest.mark.parametrize("bad, words", [(lambda std: std[:, :5], ["std has shape", "(120, 5)"]),
+                                        (lambda std: -std, ["negative", "std"])], ids=["wrong shape", "negative"])
+def test_bad_std_is_refused_and_nothing_written(folders, bad, words):
+    with h5py.File(folders / "pred" / "s2.h5", "r+") as f:
+        std = f["std"][()]
+        del f["std"]
+        f["std"] = bad(std)
+    p = run_script("evaluate.py", "--pred", folders / "pred", "--data", folders / "data", "--out", folders / "eval",
+                   check=False)
+    assert_user_error(p, "s2.h5", *words)
+    assert not any((folders / "eval").iterdir())
