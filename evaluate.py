@@ -5,7 +5,8 @@
     python evaluate.py --compare runs/a/eval runs/b/eval                                           # side by side
 
 Per held-out slice: per-gene Pearson r across spots (log2 space), PCC-10/50/200 (mean of the k
-largest r, Stem), mean r, MSE, MAE, RVD and gene-wise SSIM on the spot grid; then mean ± std
+largest r, Stem), mean r, MSE, MAE, bias2 (mean over genes of the squared mean error: the part of
+MSE that is a wrong level per gene), RVD and gene-wise SSIM on the spot grid; then mean ± std
 over slices. Genes constant in truth or prediction are excluded from r and counted. Slides
 without measured expression get no metrics, only maps of the prediction and its uncertainty.
 
@@ -35,7 +36,7 @@ from common import UserError, atomic_path, decode, existing_slice, read_slice, r
 from scores import (LEVELS, calibration, covered, crps_gaussian, crps_samples, pearson_per_gene, spread_skill,
                     structure)
 
-GROUPS = [["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "RVD", "SSIM"],
+GROUPS = [["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "bias2", "RVD", "SSIM"],
           ["CRPS", "cover50", "cover90", "spread_skill", "spread_skill_all"],
           ["struct_r", "struct_mad", "struct_r_sample", "struct_r_top", "struct_r_partial", "struct_mad_partial"]]
 METRICS = [k for group in GROUPS for k in group]
@@ -91,6 +92,7 @@ def slice_metrics(truth, pred, array):
     m = {"PCC-10": top_k_mean(r, 10), "PCC-50": top_k_mean(r, 50), "PCC-200": top_k_mean(r, 200),
          "mean_r": nan_mean(r),
          "MSE": float(((truth - pred) ** 2).mean()), "MAE": float(np.abs(truth - pred).mean()),
+         "bias2": float(((pred - truth).mean(0) ** 2).mean()),  # the part of MSE that is a wrong level per gene
          "RVD": float(((var_p[ok] - var_t[ok]) ** 2 / var_t[ok] ** 2).mean()),
          "SSIM": nan_mean(ssim),
          "n_genes": truth.shape[1], "n_excluded": int(np.isnan(r).sum()), "n_spots": truth.shape[0]}

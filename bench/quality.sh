@@ -80,9 +80,9 @@ IFS=, read -ra folds <<< "$FOLDS"
 for s in "${folds[@]}"; do
   echo "== fold $s ($(table_of "$s") patient)"
   for m in mean ridge mlp knn; do
-    dir=$OUT/pred/$(table_of "$s")/$m
+    dir=$OUT/pred/$(table_of "$s")/$m samples=(); [ $m = knn ] && samples=(--save-samples)  # its k neighbours
     [ -f "$dir/$s.h5" ] || timed "$m" "$s" $PY baselines.py --data "$DATA" --features stain --test-slice "$s" \
-                              --exclude "$OTHERS" --method "$m" --save-samples --out "$dir"
+                              --exclude "$OTHERS" --method "$m" "${samples[@]}" --out "$dir"
   done
   seeds=42; [ "$(table_of "$s")" = cross ] && seeds=$SEEDS
   IFS=, read -ra seed_list <<< "$seeds"
@@ -98,35 +98,71 @@ for s in "${folds[@]}"; do
 done
 
 echo "== evaluate"
-METHODS="mean ridge mlp knn gaussian_K50 scratch_K5 hinge_K1 hinge_K5 hinge_K50"
-for m in $METHODS; do
-  $PY evaluate.py --pred "$OUT/pred/$m" --data "$DATA" --out "$OUT/eval/$m" --label "$m" > "$OUT/eval_$m.log"
+for d in "$OUT"/pred/*/*/; do  # pred/<within|cross>/<method[@seed]>/
+  t=$(basename "$(dirname "$d")") m=$(basename "$d")
+  mkdir -p "$OUT/eval/$t"
+  $PY evaluate.py --pred "$d" --data "$DATA" --out "$OUT/eval/$t/$m" --label "$m" > "$OUT/eval/$t/$m.log"
 done
-$PY - "$OUT" "$FOLDS" $METHODS <<'EOF'
-import json, sys
+$PY - "$OUT" "$FOLDS" <<'EOF'
+import glob, json, os, sys
+import numpy as np
 import pandas as pd
-out, folds, methods = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+out, folds = sys.argv[1], sys.argv[2].split(",")
 times = pd.read_csv(f"{out}/times.tsv", sep="\t", names=["label", "fold", "s"])
-times = times[times.fold.isin(folds + ["all"])]
-train_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_K1": "train:hinge",
-            "hinge_K5": "train:hinge", "hinge_K50": "train:hinge"}
-cols = ["PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "SSIM"]
-print(f"\nHer2ST, stain features, leave-one-slice-out over {', '.join(folds)}"
-      + (" (mean ± std over folds)" if len(folds) > 1 else ""))
-print(f"{'method':<14}" + "".join(f"{c:>14}" for c in cols) + f"{'fit s/fold':>12}{'predict s/fold':>16}")
+names = {"mean": "training mean", "ridge": "ridge", "mlp": "MLP head", "knn": "kNN", "gaussian_K50": "Gauss-Diff K=50",
+         "scratch_K5": "scratch K=5", "hinge_K1": "HINGE K=1", "hinge_K5": "HINGE K=5"}
+fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_K1": "train:hinge", "hinge_K5": "train:hinge"}
+cols = ["PCC-50", "mean_r", "MSE", "bias2", "SSIM", "CRPS", "cover50", "cover90", "spread_skill", "struct_r",
+        "struct_r_sample", "struct_r_partial"]
+titles = {"within": "within patient C: leave-one-slice-out, mean ± std over folds",
+          "cross": "across patients: train C2-C6, test B4, mean ± std over HINGE's training seeds"}
 
 
-def cell(m):  # one fold has no spread to show; undefined (constant predictor) shows as a dash
-    return "–" if m["mean"] != m["mean"] else f"{m['mean']:.3f}" + (f"±{m['std']:.3f}" if len(folds) > 1 else "")
+def cell(v):
+    v = v.dropna()
+    if not len(v):
+        return "–"
+    return f"{v.mean():.3f}" + (f"±{v.std():.3f}" if len(v) > 1 else "")
 
 
-for m in methods:
-    s = json.load(open(f"{out}/eval/{m}/summary.json"))["metrics"]
-    fit = f"{times[times.label == train_of[m]].s.mean():.0f}" if m in train_of else "–"  # baselines: one process
-    pred = times[times.label == m].s.mean()
-    print(f"{m:<14}" + "".join(cell(s[c]).rjust(14) for c in cols) + f"{fit:>12}{pred:>16.1f}")
+for t in ("within", "cross"):
+    rows, curves = [], {}
+    for m in names:
+        dirs = [d for d in sorted(glob.glob(f"{out}/eval/{t}/{m}") + glob.glob(f"{out}/eval/{t}/{m}@*"))
+                if os.path.isfile(f"{d}/metrics.csv")]
+        if not dirs:
+            continue
+        df = pd.concat([pd.read_csv(f"{d}/metrics.csv") for d in dirs])
+        df = df[df.slice.isin(folds)]
+        tm = times[times.fold.isin(df.slice)]
+        fit = tm[tm.label == fit_of[m]].s.mean() if m in fit_of else float("nan")
+        rows.append([names[m]] + [cell(df[c]) if c in df else "–" for c in cols]
+                    + ["–" if fit != fit else f"{fit:.0f}", f"{tm[tm.label == m].s.mean():.1f}"])
+        cal = [json.load(open(f"{d}/summary.json")).get("calibration") for d in dirs]
+        if cal[0]:
+            curves[names[m]] = (cal[0]["levels"], np.mean([c["coverage"] for c in cal], 0))
+    if not rows:
+        continue
+    print(f"\nHer2ST, stain features, {titles[t]}")
+    head = ["method"] + cols + ["fit s", "predict s"]
+    print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    fig, ax = plt.subplots(figsize=(4.6, 4.6))
+    ax.plot([0, 1], [0, 1], ":", color="0.5", label="calibrated")
+    for label, (lv, cov) in curves.items():
+        ax.plot(lv, cov, "o-", ms=3, label=label)
+    ax.set_xlabel("nominal level of the central interval"); ax.set_ylabel("observed coverage of truth")
+    ax.set_xlim(0, 1); ax.set_ylim(0, 1); ax.set_aspect("equal"); ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"Calibration, {t} patient", fontsize=10)
+    fig.tight_layout(); fig.savefig(f"{out}/calibration_{t}.png", dpi=120); plt.close(fig)
+    print(f"(calibration curves: {out}/calibration_{t}.png)")
 pre = times[times.label == "pretrain"].s
 if len(pre):
-    print(f"(hinge_* and gaussian_K50 also share one pretrain.py backbone: {pre.iloc[0]:.0f} s once, for all folds)")
-print("(mean predicts one value per gene: its per-gene r is undefined, so its PCC columns are empty)")
+    print(f"(HINGE and Gauss-Diff share one pretrain.py backbone: {pre.iloc[0]:.0f} s once, for all folds)")
+print("(the training mean is one value per gene: its r and structure are undefined; ridge's and the MLP's std is one "
+      "value per gene, so their spread_skill is undefined; Gauss-Diff at K = 50 draws S = 2 samples, the others 10)")
 EOF
