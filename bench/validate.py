@@ -51,7 +51,7 @@ for i, run_dir in enumerate(a.runs):
     net, diffusion, ck = load_run(os.path.join(run_dir, "best.pt"), torch.device("cpu"))
     Ht, Xt, Hv, Xv = validation_split(ck, a.data)
     if i == 0:
-        print(f"{'ridge (λ on this split)':<40} {scores(Xv, fit_ridge(Ht, Xt, Hv, Xv, 0)[0](Hv))}")
+        print(f"{'ridge (λ on this split)':<40} {scores(Xv, fit_ridge(Ht, Xt, Hv, Xv, 0)[0](Hv)[0])}")
     for K in map(int, a.steps.split(",")):
         gen = torch.Generator().manual_seed(0)
         pred = torch.cat([M.generate(net, diffusion, h, K, a.samples, gen)[0] for h in torch.from_numpy(Hv).split(32)])
