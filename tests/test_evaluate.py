@@ -143,7 +143,7 @@ def test_evaluate_writes_distribution_and_structure_metrics(folders):
     lines = p.stdout.splitlines()
     assert all(any(k in line for line in lines) for k in ("CRPS", "cover90", "struct_r", "struct_r_partial"))
     old_rows = [line for line in lines if line.startswith("old ")]
-    assert old_rows[0].count("±") == 8 and "–" in old_rows[1] and "±" not in old_rows[1]
+    assert old_rows[0].count("±") == len(E.GROUPS[0]) and "–" in old_rows[1] and "±" not in old_rows[1]
 
 
 @pytest.mark.parametrize("bad, words", [(lambda std: std[:, :5], ["std has shape", "(120, 5)"]),
