@@ -4,7 +4,7 @@
 # within-patient folds C2-C6 (its settings) and on the demo's two folds (run_all.sh's settings), scored on
 # each fold's validation spots only (10 % of its training spots, seed 42).
 #
-#   bash bench/choose_gate.sh                # about 35 minutes on 2 CPU cores
+#   bash bench/choose_gate.sh                # about 25 minutes on 2 CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash bench/quality.sh --data-only                  # Her2ST data, stain features and the shared backbone

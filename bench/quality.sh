@@ -4,8 +4,8 @@
 #   within patient C: leave-one-slice-out over C2-C6 (the other four C slices train);
 #   across patients:  train on C2-C6, test on B4 (patient B), HINGE over three training seeds.
 #
-#   bash bench/quality.sh                    # every fold (about 80 minutes on 2 CPU cores)
-#   bash bench/quality.sh --folds C2         # the quick version (one within-patient fold)
+#   bash bench/quality.sh                    # every fold (about 75 minutes on 2 CPU cores)
+#   bash bench/quality.sh --folds C2         # the quick version: one within-patient fold, about 16 minutes
 #
 # Every hyper-parameter is chosen on the fold's validation spots (10 % of the training spots)
 # or fixed in advance; each test slice is generated once per method (and seed) and only scored.
