@@ -453,7 +453,7 @@ def score(a, out):
         indent=1) + "\n")
 
     name, truth, pred, array, genes, steps = pairs[0]
-    markers = a.markers.split(",") if a.markers else [genes[i] for i in np.argsort(-truth.var(0))[:4]]
+    markers = a.markers.split(",") if a.markers else [genes[i] for i in top_variable(truth, 4)]
     if unknown := [m for m in markers if m not in genes]:
         raise UserError(f"--markers {', '.join(unknown)}: not among the {len(genes)} evaluated genes")
     figs = {f"maps_{name}.png": lambda f: fig_marker_maps(f, name, truth, pred, array, genes, markers),

@@ -20,6 +20,9 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+GATE_CHUNKS = [2, 5]  # gate_a, gate_f among the six SoftAdaLN outputs (shift_a, scale_a, gate_a, shift_f, scale_f, gate_f)
+
+
 def gate(g, kind):
     """SoftAdaLN's residual gate τ(c): the official sigmoid(g), its bias starting at 6, or the residual 1 + g."""
     return torch.sigmoid(g) if kind == "sigmoid" else 1 + g
@@ -423,7 +426,7 @@ class Hinge(nn.Module):
         if cfg.cond == "softadaln" and cfg.gate == "sigmoid":
             with torch.no_grad():                        # gate biases 6: sigmoid(6) ≈ 0.9975, almost CellFM (official HINGE)
                 for blk in self.encoder:
-                    blk.adaln.bias.view(6, cfg.dim)[[2, 5]] = 6.0
+                    blk.adaln.bias.view(6, cfg.dim)[GATE_CHUNKS] = 6.0
         for n in (m for m in self.modules() if isinstance(m, SoftNorm)):  # λ = sigmoid(-12) ≈ 6e-6: SoftNorm starts as the identity
             nn.init.constant_(n.lambda_bias, -12.0)
 
@@ -551,7 +554,7 @@ def import_official(sd, cfg):
             own[k].copy_(sd[o].reshape(own[k].shape))   # the official λ biases are scalars, ours [1]
         if cfg.gate == "residual":                       # official use_sigmoid=False gates with g, ours with 1 + g
             for blk in net.encoder:
-                blk.adaln.bias.view(6, cfg.dim)[[2, 5]] -= 1
+                blk.adaln.bias.view(6, cfg.dim)[GATE_CHUNKS] -= 1
         net.value_enc.mask_emb.zero_()
     return net
 
@@ -588,17 +591,14 @@ def hidden_counts(schedule, T, G):
     in its order of operations (float64 gives one gene more or less at some G, t); pow and cos are rounded
     correctly to float32, as a scalar torch call does (the vectorised CPU pow is one ulp off at a few G, T = 100)."""
     t = torch.arange(T + 1, dtype=torch.float32)
-    f32 = lambda fn, x: fn(x.double()).float()           # noqa: E731
-    if schedule == "poly-auto":                          # ζ = log_T G: exactly one gene visible at t = T-1 (official)
-        zeta = min(max(math.log(1 / float(G)) / math.log(1.0 / float(max(2, T))), 1.05), 4.0)
-        g = 1 - f32(lambda x: x ** zeta, 1 - t / float(T))
-    elif schedule == "linear":
+    if schedule == "linear":
         g = t / float(T)
     elif schedule == "cosine":
-        g = 0.5 * (1 - f32(torch.cos, math.pi * t / float(T)))
-    elif schedule.startswith("power:"):
-        zeta = float(schedule.split(":", 1)[1])
-        g = 1 - f32(lambda x: x ** zeta, 1 - t / float(T))
+        g = 0.5 * (1 - torch.cos((math.pi * t / float(T)).double()).float())
+    elif schedule == "poly-auto" or schedule.startswith("power:"):
+        zeta = (min(max(math.log(1 / float(G)) / math.log(1.0 / float(max(2, T))), 1.05), 4.0)  # ζ = log_T G: exactly
+                if schedule == "poly-auto" else float(schedule.split(":", 1)[1]))          # one gene visible at t = T-1
+        g = 1 - ((1 - t / float(T)).double() ** zeta).float()
     else:
         raise ValueError(f"unknown schedule {schedule!r}; use poly-auto, linear, cosine or power:<zeta>")
     return (g.clamp(0, 1) * G).long()
