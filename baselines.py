@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (Features, UserError, add_fold_args, atomic_h5, feature_stats, load_fold, read_slice, run,
-                    split_validation, str_array, write_anndata)
+from common import (Features, PredictionFile, UserError, add_fold_args, atomic_h5, feature_stats, load_fold, read_slice,
+                    run, split_validation, write_anndata)
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
 KNN_GRID = [1, 2, 3, 5, 10, 20, 50, 100, 200]
@@ -143,6 +143,7 @@ METHODS = {"mean": fit_mean, "ridge": fit_ridge, "mlp": fit_mlp, "knn": fit_knn}
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fold_args(p)                                     # the same fold and validation split as train.py
+    p.add_argument("--seed", type=int, default=42, help="seed of the MLP's initialisation and batch order (default 42)")
     p.add_argument("--method", required=True, choices=list(METHODS), help="mean, ridge, mlp or knn (see above)")
     p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
     p.add_argument("--save-samples", action="store_true", help="knn: also store the k neighbours' expression as "
@@ -159,7 +160,7 @@ def main():
     t0 = time.time()
     encoders = a.features.split(",")
     names, genes, _, X, H, _ = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
-    tr, val = split_validation(len(X), a.val_frac, a.seed)
+    tr, val = split_validation(len(X), a.val_frac, a.val_seed)
     if len(tr) < 2:
         raise UserError(f"only {len(X)} training spots with expression in {a.data}: too few to fit and validate")
     mu, sd = feature_stats(H)                            # standardised with training statistics, as train.py
@@ -169,19 +170,12 @@ def main():
     feats = Features(a.data, encoders, a.test_slice)
     N, G = feats.n, X.shape[1]
     with atomic_h5(dst) as f:
-        f.create_dataset("pred", (N, G), np.float32)
-        f.create_dataset("std", (N, G), np.float32)
+        out = PredictionFile(f, N, G, CHUNK, chosen["k"] if a.save_samples else 0)  # knn's samples: its k neighbours
         for s in tqdm(range(0, N, CHUNK), desc=f"predict {a.test_slice}", unit="chunk"):
-            mean, std, samples = predict(((feats.read(s, s + CHUNK) - mu) / sd).astype(np.float32))
-            f["pred"][s:s + len(mean)], f["std"][s:s + len(mean)] = mean, std
-            if a.save_samples:
-                if "samples" not in f:                   # their number (k) is known once the first chunk is predicted
-                    f.create_dataset("samples", (len(samples), N, G), np.float16, chunks=(1, min(CHUNK, N), G))
-                f["samples"][:, s:s + len(mean)] = samples.astype(np.float16)
+            out.write(s, *predict(((feats.read(s, s + CHUNK) - mu) / sd).astype(np.float32)))
         secs = time.time() - t0
-        f["barcode"] = read_slice(a.data, a.test_slice, ("barcode",))["barcode"]
-        f["genes"] = str_array([g.decode() for g in genes])
-        f.attrs.update(method=a.method, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names), **chosen)
+        out.finish(read_slice(a.data, a.test_slice, ("barcode",))["barcode"], [g.decode() for g in genes],
+                   method=a.method, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names), **chosen)
     feats.close()
     write_anndata(dst, a.data)
     picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())

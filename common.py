@@ -175,7 +175,18 @@ def add_fold_args(p):
     p.add_argument("--test-slice", required=True, help="held-out slice (leave-one-slice-out); never seen in training")
     p.add_argument("--exclude", default="", help="further slices to leave out of training (comma-separated)")
     p.add_argument("--val-frac", type=float, default=0.1, help="share of training spots for validation (default 0.1)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the validation split and of training (default 42, as the paper)")
+    p.add_argument("--val-seed", type=int, default=42, help="seed of the validation split (default 42, as the official code)")
+
+
+def add_runtime_args(p, batch_size, batch_help, seed=0):
+    """--device, --amp, --batch-size and --seed, meaning the same in every script: where to run, bf16
+    autocast, spots (or patches) per forward step, and the seed of this script's own random numbers."""
+    import torch
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs; about 10x slower on CPUs without bf16 units)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    p.add_argument("--seed", type=int, default=seed, help=f"seed of this script's random numbers (default {seed})")
 
 
 def training_pixel_size(data_dir, names):
@@ -240,6 +251,32 @@ def slice_layout(s):
     thumb = s["thumbnail"][()] if "thumbnail" in s else None
     scale = float(s["thumbnail"].attrs["scale"]) if thumb is not None else 1.0
     return pixel, spot_diameter(s, pixel), thumb, scale
+
+
+class PredictionFile:
+    """The one writer of prediction files (sample.py, baselines.py) in an open HDF5 file: `pred` and `std`
+    [N, G], optionally `samples` float16 [S, N, G] and `steps` [R, N, G], a block of spots at a time (one
+    chunk per block), then the spot ids, genes and attributes."""
+    def __init__(self, f, N, G, rows, n_samples=0, n_steps=0):
+        self.f, rows = f, min(rows, N)
+        f.create_dataset("pred", (N, G), np.float32, chunks=(rows, G))
+        f.create_dataset("std", (N, G), np.float32, chunks=(rows, G))
+        if n_samples:
+            f.create_dataset("samples", (n_samples, N, G), np.float16, chunks=(1, rows, G))
+        if n_steps:
+            f.create_dataset("steps", (n_steps, N, G), np.float32, chunks=(1, rows, G))
+
+    def write(self, start, mean, std, samples=None, steps=None):
+        stop = start + len(mean)
+        self.f["pred"][start:stop], self.f["std"][start:stop] = mean, std
+        if "samples" in self.f:
+            self.f["samples"][:, start:stop] = np.asarray(samples).astype(np.float16)
+        if "steps" in self.f:
+            self.f["steps"][:, start:stop] = steps
+
+    def finish(self, barcodes, genes, **attrs):
+        self.f["barcode"], self.f["genes"] = barcodes, str_array(genes)
+        self.f.attrs.update(**attrs)
 
 
 def write_anndata(pred_path, data_dir):

@@ -27,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -142,6 +143,20 @@ def check_spread(path, pred, std, samples):
                         "re-write the prediction file")
 
 
+@dataclass
+class Pair:
+    """One predicted slice next to its truth, rows in the same spot order."""
+    name: str
+    truth: np.ndarray                                    # [N, G] log2(count + 1)
+    pred: np.ndarray                                     # [N, G]
+    std: np.ndarray | None                               # [N, G] spread, when stored
+    array: np.ndarray                                    # [N, 2] grid (col, row)
+    genes: list
+    attrs: dict                                          # the prediction file's attributes (K, seconds, ...)
+    steps: tuple | None                                  # (x̂0 [R, N, G], their t [R]) with --record-steps
+    depth: np.ndarray                                    # [N] log2 of the selected genes' total count
+
+
 def load_pair(pred_path, data):
     """Prediction (and its std, when stored) and truth of one slice, rows joined by barcode, with the
     spots' true log depth."""
@@ -158,7 +173,7 @@ def load_pair(pred_path, data):
     if decode(s["barcode"]) != bc:
         raise UserError(f"{pred_path}: spots differ from slice {name} of {data}; re-run sample.py")
     depth = np.log2(s["counts"].sum(1) + 1)              # slices keep the selected genes' counts only: depth is their total
-    return name, s["expr"], pred, std, s["array"], genes, attrs, steps, depth
+    return Pair(name, s["expr"], pred, std, s["array"], genes, attrs, steps, depth)
 
 
 def has_truth(path, data):
@@ -176,24 +191,24 @@ def prediction_files(pred_dir, data):
 
 
 def evaluate_dir(pred_dir, data):
-    """Every slice's metrics -> (table, per-gene table, (name, truth, pred, array, genes, steps) per slice,
-    calibration curve per slice that has a std)."""
+    """Every slice's metrics -> (table, per-gene table, the Pair of each slice, calibration curve per slice
+    that has a std)."""
     files = prediction_files(pred_dir, data)[0]
     if not files:
         return None, None, [], {}
     rows, per_gene, pairs, curves = [], [], [], {}
     for path in files:
-        name, truth, pred, std, array, genes, attrs, steps, depth = load_pair(path, data)
-        m, r, ssim = slice_metrics(truth, pred, array)
+        p = load_pair(path, data)
+        m, r, ssim = slice_metrics(p.truth, p.pred, p.array)
         with h5py.File(path, "r") as f:                  # samples stay on disk, read a block of spots at a time
-            dist, dist_gene, curve = distribution_metrics(truth, pred, std, f.get("samples"))
-            struct = structure_metrics(truth, pred, depth, f.get("samples"))
-        rows.append({"slice": name, **m, **dist, **struct, "K": attrs.get("K"), "spots_per_s": attrs.get("spots_per_s")})
-        per_gene.append(pd.DataFrame({"slice": name, "gene": genes, "pearson": r, "ssim": ssim, **dist_gene,
-                                      "var_truth": truth.var(0), "var_pred": pred.var(0)}))
-        pairs.append((name, truth, pred, array, genes, steps))
+            dist, dist_gene, curve = distribution_metrics(p.truth, p.pred, p.std, f.get("samples"))
+            struct = structure_metrics(p.truth, p.pred, p.depth, f.get("samples"))
+        rows.append({"slice": p.name, **m, **dist, **struct, "K": p.attrs.get("K"), "spots_per_s": p.attrs.get("spots_per_s")})
+        per_gene.append(pd.DataFrame({"slice": p.name, "gene": p.genes, "pearson": r, "ssim": ssim, **dist_gene,
+                                      "var_truth": p.truth.var(0), "var_pred": p.pred.var(0)}))
+        pairs.append(p)
         if curve is not None:
-            curves[name] = curve
+            curves[p.name] = curve
     return pd.DataFrame(rows), pd.concat(per_gene), pairs, curves
 
 
@@ -386,34 +401,6 @@ def compare(dirs):
         print()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", help="folder of prediction files (sample.py output)")
-    p.add_argument("--data", help="folder written by prepare_data.py (the truth, where the slices have expression)")
-    p.add_argument("--out", help="output folder (default: <pred>/../eval)")
-    p.add_argument("--label", help="name of this run in --compare tables (default: the --pred folder)")
-    p.add_argument("--markers", help="genes for the maps (comma-separated; default the 4 most variable in truth, or in "
-                                     "the prediction for slides without expression)")
-    p.add_argument("--k-sweep", nargs="*", default=[], help="more prediction folders of the same slices at other K")
-    p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print these evaluations side by side and exit")
-    a = p.parse_args()
-    if a.compare:
-        return compare(a.compare)
-    if not (a.pred and a.data):
-        raise UserError("give --pred and --data (or --compare EVAL_DIR ...)")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.pred)), "eval")
-    import matplotlib
-    matplotlib.use("Agg")
-    os.makedirs(out, exist_ok=True)
-    truth, blind = prediction_files(a.pred, a.data)
-    if truth:
-        score(a, out)
-    if blind:
-        print(f"{len(blind)} slice(s) without measured expression ({', '.join(os.path.basename(p)[:-3] for p in blind)}): "
-              "no metrics for them, only maps of the prediction")
-        draw_blind(a, out, blind)
-
-
 def draw_blind(a, out, blind):
     """Predicted maps over the H&E for slides without spatial data; markers: --markers, else the
     genes whose prediction varies most across spots."""
@@ -452,7 +439,8 @@ def score(a, out):
                          "per_slice": {n: c.tolist() for n, c in curves.items()}} if curves else None},
         indent=1) + "\n")
 
-    name, truth, pred, array, genes, steps = pairs[0]
+    first = pairs[0]
+    name, truth, pred, array, genes, steps = first.name, first.truth, first.pred, first.array, first.genes, first.steps
     markers = a.markers.split(",") if a.markers else [genes[i] for i in top_variable(truth, 4)]
     if unknown := [m for m in markers if m not in genes]:
         raise UserError(f"--markers {', '.join(unknown)}: not among the {len(genes)} evaluated genes")
@@ -475,6 +463,34 @@ def score(a, out):
         print(f"({excluded} slice-gene pairs constant in truth or prediction were excluded from r)")
     print(f"metrics: {os.path.join(out, 'metrics.csv')}, per_gene.csv, summary.json")
     print("figures: " + ", ".join(os.path.join(out, f) for f in figs))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", help="folder of prediction files (sample.py output)")
+    p.add_argument("--data", help="folder written by prepare_data.py (the truth, where the slices have expression)")
+    p.add_argument("--out", help="output folder (default: <pred>/../eval)")
+    p.add_argument("--label", help="name of this run in --compare tables (default: the --pred folder)")
+    p.add_argument("--markers", help="genes for the maps (comma-separated; default the 4 most variable in truth, or in "
+                                     "the prediction for slides without expression)")
+    p.add_argument("--k-sweep", nargs="*", default=[], help="more prediction folders of the same slices at other K")
+    p.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print these evaluations side by side and exit")
+    a = p.parse_args()
+    if a.compare:
+        return compare(a.compare)
+    if not (a.pred and a.data):
+        raise UserError("give --pred and --data (or --compare EVAL_DIR ...)")
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.pred)), "eval")
+    import matplotlib
+    matplotlib.use("Agg")
+    os.makedirs(out, exist_ok=True)
+    truth, blind = prediction_files(a.pred, a.data)
+    if truth:
+        score(a, out)
+    if blind:
+        print(f"{len(blind)} slice(s) without measured expression ({', '.join(os.path.basename(p)[:-3] for p in blind)}): "
+              "no metrics for them, only maps of the prediction")
+        draw_blind(a, out, blind)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 """HINGE: a pre-trained CellFM backbone turned into a histology-conditioned masked-diffusion
 generator of spatial gene expression (the paper's Sec. 3; CellFM's released model and the official HINGE code).
 
-One file, top to bottom: checkpoint loading, embeddings, retention blocks with SoftAdaLN,
-the model, masked and Gaussian diffusion, the sampler, variants and presets.
-Parameter names of the backbone are exactly those of the released CellFM checkpoints.
+One file, top to bottom: embeddings, retention blocks with SoftAdaLN, the model, variants, masked
+and Gaussian diffusion, the sampler, presets and the run file. Parameter names of the backbone are
+exactly those of the released CellFM checkpoints; reading those files is checkpoints.py's job.
 """
 import math
 import os
-import re
 from dataclasses import dataclass, asdict
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import UserError, atomic_path
+from heads import make_head
 
 
 def modulate(x, shift, scale):
@@ -26,148 +28,6 @@ GATE_CHUNKS = [2, 5]  # gate_a, gate_f among the six SoftAdaLN outputs (shift_a,
 def gate(g, kind):
     """SoftAdaLN's residual gate τ(c): the official sigmoid(g), its bias starting at 6, or the residual 1 + g."""
     return torch.sigmoid(g) if kind == "sigmoid" else 1 + g
-
-
-#################################################################################
-#                     Checkpoint loading (MindSpore .ckpt, .pt, .safetensors)   #
-#################################################################################
-
-class CheckpointError(ValueError):
-    pass
-
-
-# MindSpore TensorProto.tensor_type -> numpy dtype (BFloat16 is read as int16 and viewed)
-_MS_DTYPES = {"Float32": np.float32, "Float16": np.float16, "Float64": np.float64,
-              "Int8": np.int8, "Int16": np.int16, "Int32": np.int32, "Int64": np.int64,
-              "UInt8": np.uint8, "Bool": np.bool_, "BFloat16": np.int16}
-# Optimiser state and training scalars stored beside the weights in MindSpore checkpoints
-_IGNORED_PREFIXES = ("moment1.", "moment2.", "global_step", "learning_rate", "beta1_power", "beta2_power",
-                     "current_iterator_step", "last_overflow_iterator_step", "scale_sense")
-# CellFM weights HINGE does not use: the 80M read-depth tokens and the cell-level head (unused by the official HINGE code)
-UNUSED_CELLFM = ("ST_emb", "ST_enc.", "cellwise_dec.")
-
-
-def _varint(f, path):
-    result, shift = 0, 0
-    while True:
-        b = f.read(1)
-        if not b:
-            raise CheckpointError(f"{path}: truncated (file ends inside a field header at byte {f.tell()}); "
-                                  "download the checkpoint again")
-        result |= (b[0] & 0x7F) << shift
-        shift += 7
-        if b[0] < 0x80:
-            return result
-
-
-def _fields(f, end, path):
-    """Yield (field number, wire type, value or (offset, length)) of one protobuf message."""
-    while f.tell() < end:
-        key = _varint(f, path)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            yield field, wire, _varint(f, path)
-        elif wire == 2:
-            n = _varint(f, path)
-            start = f.tell()
-            if start + n > end:
-                raise CheckpointError(f"{path}: truncated (a field of {n} bytes at byte {start} runs past the "
-                                      f"end of its message or file); download the checkpoint again")
-            yield field, wire, (start, n)
-            f.seek(start + n)
-        elif wire in (1, 5):
-            f.seek(8 if wire == 1 else 4, 1)
-        else:
-            raise CheckpointError(f"{path}: not a MindSpore checkpoint (wire type {wire} at byte {f.tell()})")
-
-
-def _read_mindspore(path):
-    """Stream a MindSpore checkpoint: `Checkpoint{repeated Value value=1}`, `Value{tag=1, tensor=2}`,
-    `TensorProto{dims=1, tensor_type=2, tensor_content=3}`. A tensor split over several values with
-    the same tag is concatenated into one preallocated buffer, so the file is read once."""
-    out, filled, types = {}, {}, {}
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        for field, wire, val in _fields(f, size, path):
-            if field != 1 or wire != 2:
-                continue
-            start, n = val
-            tag, tensor = None, None
-            for sf, sw, sv in _fields(f, start + n, path):
-                if sf == 1 and sw == 2:
-                    f.seek(sv[0]); tag = f.read(sv[1]).decode()
-                elif sf == 2 and sw == 2:
-                    tensor = sv
-            f.seek(start + n)
-            if tag is None or tensor is None or tag.startswith(_IGNORED_PREFIXES):
-                continue
-            dims, dtype, content = [], None, None
-            f.seek(tensor[0])
-            for tf, tw, tv in _fields(f, tensor[0] + tensor[1], path):
-                if tf == 1 and tw == 0:
-                    dims.append(tv)
-                elif tf == 1 and tw == 2:  # packed dims
-                    f.seek(tv[0]); end = tv[0] + tv[1]
-                    while f.tell() < end:
-                        dims.append(_varint(f, path))
-                    f.seek(end)
-                elif tf == 2 and tw == 2:
-                    f.seek(tv[0]); dtype = f.read(tv[1]).decode()
-                elif tf == 3 and tw == 2:
-                    content = tv
-            if dtype not in _MS_DTYPES:
-                raise CheckpointError(f"{path}: tensor {tag} has unsupported type {dtype!r}")
-            if tag not in out:
-                out[tag] = np.empty(int(np.prod(dims)), dtype=_MS_DTYPES[dtype]).reshape(dims)
-                filled[tag], types[tag] = 0, dtype
-            buf = out[tag].reshape(-1).view(np.uint8)
-            if content is not None:
-                if filled[tag] + content[1] > buf.size:
-                    raise CheckpointError(f"{path}: tensor {tag} has more bytes than its shape {dims} holds")
-                f.seek(content[0])
-                f.readinto(memoryview(buf)[filled[tag]:filled[tag] + content[1]])
-                filled[tag] += content[1]
-            f.seek(start + n)
-    incomplete = [f"{t} ({filled[t]} of {a.nbytes} bytes)" for t, a in out.items() if filled[t] != a.nbytes]
-    if incomplete:
-        raise CheckpointError(f"{path}: truncated: incomplete tensors {', '.join(incomplete[:3])}; "
-                              "download the checkpoint again")
-    if not out:
-        raise CheckpointError(f"{path}: no tensors found; is this a MindSpore .ckpt?")
-    return {tag: torch.from_numpy(a).view(torch.bfloat16) if types[tag] == "BFloat16" else torch.from_numpy(a)
-            for tag, a in out.items()}
-
-
-def load_cellfm(path):
-    """Read a CellFM checkpoint (.ckpt MindSpore, .pt/.bin state dict, .safetensors) into a
-    torch-named state dict (LayerNorm gamma/beta -> weight/bias, `module.` prefix stripped)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file; pass the path of a CellFM .ckpt/.pt/.safetensors")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".ckpt":
-        sd = _read_mindspore(path)
-    elif ext == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    elif ext in (".pt", ".pth", ".bin"):
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch reports truncation as a zip error
-            raise CheckpointError(f"{path}: cannot be read as a torch state dict ({e}); is it truncated?") from e
-        for nest in ("state_dict", "model"):
-            if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
-                sd = sd[nest]
-    else:
-        raise CheckpointError(f"{path}: unknown checkpoint extension {ext!r}; use .ckpt, .pt, .bin or .safetensors")
-    renamed = {}
-    for k, v in sd.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        if k.startswith(_IGNORED_PREFIXES) or not torch.is_tensor(v):
-            continue
-        k = k[:-len(".gamma")] + ".weight" if k.endswith(".gamma") else k
-        k = k[:-len(".beta")] + ".bias" if k.endswith(".beta") else k
-        renamed[k] = v
-    return renamed
 
 
 #################################################################################
@@ -353,8 +213,10 @@ class Config:
     soft_norm: bool = True
     id_init: bool = True
     lora_rank: int = 0
-    gate: str = "residual"         # sigmoid | residual (runs saved before the choice existed are residual)
-    init: str = "cellfm"           # official (xavier_uniform everywhere, the official HINGE code) | cellfm
+    gate: str = "sigmoid"          # sigmoid (the official code) | residual
+    init: str = "official"         # official (xavier_uniform everywhere, the official HINGE code) | cellfm
+    head: str = "point"            # point (the official value decoder) | gaussian | bins
+    n_bins: int = 32               # bins head: a zero bin and 31 even bins of log2(count + 1)
 
     @property
     def gene_rows(self):           # vocab + padding row 0, rounded up to a multiple of 8 (CellFM)
@@ -382,6 +244,7 @@ class Hinge(nn.Module):
         self.cond_net = CondNet(cfg.dim, cfg.hist_dim, cfg.n_genes)
         self.dec_norm = SoftNorm(cfg.dim, cfg.soft_norm)
         self.dec_adaln = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.head = make_head(cfg)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -419,6 +282,9 @@ class Hinge(nn.Module):
             self.gene_emb[0].zero_()                     # token 0 is padding
         if not cfg.id_init:                              # --no-id-init: the heads keep their Linear init, λ = 0.5
             return
+        if cfg.head != "point":                          # a zero correction: the Gaussian head's mean starts as the decoder's
+            nn.init.zeros_(self.head.proj.weight)
+            nn.init.zeros_(self.head.proj.bias)
         heads = [blk.adaln for blk in self.encoder if hasattr(blk, "adaln")] + [self.dec_adaln]
         for lin in heads:                                # shift = scale = 0: the untrained model is CellFM
             nn.init.zeros_(lin.weight)
@@ -437,8 +303,9 @@ class Hinge(nn.Module):
         return self.cond_net.hist_embedder(hist)
 
     def forward(self, x, visible, t=None, target_visible=None, hist_emb=None):
-        """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints,
-        target_visible [B, G] genes visible after this step, hist_emb [B, D]. Returns x̂0 [B, G]."""
+        """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
+        genes visible after this step, hist_emb [B, D]. Returns the head's output: x̂0 [B, G] for the point
+        head, the parameters of each gene's distribution otherwise (self.head.mean gives x̂0)."""
         B, G = x.shape
         vis = visible.to(x.dtype)
         tok = self.gene_emb[self.gene_ids][None] + self.value_enc(x) + self.zero_emb * (1 - vis)[..., None]  # [B, G, D]
@@ -451,112 +318,15 @@ class Hinge(nn.Module):
         if c is not None and self.cfg.cond == "softadaln":
             shift, scale = self.dec_adaln(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
             h = modulate(self.dec_norm(h), shift, scale)
-        return self.value_dec(h)                         # [B, G]
+        return self.head(h, self.value_dec(h))           # [B, G] or [B, G, params]
 
     def backbone_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if is_backbone_key(k)}
 
 
 def is_backbone_key(name):
-    return not name.startswith(("cond_net.", "dec_")) and ".adaln." not in name and \
+    return not name.startswith(("cond_net.", "dec_", "head.")) and ".adaln." not in name and \
         ".soft_norm" not in name and "lora_" not in name
-
-
-def shape_hint(sd, cfg):
-    """Why a checkpoint does not fit: another width or depth (name the preset that has it) or another vocabulary."""
-    width = sd["gene_emb"].shape[1] if "gene_emb" in sd else None
-    layers = len({k.split(".")[1] for k in sd if k.startswith("encoder.")})
-    if (width, layers) == (cfg.dim, cfg.layers):
-        return "; the checkpoint is for another gene vocabulary (prepare the data with the vocabulary it was trained on)"
-    fits = [p for p, make in PRESETS.items() if (make().dim, make().layers) == (width, layers)]
-    return (f"; the checkpoint is a {width}-wide, {layers}-layer backbone and this model {cfg.dim}-wide, {cfg.layers}-layer: "
-            + (f"pass --preset {' or '.join(fits)}" if fits else "no preset has that shape"))
-
-
-def load_backbone(model, sd, path="checkpoint"):
-    """Copy CellFM weights into `model`; mis-shaped or missing backbone keys are errors, named.
-    Returns (unused CellFM keys, unexpected keys)."""
-    own = model.backbone_state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
-           if k in own and v.shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f"{path}: mis-shaped keys: " + "; ".join(bad[:5]) + shape_hint(sd, model.cfg))
-    missing = sorted(set(own) - set(sd))
-    if missing:
-        raise CheckpointError(f"{path}: missing backbone keys {', '.join(missing[:5])}"
-                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
-    extra = sorted(set(sd) - set(own))
-    with torch.no_grad():
-        for k in own:
-            model.get_parameter(k).copy_(sd[k])
-    return [k for k in extra if k.startswith(UNUSED_CELLFM)], [k for k in extra if not k.startswith(UNUSED_CELLFM)]
-
-
-#################################################################################
-#                 Checkpoints of the official HINGE code (donghaifang/HINGE)    #
-#################################################################################
-
-# our name -> the official one (its models.py, retentionlayer.py); the first rule that matches applies
-OFFICIAL_NAMES = [
-    (r"^encoder\.(\d+)\.adaln\.", r"retentionblocks.\1.adaln.proj."),
-    (r"^encoder\.(\d+)\.soft_norm(\d)\.lambda_bias$", r"retentionblocks.\1.pre_norm\2._lambda_bias"),
-    (r"^encoder\.(\d+)\.(attn|ffn)\.(\w)_proj\.lora_(A|B)$", r"retentionblocks.\1.\2.lora_\3.\4.weight"),
-    (r"^encoder\.", "retentionblocks."),
-    (r"^cond_net\.t_embedder\.", "cond_embed.time."),
-    (r"^cond_net\.hist_embedder\.", "cond_embed.label."),
-    (r"^cond_net\.mask_embedder\.", "cond_embed.mask."),
-    (r"^dec_norm\.lambda_bias$", "final_layer.pre_norm._lambda_bias"),
-    (r"^dec_adaln\.", "final_layer.proj."),
-    (r"^value_dec\.", "final_layer."),
-]
-OURS_ONLY = ("value_enc.mask_emb",)                     # CellFM's pre-training mask token: the official model drops it
-
-
-def official_name(name):
-    for pattern, repl in OFFICIAL_NAMES:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
-
-
-def official_config(sd, heads=None, gate="sigmoid"):
-    """The shape of an official HINGE model, read off its tensors: width and layers from the blocks,
-    vocabulary rows from gene_emb, genes from the mask MLP, heads = width / 32 as in CellFM."""
-    need = ["gene_emb", "cond_embed.label.0.weight", "cond_embed.mask.0.weight", "gg"]
-    absent = [k for k in need if k not in sd]
-    if absent:
-        raise CheckpointError(f"not an official HINGE checkpoint: no {', '.join(absent)}")
-    rows, dim = sd["gene_emb"].shape
-    lora = sd.get("retentionblocks.0.attn.lora_q.A.weight")
-    return Config(dim=dim, layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("retentionblocks.")),
-                  heads=heads or dim // 32, vocab=rows - 1, n_genes=sd["cond_embed.mask.0.weight"].shape[1],
-                  hist_dim=sd["cond_embed.label.0.weight"].shape[1], gate=gate, init="official",
-                  lora_rank=0 if lora is None else lora.shape[0])
-
-
-def import_official(sd, cfg):
-    """An official HINGE state dict -> our model, every tensor mapped by name; a missing, unexpected
-    or mis-shaped tensor is an error that names it."""
-    net = Hinge(cfg, sd["gg"])
-    own = {k: v for k, v in net.state_dict().items() if k not in OURS_ONLY}
-    names = {official_name(k): k for k in own}
-    missing = sorted(set(names) - set(sd))
-    unexpected = sorted(set(sd) - set(names) - {"gg"})
-    bad = [f"{o} {tuple(sd[o].shape)} (expected {tuple(own[k].shape)})" for o, k in names.items()
-           if o in sd and sd[o].numel() != own[k].numel()]
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
-        if keys:
-            raise CheckpointError(f"{what} tensors: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} "
-                                  f"({len(keys)} in all)")
-    with torch.no_grad():
-        for o, k in names.items():
-            own[k].copy_(sd[o].reshape(own[k].shape))   # the official λ biases are scalars, ours [1]
-        if cfg.gate == "residual":                       # official use_sigmoid=False gates with g, ours with 1 + g
-            for blk in net.encoder:
-                blk.adaln.bias.view(6, cfg.dim)[GATE_CHUNKS] -= 1
-        net.value_enc.mask_emb.zero_()
-    return net
 
 
 #################################################################################
@@ -626,29 +396,40 @@ class MaskedDiffusion:
             return torch.zeros_like(x)
         return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
-    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule"):
-        """MSE on the genes revealed between t and t-1 (official `elboloss`); with
+    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule", share=None, score=False):
+        """The head's loss (MSE for the point head, the official `elboloss`; NLL otherwise) on the genes
+        revealed between t and t-1; score=True: the MSE of the head's mean instead (validation). With
         mask_ratio='uniform' (RandMask) a U(0,1) share is hidden and the loss covers all of it.
         loss_norm='sample' averages each sample's genes first, so every t weighs the same; 'batch'
         (the official code) divides by the batch's gene count, so steps that reveal few genes,
-        where histology matters most, weigh little (demo: PCC-50 0.57 vs 0.74 with 'sample')."""
-        B, dev = x0.shape[0], x0.device
-        ranks = self.gene_ranks(B, dev)
-        if mask_ratio == "uniform":
-            n = (torch.rand(B, device=dev) * self.G).ceil().long().clamp(1, self.G)
-            t = torch.searchsorted(self.n_hidden.to(dev), n).clamp(1, self.T)
-            vis = ranks >= n[:, None]
+        where histology matters most, weigh little (demo: PCC-50 0.57 vs 0.74 with 'sample').
+        share=(n, rank, world): x0 holds rows rank::world of a global batch of n (torchrun)."""
+        n, rows = batch_rows(x0, share)
+        dev = x0.device
+        ranks = self.gene_ranks(n, dev)[rows]            # drawn for the whole batch on every rank: the ranks
+        if mask_ratio == "uniform":                      # together draw what one process would
+            m = (torch.rand(n, device=dev)[rows] * self.G).ceil().long().clamp(1, self.G)
+            t = torch.searchsorted(self.n_hidden.to(dev), m).clamp(1, self.T)
+            vis = ranks >= m[:, None]
             target = torch.ones_like(vis)
         else:
-            t = torch.randint(1, (t_max or self.T) + 1, (B,), device=dev)
+            t = torch.randint(1, (t_max or self.T) + 1, (n,), device=dev)[rows]
             vis, target = self.visible(ranks, t), self.visible(ranks, t - 1)
-        xt = torch.where(vis, x0, self.fill_like(x0))
-        pred = model(xt, vis, t, target, hist_emb)
+        xt = torch.where(vis, x0, self.fill_like(x0.new_empty(n, self.G))[rows])
+        out, head = model(xt, vis, t, target, hist_emb).float(), getattr(model, "module", model).head
         w = (target & ~vis).float()                      # newly revealed genes
-        err = (pred.float() - x0) ** 2 * w
+        err = ((head.mean(out) - x0) ** 2 if score else head.nll(out, x0)) * w
         if self.loss_norm == "batch":
             return err.sum() / w.sum().clamp_min(1)
         return (err.sum(1) / w.sum(1).clamp_min(1)).mean()
+
+
+def batch_rows(x0, share):
+    """(global batch size, this process's rows of it): every row without torchrun."""
+    if share is None:
+        return len(x0), slice(None)
+    n, rank, world = share
+    return n, slice(rank, None, world)
 
 
 class GaussianDiffusion:
@@ -659,14 +440,32 @@ class GaussianDiffusion:
         f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2   # Nichol & Dhariwal cosine schedule
         self.alpha_bar = (f / f[0]).clamp(1e-5, 1.0).float()
 
-    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule"):
-        B, dev = x0.shape[0], x0.device
-        t = torch.randint(1, (t_max or self.T) + 1, (B,), device=dev)
+    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule", share=None, score=False):
+        n, rows = batch_rows(x0, share)
+        dev = x0.device
+        t = torch.randint(1, (t_max or self.T) + 1, (n,), device=dev)[rows]
         ab = self.alpha_bar.to(dev)[t][:, None]
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn_like(x0)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(n, self.G, device=dev, dtype=x0.dtype)[rows]
         ones = torch.ones_like(x0, dtype=torch.bool)
         pred = model(xt, ones, t, ones, hist_emb)
         return ((pred.float() - x0) ** 2).mean()
+
+    @torch.no_grad()
+    def generate(self, model, h, K, generator=None, record=()):
+        """DDIM (η = 0) from noise in K steps; h [S·B, D] embedded histology -> (x̂0 [S·B, G], {k: x̂0})."""
+        dev, n = h.device, h.shape[0]
+        ab = self.alpha_bar.to(dev)
+        x = torch.randn(n, self.G, device=dev, generator=generator)
+        ones = torch.ones(n, self.G, dtype=torch.bool, device=dev)
+        steps = {}
+        taus = step_times(self.T, K)
+        for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
+            x0 = model(x, ones, torch.full((n,), t, device=dev), ones, h).float()
+            eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
+            x = x0 if t_next == 0 else ab[t_next].sqrt() * x0 + (1 - ab[t_next]).sqrt() * eps
+            if k in record:
+                steps[k] = x0
+        return x, steps
 
 
 def make_diffusion(objective, G, T=50, schedule="poly-auto", fill="gauss", loss_norm="sample"):
@@ -688,42 +487,40 @@ def step_times(T, K):
 
 
 @torch.no_grad()
-def generate(model, diffusion, hist, K, n_samples=1, generator=None, record=(), cache=True):
-    """Generate expression for one batch of spots: hist [B, hist_dim] -> (mean [B, G],
-    samples [S, B, G], recorded x̂0 {step index k: [B, G]} averaged over samples).
-    With `cache` the histology embedding is computed once per spot; cache=False recomputes it
-    at every step (the naive sampler, same result; bench/speed.py measures both)."""
+def generate(model, diffusion, hist, K, n_samples=1, generator=None, record=(), temperature=0.0):
+    """HINGE's sampler for one batch of spots: hist [B, hist_dim] -> (mean [B, G], samples [S, B, G],
+    recorded x̂0 {step index k: [B, G]} averaged over samples). The histology embedding is computed
+    once per spot; each step reveals the scheduled genes with values drawn from the head's
+    distribution at `temperature` (0: its mean) and keeps them fixed, so later steps condition on the
+    draws and a sample is a joint draw. A Gauss-Diff run samples with its own class's DDIM."""
     B, G, S = hist.shape[0], diffusion.G, n_samples
-    taus = step_times(diffusion.T, K)
     h = model.embed_histology(hist).repeat(S, 1)       # [S·B, D]
-    cond = (lambda: h) if cache else (lambda: model.embed_histology(hist).repeat(S, 1))
-    dev = h.device
-    steps = {}
     if isinstance(diffusion, GaussianDiffusion):
-        ab = diffusion.alpha_bar.to(dev)
-        x = torch.randn(S * B, G, device=dev, generator=generator)
-        ones = torch.ones(S * B, G, dtype=torch.bool, device=dev)
-        for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
-            tt = torch.full((S * B,), t, device=dev)
-            x0 = model(x, ones, tt, ones, cond()).float()
-            eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
-            x = x0 if t_next == 0 else ab[t_next].sqrt() * x0 + (1 - ab[t_next]).sqrt() * eps  # DDIM, η = 0
-            if k in record:
-                steps[k] = x0.view(S, B, G).mean(0)
+        x, steps = diffusion.generate(model, h, K, generator, record)
     else:
-        ranks = diffusion.gene_ranks(S * B, dev, generator)
-        x = diffusion.fill_like(torch.empty(S * B, G, device=dev), generator)
-        for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
-            tt = torch.full((S * B,), t, device=dev)
-            vis, nxt = diffusion.visible(ranks, tt), diffusion.visible(ranks, tt.new_full((S * B,), t_next))
-            # condition on m_{t-1} as in training even when jumping to t_next: an unseen, larger target mask
-            # biased the predictions (validation, Her2ST fold C2, K=1: mean r 0.491 -> 0.504, MSE 1.19 -> 1.08)
-            pred = model(x, vis, tt, diffusion.visible(ranks, tt - 1), cond()).float()
-            x = torch.where(nxt & ~vis, pred, x)          # reveal the scheduled genes, keep revealed ones fixed
-            if k in record:
-                steps[k] = torch.where(vis, x, pred).view(S, B, G).mean(0)
+        x, steps = reveal(model, diffusion, h, K, generator, record, temperature)
     samples = x.view(S, B, G)
-    return samples.mean(0), samples, steps
+    return samples.mean(0), samples, {k: v.view(S, B, G).mean(0) for k, v in steps.items()}
+
+
+def reveal(model, diffusion, h, K, generator=None, record=(), temperature=0.0):
+    """The masked-diffusion steps T = τ0 > ... > τK = 0 for [S·B] rows -> (values [S·B, G], {k: x̂0})."""
+    dev, n = h.device, h.shape[0]
+    ranks = diffusion.gene_ranks(n, dev, generator)
+    x = diffusion.fill_like(torch.empty(n, diffusion.G, device=dev), generator)
+    steps = {}
+    taus = step_times(diffusion.T, K)
+    for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
+        tt = torch.full((n,), t, device=dev)
+        vis, nxt = diffusion.visible(ranks, tt), diffusion.visible(ranks, tt.new_full((n,), t_next))
+        # condition on m_{t-1} as in training even when jumping to t_next: an unseen, larger target mask
+        # biased the predictions (validation, Her2ST fold C2, K=1: mean r 0.491 -> 0.504, MSE 1.19 -> 1.08)
+        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h).float()
+        pred, draw = model.head.mean(out), model.head.sample(out, temperature, generator)
+        x = torch.where(nxt & ~vis, draw, x)              # reveal the scheduled genes, keep revealed ones fixed
+        if k in record:
+            steps[k] = torch.where(vis, x, pred)
+    return x, steps
 
 
 #################################################################################
@@ -749,82 +546,49 @@ def config_dict(cfg):
     return asdict(cfg)
 
 
-def convert(src, dst):
-    """A CellFM checkpoint -> .safetensors, so later loads are fast and need no protobuf parsing."""
-    from safetensors.torch import save_file
-    sd = load_cellfm(src)
-    save_file({k: v.contiguous() for k, v in sd.items()}, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
-    print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values")
+#################################################################################
+#                                   Run files                                   #
+#################################################################################
+
+# What a run holds beside its weights; train.py, checkpoints.py's import and the bench scripts all
+# write through save_run, and sample.py reads through load_run, so the keys live here once.
+RUN_DEFAULTS = {"val_features": None, "val_expr": None, "test_slice": None, "train_slices": [], "objective": "masked", "schedule": "poly-auto", "fill": "gauss",
+                "T": 50, "variant": "hinge", "backbone_ckpt": None, "pixel_size_um": None, "args": {}}
+TRAINING_STATE = ("opt", "sched", "state", "rng", "epoch", "imported_from")
 
 
-def import_hinge(a):
-    """An official HINGE best_weight.pt -> a run sample.py and evaluate.py use as they are (README
-    "Using the authors' checkpoints"). The official code feeds raw UNI + CONCH embeddings, so the
-    run standardises nothing (mean 0, std 1), and trains with T = 50 and the poly-auto schedule."""
-    from common import UserError, atomic_path, read_gene_list, read_vocab
-    if not os.path.isfile(a.import_hinge):
-        raise UserError(f"{a.import_hinge}: no such checkpoint")
-    ck = torch.load(a.import_hinge, map_location="cpu", weights_only=True)
-    sd = ck.get("model", ck) if isinstance(ck, dict) else None
-    if not isinstance(sd, dict):
-        raise UserError(f"{a.import_hinge}: not an official HINGE checkpoint (expected {{'model', 'opt', 'epoch'}})")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    genes, vocab = read_gene_list(a.genes), read_vocab(a.vocab)
-    unknown = [g for g in genes if g not in vocab]
+def save_run(path, net, genes, features, feat_mean, feat_std, **meta):
+    """Write a run: the model's config and weights, its genes and features with their standardisation,
+    and how it was trained (RUN_DEFAULTS, plus train.py's optimiser state in TRAINING_STATE)."""
+    unknown = set(meta) - set(RUN_DEFAULTS) - set(TRAINING_STATE)
     if unknown:
-        raise UserError(f"{a.vocab}: {len(unknown)} listed genes are not in the vocabulary: {', '.join(unknown[:5])}")
-    try:
-        cfg = official_config(sd, a.heads, a.gate)
-        tokens, gg = torch.tensor([vocab[g] for g in genes]), sd["gg"].long()
-        if len(tokens) != len(gg):
-            raise CheckpointError(f"it has {len(gg)} genes (gg) and {a.genes} lists {len(genes)}")
-        if not torch.equal(tokens, gg):
-            i = int((tokens != gg).nonzero()[0])
-            raise CheckpointError(f"gene {i} of {a.genes}, {genes[i]}, has token id {int(tokens[i])} in {a.vocab} but "
-                                  f"the checkpoint's gg holds {int(gg[i])}: another gene order or vocabulary file")
-        net = import_official(sd, cfg)
-    except CheckpointError as e:
-        raise UserError(f"{a.import_hinge}: {e}") from e
-    feats = a.features.split(",")
-    run = {"config": config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": genes, "features": feats,
-           "feat_mean": np.zeros(cfg.hist_dim, np.float32), "feat_std": np.ones(cfg.hist_dim, np.float32),
-           "test_slice": None, "train_slices": [], "objective": "masked", "schedule": "poly-auto", "fill": "gauss",
-           "T": a.T, "variant": "hinge", "cellfm_ckpt": None, "pixel_size_um": None, "model": net.state_dict(),
-           "imported_from": os.path.abspath(a.import_hinge), "epoch": ck.get("epoch"), "args": vars(a)}
-    with atomic_path(a.out) as tmp:
+        raise ValueError(f"save_run: unknown run keys {sorted(unknown)}")
+    run = {"config": asdict(net.cfg), "gene_tokens": net.gene_ids.tolist(), "genes": list(genes),
+           "features": list(features), "feat_mean": np.asarray(feat_mean, np.float32),
+           "feat_std": np.asarray(feat_std, np.float32), **RUN_DEFAULTS, **meta, "model": net.state_dict()}
+    with atomic_path(path) as tmp:
         torch.save(run, tmp)
-    print(f"wrote {a.out}: {cfg.layers} layers, width {cfg.dim}, {cfg.heads} heads, {cfg.n_genes} genes, "
-          f"{cfg.hist_dim}-d features ({a.features}), {cfg.gate} gate" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
 
 
-if __name__ == "__main__":
-    import argparse
-    from common import UserError, run
-    p = argparse.ArgumentParser(description="Checkpoint tools: convert a CellFM checkpoint to .safetensors, or import "
-                                            "an official HINGE checkpoint as a run for sample.py.")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--convert", nargs=2, metavar=("IN", "OUT"), help="CellFM .ckpt/.pt/.bin -> .safetensors")
-    g.add_argument("--import-hinge", metavar="PT", help="official HINGE best_weight.pt ({'model', 'opt', 'epoch'})")
-    p.add_argument("--genes", help="import: its gene list, one symbol per line in training order (used_selected_gene_list.txt)")
-    p.add_argument("--vocab", help="import: CellFM gene_info.csv it was trained with (token id = row + 1)")
-    p.add_argument("--out", help="import: the run checkpoint to write, e.g. RUN/best.pt")
-    p.add_argument("--heads", type=int, help="import: attention heads (default width / 32, as CellFM)")
-    p.add_argument("--gate", choices=["sigmoid", "residual"], default="sigmoid",
-                   help="import: the official use_sigmoid=True (default) or use_sigmoid=False")
-    p.add_argument("--features", default="uni,conch", help="import: its histology features, in order (default uni,conch)")
-    p.add_argument("--T", type=int, default=50, help="import: its --num_timesteps (default 50)")
-    a = p.parse_args()
+def read_run(path):
+    """A run file as a dict, migrated to the current format."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found; train first (train.py --out {os.path.dirname(path) or '.'})")
+    run = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = run["config"]
+    cfg.setdefault("gate", "residual")                   # runs saved before these choices existed used 1 + g ...
+    cfg.setdefault("init", "cellfm")                     # ... and CellFM's initialisation
+    if "cellfm_ckpt" in run:                             # the backbone flag's old name
+        run["backbone_ckpt"] = run.pop("cellfm_ckpt")
+    return {**RUN_DEFAULTS, **run}
 
-    def main():
-        if a.convert:
-            try:
-                convert(*a.convert)
-            except CheckpointError as e:
-                raise UserError(str(e)) from e
-            return
-        missing = [f"--{k}" for k in ("genes", "vocab", "out") if not getattr(a, k)]
-        if missing:
-            raise UserError(f"--import-hinge needs {', '.join(missing)}")
-        import_hinge(a)
-    run(main)
+
+def load_run(path, device="cpu"):
+    """A run file -> (model in eval mode on `device`, its diffusion, the run dict)."""
+    run = read_run(path)
+    cfg = Config(**run["config"])
+    net = Hinge(cfg, run["gene_tokens"])
+    net.load_state_dict(run["model"])
+    net.to(device).eval()
+    return net, make_diffusion(run["objective"], cfg.n_genes, run["T"], run["schedule"], run["fill"]), run
+

@@ -4,7 +4,7 @@ expression alone, as CellFM was pre-trained (random genes hidden, MSE on the hid
     python pretrain.py --data data/her2st --exclude C1,C2,C3,C4,C5,C6 --preset small --out backbone.safetensors
 
 Reads every slice file (images not needed) and writes a .safetensors backbone with CellFM's
-parameter names, which `train.py --cellfm-ckpt` loads like the official weights.
+parameter names, which `train.py --backbone-ckpt` loads like the official weights.
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from common import UserError, atomic_path, gene_tokens, list_slices, read_slice, run
+from common import UserError, add_runtime_args, atomic_path, gene_tokens, list_slices, read_slice, run
 
 
 def masked_value_loss(net, x0, ratio, fill="zero"):
@@ -36,24 +36,22 @@ def main():
     p.add_argument("--exclude", default="", help="slices to keep out (comma-separated): the test slices")
     p.add_argument("--out", required=True, help="output .safetensors backbone")
     p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
-    p.add_argument("--mask-ratio", default="uniform", help="share of genes hidden: a number (CellFM: 0.2) or uniform (default)")
+    p.add_argument("--hidden-share", default="uniform",
+                   help="share of genes hidden: a number (CellFM: 0.2) or uniform (default)")
     # gauss lifted Her2ST validation (fold C3, K=50 mean r 0.38 -> 0.60) but collapsed demo1/demo2 and test fold C4
-    p.add_argument("--fill", default="zero", choices=["zero", "gauss"],
+    p.add_argument("--hidden-value", default="zero", choices=["zero", "gauss"],
                    help="value of hidden genes: 0 as CellFM's own pre-training (default), or N(0,1) noise as "
                         "train.py fills them (better on some validation folds, unstable on others)")
     p.add_argument("--epochs", type=int, default=30, help="passes over the spots (default 30)")
-    p.add_argument("--batch-size", type=int, default=64, help="spots per step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine-annealed to 0 (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the spot order, masks and held-out 5 %% (default 0)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when present)")
+    add_runtime_args(p, 64, "spots per optimiser step (default 64)")
     a = p.parse_args()
-    if a.mask_ratio != "uniform":
+    if a.hidden_share != "uniform":
         try:
-            if not 0 < float(a.mask_ratio) < 1:
+            if not 0 < float(a.hidden_share) < 1:
                 raise ValueError
         except ValueError:
-            raise UserError(f"--mask-ratio {a.mask_ratio}: give a number in (0, 1) or 'uniform'") from None
+            raise UserError(f"--hidden-share {a.hidden_share}: give a number in (0, 1) or 'uniform'") from None
 
     torch.manual_seed(a.seed)
     exclude = set(filter(None, a.exclude.split(",")))
@@ -81,7 +79,7 @@ def main():
         net.eval()
         with torch.random.fork_rng(), torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
             torch.manual_seed(1234)
-            m = masked_value_loss(net, val, a.mask_ratio, a.fill).item()
+            m = masked_value_loss(net, val, a.hidden_share, a.hidden_value).item()
         net.train()
         return m
 
@@ -93,7 +91,7 @@ def main():
         for s in tqdm(range(0, len(tr), a.batch_size), desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False):
             x0 = torch.from_numpy(tr[order[s:s + a.batch_size]]).to(dev)
             with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
-                loss = masked_value_loss(net, x0, a.mask_ratio, a.fill)
+                loss = masked_value_loss(net, x0, a.hidden_share, a.hidden_value)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -102,7 +100,7 @@ def main():
         print(f"epoch {ep + 1}: masked-value MSE {val_mse():.4f} ({time.time() - t0:.0f}s)")
 
     from safetensors.torch import save_file
-    meta = {"preset": a.preset, "fill": a.fill, "config": json.dumps(M.config_dict(cfg)), "slices": ",".join(names),
+    meta = {"preset": a.preset, "hidden_value": a.hidden_value, "config": json.dumps(M.config_dict(cfg)), "slices": ",".join(names),
             "val_mse_before": f"{first:.5f}", "val_mse_after": f"{val_mse():.5f}"}
     with atomic_path(a.out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()}, tmp, metadata=meta)

@@ -17,15 +17,16 @@ usage: bash run_all.sh [options]
                         patient that has an image; visium/hest every slice with an image)
   --encoder NAME        stain (default, weight-free), uni, conch, resnet50, or uni,conch (the paper's 1536-d)
   --weights PATHS       weights of the neural encoders, comma-separated in --encoder order
-  --cellfm-ckpt PATH    CellFM weights (official .ckpt/.safetensors); without it pretrain.py builds a
-                        backbone per fold from the training slices' expression
+  --backbone-ckpt PATH  backbone weights (official CellFM .ckpt/.safetensors; --cellfm-ckpt is the old name);
+                        without it pretrain.py builds a backbone per fold from the training slices' expression
   --preset NAME         backbone size: tiny (demo default), small (default otherwise), cellfm-80m, cellfm-800m
   --epochs N            training epochs at most (demo 30; real data 50 = the paper on a GPU, 10 on a CPU)
-  --pretrain-epochs N   pretrain.py epochs when no --cellfm-ckpt (demo 20; real data 10 on a GPU, 2 on a CPU)
+  --pretrain-epochs N   pretrain.py epochs when no --backbone-ckpt (demo 20; real data 10 on a GPU, 2 on a CPU)
   --lr LR               training learning rate (demo 3e-3; real data 1e-4 = the paper on a GPU, 1e-3 on a CPU)
+  --pretrain-lr LR      pretrain.py learning rate (default 3e-3)
   --steps K             sampling step budget (default 5)
   --samples S           samples per spot, averaged (default 5)
-  --vocab CSV           CellFM gene_info.csv: keep vocabulary genes, store token ids (needed with --cellfm-ckpt)
+  --vocab CSV           CellFM gene_info.csv: keep vocabulary genes, store token ids (needed with --backbone-ckpt)
   --install-only        only create or update .venv from requirements.txt
 
 Slides without spatial data (virtual spatial transcriptomics):
@@ -41,7 +42,7 @@ Slides without spatial data (virtual spatial transcriptomics):
 HELP
 }
 
-DATASET=demo RAW="" OUT="" TEST="" ENCODER=stain WEIGHTS="" CKPT="" PRESET="" EPOCHS="" PRE_EPOCHS="" LR=""
+DATASET=demo RAW="" OUT="" TEST="" ENCODER=stain WEIGHTS="" CKPT="" PRESET="" EPOCHS="" PRE_EPOCHS="" LR="" PRE_LR=3e-3
 STEPS=5 SAMPLES=5 VOCAB="" INSTALL_ONLY=0 PREDICT="" RUN="" GRID_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,11 +52,12 @@ while [ $# -gt 0 ]; do
     --test-slices) TEST="$2"; shift 2 ;;
     --encoder) ENCODER="$2"; shift 2 ;;
     --weights) WEIGHTS="$2"; shift 2 ;;
-    --cellfm-ckpt) CKPT="$2"; shift 2 ;;
+    --backbone-ckpt|--cellfm-ckpt) CKPT="$2"; shift 2 ;;
     --preset) PRESET="$2"; shift 2 ;;
     --epochs) EPOCHS="$2"; shift 2 ;;
     --pretrain-epochs) PRE_EPOCHS="$2"; shift 2 ;;
     --lr) LR="$2"; shift 2 ;;
+    --pretrain-lr) PRE_LR="$2"; shift 2 ;;
     --steps) STEPS="$2"; shift 2 ;;
     --samples) SAMPLES="$2"; shift 2 ;;
     --vocab) VOCAB="$2"; shift 2 ;;
@@ -150,12 +152,12 @@ for s in "${folds[@]}"; do
   if [ -z "$CKPT" ]; then
     backbone=$OUT/folds/backbone_$s.safetensors
     [ -f "$backbone" ] || { echo "-- $s: pretrain"; $PY pretrain.py --data "$DATA" --exclude "$s" --preset "$PRESET" \
-                              --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$backbone"; }
+                              --epochs "$PRE_EPOCHS" --lr "$PRE_LR" --out "$backbone"; }
   fi
   echo "-- $s: train"
   resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
   $PY train.py --data "$DATA" --features "$ENCODER" --test-slice "$s" --out "$run" --preset "$PRESET" \
-      --cellfm-ckpt "$backbone" --epochs "$EPOCHS" --lr "$LR" "${resume[@]}"
+      --backbone-ckpt "$backbone" --epochs "$EPOCHS" --lr "$LR" "${resume[@]}"
   echo "-- $s: sample"
   $PY sample.py --run "$run" --data "$DATA" --steps "$STEPS" --samples "$SAMPLES" --out "$OUT/pred" --overwrite
 done

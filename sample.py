@@ -17,6 +17,7 @@ import glob
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -25,21 +26,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (Features, UserError, atomic_h5, existing_slice, init_distributed, read_slice, run, str_array,
-                    write_anndata)
+from common import (Features, PredictionFile, UserError, add_runtime_args, atomic_h5, existing_slice, init_distributed,
+                    read_slice, run, write_anndata)
+from scores import calibrate, calibration_scale
 
 
-def load_run(path, device):
-    """A train.py checkpoint -> (model, diffusion, checkpoint dict)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: checkpoint not found; train first (train.py --out {os.path.dirname(path)})")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = M.Config(**ck["config"])
-    net = M.Hinge(cfg, ck["gene_tokens"])
-    net.load_state_dict(ck["model"])
-    net.to(device).eval()
-    diffusion = M.make_diffusion(ck["objective"], cfg.n_genes, ck["T"], ck["schedule"], ck["fill"])
-    return net, diffusion, ck
+@dataclass
+class Job:
+    """One slice to generate: the model, its run, the slice's features and the sampling settings."""
+    net: M.Hinge
+    diffusion: object
+    run: dict
+    feats: Features
+    args: argparse.Namespace
+    device: torch.device
+    record: tuple
+    scale: np.ndarray | None                             # per-gene calibration of the spread, or None
 
 
 def parse_record(spec, K):
@@ -67,42 +69,53 @@ def check_slice(data, name, ck, feats, hist_dim):
                         f"checkpoint expects {hist_dim}; extract the same encoders as in training")
 
 
-def sample_batches(f, starts, net, diffusion, feats, ck, a, dev, record):
-    """Generate the batches beginning at `starts` into the open prediction file f (other rows stay empty)."""
-    mu, sd = torch.from_numpy(ck["feat_mean"]).to(dev), torch.from_numpy(ck["feat_std"]).to(dev)
-    for b in tqdm(starts, desc=f"sample {os.path.basename(f.filename).split('.')[0]}", unit="batch"):
-        gen = torch.Generator(dev).manual_seed(a.seed * 1_000_003 + b)  # per batch: independent of the process split
-        h = (torch.from_numpy(feats.read(b, b + a.batch_size)).to(dev) - mu) / sd
-        with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
-            mean, smp, rec = M.generate(net, diffusion, h, a.steps, a.samples, gen, record)
-        f["pred"][b:b + len(h)] = mean.cpu().numpy()
-        f["std"][b:b + len(h)] = smp.std(0, correction=1 if a.samples > 1 else 0).cpu().numpy()
-        if a.save_samples:
-            f["samples"][:, b:b + len(h)] = smp.cpu().numpy().astype(np.float16)
-        for i, k in enumerate(record):
-            f["steps"][i, b:b + len(h)] = rec[k].cpu().numpy()
+def open_outputs(f, N, G, job):
+    a = job.args                                         # one chunk per batch: a batch is one write
+    return PredictionFile(f, N, G, a.batch_size, a.samples if a.save_samples else 0, len(job.record))
 
 
-def create_outputs(f, N, G, a, record):
-    rows = min(a.batch_size, N)                          # one chunk per batch: a batch is one write
-    f.create_dataset("pred", (N, G), np.float32, chunks=(rows, G))
-    f.create_dataset("std", (N, G), np.float32, chunks=(rows, G))
-    if a.save_samples:
-        f.create_dataset("samples", (a.samples, N, G), np.float16, chunks=(1, rows, G))
-    if record:
-        f.create_dataset("steps", (len(record), N, G), np.float32, chunks=(1, rows, G))
+def generate_block(job, feats, seed, record=()):
+    """The S samples of a block of spots (raw features [n, D]) -> (mean, std, samples, recorded x̂0), numpy."""
+    a, dev = job.args, job.device
+    mu, sd = torch.from_numpy(job.run["feat_mean"]).to(dev), torch.from_numpy(job.run["feat_std"]).to(dev)
+    gen = torch.Generator(dev).manual_seed(seed)
+    h = (torch.from_numpy(feats).to(dev) - mu) / sd
+    with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
+        mean, smp, rec = M.generate(job.net, job.diffusion, h, a.steps, a.samples, gen, record, a.temperature)
+    steps = np.stack([rec[k].cpu().numpy() for k in record]) if record else None
+    return mean.cpu().numpy(), smp.std(0, correction=1 if a.samples > 1 else 0).cpu().numpy(), smp.cpu().numpy(), steps
 
 
-def merge_parts(f, parts, starts, batch_size):
+def calibration(job):
+    """Per gene, the factor on the spread that makes the central 50 % and 90 % intervals cover their share
+    of the run's validation spots, sampled with the same K, S and temperature (one rule for every method)."""
+    a, X = job.args, job.run["val_expr"]
+    blocks = [generate_block(job, job.run["val_features"][b:b + a.batch_size], -1 - b) for b in range(0, len(X), a.batch_size)]
+    scale = calibration_scale(X, np.concatenate([m for m, *_ in blocks]), np.concatenate([s for _, s, *_ in blocks]))
+    print(f"calibrated the spread on {len(X)} validation spots: scale median {np.median(scale):.2f} "
+          f"(10-90 %: {np.percentile(scale, 10):.2f}-{np.percentile(scale, 90):.2f})")
+    return scale
+
+
+def sample_batches(out, starts, job):
+    """Generate the batches beginning at `starts` into the prediction file `out` (other rows stay empty)."""
+    a = job.args
+    for b in tqdm(starts, desc=f"sample {os.path.basename(out.f.filename).split('.')[0]}", unit="batch"):
+        # per batch (--seed, first row): independent of the process split
+        mean, std, smp, steps = generate_block(job, job.feats.read(b, b + a.batch_size), a.seed * 1_000_003 + b, job.record)
+        if job.scale is not None:
+            std, smp = calibrate(mean, std, smp, job.scale)
+        out.write(b, mean, std, smp if a.save_samples else None, steps)
+
+
+def merge_parts(out, parts, starts, batch_size):
     """Copy each batch from the process that generated it (batch i: process i mod world)."""
     srcs = [h5py.File(p, "r") for p in parts]
     for i, b in enumerate(starts):
         src = srcs[i % len(srcs)]
-        for key in ("pred", "std"):
-            f[key][b:b + batch_size] = src[key][b:b + batch_size]
-        for key in ("samples", "steps"):
-            if key in src:
-                f[key][:, b:b + batch_size] = src[key][:, b:b + batch_size]
+        rows = slice(b, b + batch_size)
+        out.write(b, src["pred"][rows], src["std"][rows], src["samples"][:, rows] if "samples" in src else None,
+                  src["steps"][:, rows] if "steps" in src else None)
     for s in srcs:
         s.close()
 
@@ -110,40 +123,53 @@ def merge_parts(f, parts, starts, batch_size):
 def sample_sharded(dst, name, job, rank, world, N, G, t0):
     """Under torchrun: each process generates every world-th batch into its part file, then process 0
     merges the parts into `dst` (the same rows one process would write) and removes them."""
-    net, diffusion, feats, ck, a, dev, record = job
-    starts = list(range(0, N, a.batch_size))
+    starts = list(range(0, N, job.args.batch_size))
     if rank == 0:                                        # parts an interrupted run left behind
         os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
         for stale in glob.glob(glob.escape(dst) + ".part*"):
             os.remove(stale)
     dist.barrier()
     with h5py.File(f"{dst}.part{rank}", "w") as f:       # this process's batches; the other rows stay unwritten
-        create_outputs(f, N, G, a, record)
-        sample_batches(f, starts[rank::world], *job)
+        sample_batches(open_outputs(f, N, G, job), starts[rank::world], job)
     dist.barrier()
     if rank == 0:
         parts = [f"{dst}.part{r}" for r in range(world)]
         with atomic_h5(dst) as f:
-            create_outputs(f, N, G, a, record)
-            merge_parts(f, parts, starts, a.batch_size)
-            finish(f, name, a, ck, diffusion, record, N, t0)
+            out = open_outputs(f, N, G, job)
+            merge_parts(out, parts, starts, job.args.batch_size)
+            finish(out, name, job, N, t0)
         for p in parts:
             os.remove(p)
     dist.barrier()
 
 
-def finish(f, name, a, ck, diffusion, record, N, t0):
+def finish(out, name, job, N, t0):
     """Spot ids, genes and the run's settings, once every row is written."""
-    secs = time.time() - t0
-    f["barcode"], f["genes"] = read_slice(a.data, name, ("barcode",))["barcode"], str_array(ck["genes"])
-    if record:
-        f["recorded_steps"] = np.array(record, np.int32)
-        f["recorded_t"] = np.array([M.step_times(diffusion.T, a.steps)[k] for k in record], np.int32)
-    f.attrs.update(K=a.steps, T=diffusion.T, n_samples=a.samples, seed=a.seed, seconds=secs, spots_per_s=N / secs,
-                   checkpoint=os.path.abspath(os.path.join(a.run, a.checkpoint)))
+    a, secs = job.args, time.time() - t0
+    if job.record:
+        out.f["recorded_steps"] = np.array(job.record, np.int32)
+        out.f["recorded_t"] = np.array([M.step_times(job.diffusion.T, a.steps)[k] for k in job.record], np.int32)
+    if job.scale is not None:
+        out.f["calibration_scale"] = job.scale.astype(np.float32)
+    out.finish(read_slice(a.data, name, ("barcode",))["barcode"], job.run["genes"], K=a.steps, T=job.diffusion.T,
+               n_samples=a.samples, seed=a.seed, seconds=secs, spots_per_s=N / secs, head=job.net.cfg.head,
+               temperature=a.temperature, calibrated=job.scale is not None,
+               checkpoint=os.path.abspath(os.path.join(a.run, a.checkpoint)))
 
 
-def main():
+def check_temperature(temperature, head):
+    """--temperature for the run's head: default 1 for a distribution, 0 (its value) for the point head."""
+    if temperature is None:
+        return 0.0 if head == "point" else 1.0
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: a temperature is >= 0 (0 reveals the mean)")
+    if head == "point" and temperature != 0:
+        raise UserError(f"--temperature {temperature}: this run's head is point, a value with no distribution to draw "
+                        "from; train with --head gaussian or bins")
+    return temperature
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", "--run-dir", dest="run", required=True,
                    help="run folder of train.py (under torchrun write --run-dir: torchrun reads --run as its --run-path)")
@@ -153,32 +179,40 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="step budget K, 1..T (default 5)")
     p.add_argument("--samples", type=int, default=5, help="samples per spot: their mean is the prediction, their "
                                                           "spread its uncertainty (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the gene orders and fill noise (default 0)")
+    p.add_argument("--temperature", type=float,
+                   help="draw each revealed gene from the head's distribution at this temperature (default 1; 0 reveals "
+                        "its mean); the point head has no distribution: 0 only")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
+                   help="scale each gene's spread so that the 50 %% and 90 %% intervals cover their share of the run's "
+                        "validation spots (default: when the run has them; --no-calibrate: the raw spread)")
     p.add_argument("--record-steps", help="store x̂0 at these step indices (comma-separated, or 'all')")
     p.add_argument("--save-samples", action="store_true", help="also store every sample (float16)")
-    p.add_argument("--batch-size", type=int,
-                   help="spots per batch (default 32 on CPU, where larger batches fall out of cache and run slower; "
-                        "256 on a GPU)")
     p.add_argument("--out", help="prediction folder (default <run>/pred)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs; slow on CPUs without bf16 units)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
-    a = p.parse_args()
+    add_runtime_args(p, None, "spots per batch (default 32 on CPU, where larger batches fall out of cache and run "
+                              "slower; 256 on a GPU)")
+    return p.parse_args()
 
+
+def main():
+    a = parse_args()
     rank, world, a.device = init_distributed(a.device)
     dev = torch.device(a.device)
     a.batch_size = a.batch_size or (256 if dev.type == "cuda" else 32)
-    net, diffusion, ck = load_run(os.path.join(a.run, a.checkpoint), dev)
+    net, diffusion, ck = M.load_run(os.path.join(a.run, a.checkpoint), dev)
     if not 1 <= a.steps <= diffusion.T:
         raise UserError(f"--steps {a.steps}: the step budget K must be between 1 and T={diffusion.T}")
     if a.samples < 1:
         raise UserError(f"--samples {a.samples}: at least one sample per spot")
+    a.temperature = check_temperature(a.temperature, net.cfg.head)
+    if a.calibrate and ck["val_expr"] is None:
+        raise UserError(f"--calibrate: {a.run} holds no validation spots (an imported checkpoint); drop --calibrate")
     record = parse_record(a.record_steps, a.steps)
     out_dir = a.out or os.path.join(a.run, "pred")
     if not (a.slices or ck["test_slice"]):
         raise UserError(f"{a.run}: this run has no test slice (an imported checkpoint); name the slices with --slices")
     names = a.slices.split(",") if a.slices else [ck["test_slice"]]
-    G = net.cfg.n_genes
+    G, scale = net.cfg.n_genes, None
     for name in names:
         dst = os.path.join(out_dir, f"{name}.h5")
         if os.path.isfile(dst) and not a.overwrite:
@@ -190,12 +224,15 @@ def main():
         feats = Features(a.data, ck["features"], name)
         check_slice(a.data, name, ck, feats, net.cfg.hist_dim)
         N, t0 = feats.n, time.time()
-        job = (net, diffusion, feats, ck, a, dev, record)
+        job = Job(net, diffusion, ck, feats, a, dev, record, None)
+        if scale is None and a.calibrate is not False and ck["val_expr"] is not None:
+            scale = calibration(job)
+        job.scale = scale
         if world == 1:
             with atomic_h5(dst) as f:
-                create_outputs(f, N, G, a, record)
-                sample_batches(f, list(range(0, N, a.batch_size)), *job)
-                finish(f, name, a, ck, diffusion, record, N, t0)
+                out = open_outputs(f, N, G, job)
+                sample_batches(out, list(range(0, N, a.batch_size)), job)
+                finish(out, name, job, N, t0)
         else:
             sample_sharded(dst, name, job, rank, world, N, G, t0)
         feats.close()

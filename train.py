@@ -1,6 +1,6 @@
 """Stage 3: train HINGE on all slices but the held-out one (the paper's protocol; README "Stages").
 
-    python train.py --data data/demo --features stain --test-slice demo1 --cellfm-ckpt backbone.safetensors --out runs/demo1
+    python train.py --data data/demo --features stain --test-slice demo1 --backbone-ckpt backbone.safetensors --out runs/demo1
     torchrun --nproc_per_node 4 train.py ...            # DDP, no code change (NCCL on GPU, gloo on CPU)
 
 Writes <out>/best.pt (lowest validation MSE), <out>/last.pt (every epoch, for --resume) and
@@ -20,8 +20,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (UserError, add_fold_args, atomic_path, feature_stats, gene_tokens, init_distributed, load_fold, run,
-                    split_validation, training_pixel_size)
+from checkpoints import load_backbone, load_cellfm
+from common import (UserError, add_fold_args, add_runtime_args, feature_stats, gene_tokens, init_distributed, load_fold,
+                    run, split_validation, training_pixel_size)
+
+
+CALIBRATION_SPOTS = 2000                                 # validation spots kept in the run (all of a Her2ST fold's)
 
 
 def parse_args():
@@ -29,12 +33,17 @@ def parse_args():
     add_fold_args(p)
     p.add_argument("--out", required=True, help="run folder for best.pt, last.pt and log.csv")
     p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
-    p.add_argument("--cellfm-ckpt", help="CellFM weights (.ckpt/.pt/.safetensors, official or from pretrain.py)")
+    p.add_argument("--backbone-ckpt", "--backbone-ckpt", dest="backbone_ckpt",
+                   help="backbone weights: CellFM .ckpt/.pt/.safetensors, official or from pretrain.py")
     p.add_argument("--variant", default="hinge", choices=M.VARIANTS,
                    help="hinge: frozen backbone, conditioning trains; scratch: random backbone, all trains; "
                         "decoder-tune: + value decoder; backbone-lora: + LoRA adapters")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for --variant backbone-lora (default 8)")
     p.add_argument("--objective", default="masked", choices=["masked", "gaussian"], help="masked diffusion or Gauss-Diff ablation")
+    p.add_argument("--head", default="point", choices=["point", "gaussian", "bins"],
+                   help="the value of a revealed gene: point (the official decoder, MSE), gaussian (a mean and a variance "
+                        "per gene, NLL) or bins (a categorical over bins of log2(count + 1), cross-entropy); sample.py "
+                        "draws from it")
     p.add_argument("--cond", default="softadaln", choices=["softadaln", "hist-affine-ln"], help="how histology enters the blocks")
     p.add_argument("--gate", default="sigmoid", choices=["sigmoid", "residual"],
                    help="SoftAdaLN's gate: sigmoid(g), starting at sigmoid(6) (the official code; default) or 1 + g")
@@ -52,14 +61,14 @@ def parse_args():
                         "the whole batch (the official code)")
     p.add_argument("--T", type=int, default=50, help="diffusion steps (default 50)")
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (default 32)")
+    p.add_argument("--dropout", type=float, default=0.1, help="backbone dropout, scaled by depth (CellFM's 0.1)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--milestones", default="20,30", help="MultiStepLR epochs, x0.2 each (default 20,30)")
     p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without improvement")
     p.add_argument("--warmup", type=int, default=15, help="no early stop before this epoch (default 15)")
     p.add_argument("--curriculum-epochs", type=int, default=5, help="epochs restricted to <= 20 %% hidden genes (0 = NoCurr)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CPU and GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when present)")
+    add_runtime_args(p, 32, "spots per optimiser step over all processes (default 32, the paper's global batch; "
+                            "under torchrun each process takes its share)", seed=42)
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     return p.parse_args()
 
@@ -71,29 +80,30 @@ def main():
     dev = torch.device(a.device)
     torch.manual_seed(a.seed); np.random.seed(a.seed); random.seed(a.seed)
     encoders = a.features.split(",")
-    if a.variant == "hinge" and not a.cellfm_ckpt:
-        raise UserError("--variant hinge freezes the backbone, so it needs --cellfm-ckpt (official CellFM weights or "
+    if a.variant == "hinge" and not a.backbone_ckpt:
+        raise UserError("--variant hinge freezes the backbone, so it needs --backbone-ckpt (official CellFM weights or "
                         "pretrain.py output); or use --variant scratch")
-    if a.variant == "scratch" and a.cellfm_ckpt:
-        raise UserError("--variant scratch trains the backbone from random weights; drop --cellfm-ckpt")
+    if a.objective == "gaussian" and a.head != "point":
+        raise UserError(f"--head {a.head}: Gauss-Diff (--objective gaussian) denoises values with the point head")
+    if a.variant == "scratch" and a.backbone_ckpt:
+        raise UserError("--variant scratch trains the backbone from random weights; drop --backbone-ckpt")
 
     train_names, genes, gene_ids, X, H, A = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
     G, D = X.shape[1], H.shape[1]
     mu, sd = feature_stats(H)                            # features standardised with training statistics
     H = (H - mu) / sd
     A = (A - mu) / sd if A is not None else None
-    tr_idx, val_idx = split_validation(len(X), a.val_frac, a.seed)
+    tr_idx, val_idx = split_validation(len(X), a.val_frac, a.val_seed)
 
     tokens, vocab = gene_tokens(gene_ids, M.make_config(a.preset).vocab)
     cfg = M.make_config(a.preset, vocab=vocab, n_genes=G, hist_dim=D, cond=a.cond, soft_norm=not a.no_soft_norm,
                         id_init=not a.no_id_init, lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0,
-                        gate=a.gate, init=a.init)
+                        gate=a.gate, init=a.init, dropout=a.dropout, head=a.head)
     net = M.Hinge(cfg, tokens)
-    if a.cellfm_ckpt:
-        try:
-            unused, unexpected = M.load_backbone(net, M.load_cellfm(a.cellfm_ckpt), a.cellfm_ckpt)
-        except M.CheckpointError as e:
-            raise UserError(str(e)) from e
+    if a.head == "bins":                                 # bin edges from the training spots, saved with the run
+        net.head.set_bins(X[tr_idx])
+    if a.backbone_ckpt:
+        unused, unexpected = load_backbone(net, load_cellfm(a.backbone_ckpt), a.backbone_ckpt)
         if unexpected and rank == 0:
             print(f"ignored {len(unexpected)} unexpected checkpoint keys: {', '.join(unexpected[:5])}")
     n_train = M.set_trainable(net, a.variant)
@@ -110,21 +120,29 @@ def main():
     if a.resume:
         if not os.path.isfile(last):
             raise UserError(f"{last}: nothing to resume; run without --resume first")
-        ck = torch.load(last, map_location=dev, weights_only=False)
+        ck = M.read_run(last)
         net.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
         state = ck["state"]
         torch.set_rng_state(ck["rng"]["torch"]); np.random.set_state(ck["rng"]["numpy"]); random.setstate(ck["rng"]["python"])
     elif rank == 0 and os.path.isfile(last):
         raise UserError(f"{a.out} already holds a run; pass --resume to continue it or choose another --out")
-    meta = {"config": M.config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": [g.decode() for g in genes],
-            "features": encoders, "feat_mean": mu, "feat_std": sd, "test_slice": a.test_slice, "train_slices": train_names,
-            "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T, "variant": a.variant,
-            "cellfm_ckpt": a.cellfm_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names)}
+    keep = val_idx[:CALIBRATION_SPOTS]                   # sample.py calibrates the spread on these
+    meta = {"val_features": H[keep] * sd + mu, "val_expr": X[keep], "test_slice": a.test_slice, "train_slices": train_names, "objective": a.objective, "schedule": a.schedule,
+            "fill": a.fill, "T": a.T, "variant": a.variant, "backbone_ckpt": a.backbone_ckpt, "args": vars(a),
+            "pixel_size_um": training_pixel_size(a.data, train_names)}
 
-    def batches(idx, gen, aug):
+    def batches(idx, gen, aug, share=False):
+        """Batches of `--batch-size` spots; with share, this process's rows rank::world of each (the dihedral
+        views drawn for the whole batch, as one process would). A last batch smaller than the number of
+        processes is dropped, so every process runs the same steps (it is another batch each epoch)."""
         for s in range(0, len(idx), a.batch_size):
             b = idx[s:s + a.batch_size]
-            h = A[b, gen.integers(0, 8, len(b))] if aug else H[b]   # one of the 8 dihedral views per spot and epoch
+            if share and len(b) < world:
+                return
+            v = gen.integers(0, 8, len(b)) if aug else None   # one of the 8 dihedral views per spot and epoch
+            if share:
+                b, v = b[rank::world], None if v is None else v[rank::world]
+            h = A[b, v] if aug else H[b]
             yield torch.from_numpy(X[b]).to(dev), torch.from_numpy(np.ascontiguousarray(h)).float().to(dev)
 
     def val_mse():
@@ -132,7 +150,7 @@ def main():
         fork = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
         with fork, torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
             torch.manual_seed(1234)                      # the same masks every epoch: comparable validation
-            tot = [diffusion.loss(net, x0, net.embed_histology(h), mask_ratio=a.mask_ratio).item() * len(x0)
+            tot = [diffusion.loss(net, x0, net.embed_histology(h), mask_ratio=a.mask_ratio, score=True).item() * len(x0)
                    for x0, h in batches(val_idx, None, False)]
         net.train()
         return sum(tot) / len(val_idx)
@@ -147,13 +165,15 @@ def main():
     while state["epoch"] < a.epochs:
         ep, t0 = state["epoch"], time.time()
         gen = np.random.default_rng(a.seed + ep)        # same order on every rank; each takes its share
-        order = tr_idx[gen.permutation(len(tr_idx))][rank::world]
+        order = tr_idx[gen.permutation(len(tr_idx))]
         t_max = diffusion.curriculum_cap(0.2) if (ep < curriculum and a.objective == "masked") else None
         losses = []
-        for x0, h in tqdm(batches(order, gen, A is not None), total=-(-len(order) // a.batch_size),
-                          desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False, disable=rank > 0):
+        for i, (x0, h) in enumerate(tqdm(batches(order, gen, A is not None, ddp), total=-(-len(order) // a.batch_size),
+                                         desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False, disable=rank > 0)):
+            n = min(a.batch_size, len(order) - i * a.batch_size)
             with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
-                loss = diffusion.loss(model, x0, net.embed_histology(h), t_max=t_max, mask_ratio=a.mask_ratio)
+                loss = diffusion.loss(model, x0, net.embed_histology(h), t_max=t_max, mask_ratio=a.mask_ratio,
+                                      share=(n, rank, world) if ddp else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # official HINGE clips at 1.0
@@ -168,13 +188,10 @@ def main():
         improved = selecting and v < state["best"]
         state["best"], state["bad_epochs"] = (v, 0) if improved else (state["best"], state["bad_epochs"] + selecting)
         if rank == 0:
-            ck = {**meta, "model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
+            ck = {**meta, "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-            if improved:
-                with atomic_path(best) as tmp:
-                    torch.save(ck, tmp)
-            with atomic_path(last) as tmp:
-                torch.save(ck, tmp)
+            for path in ([best] if improved else []) + [last]:
+                M.save_run(path, net, [g.decode() for g in genes], encoders, mu, sd, **ck)
             new = not os.path.isfile(log_path)
             with open(log_path, "a", newline="") as f:
                 w = csv.writer(f)

@@ -24,11 +24,11 @@ done
 for gate in sigmoid residual; do
   for s in C2 C3 C4 C5 C6; do
     train "her2st_${s}_$gate" --data $Q/data --features stain --test-slice $s --exclude B4 --preset small --epochs 10 \
-        --lr 1e-3 --cellfm-ckpt $Q/backbone.safetensors --gate $gate
+        --lr 1e-3 --backbone-ckpt $Q/backbone.safetensors --gate $gate
   done
   for s in demo1 demo3; do
     train "demo_${s}_$gate" --data "$DEMO" --features stain --test-slice $s --preset tiny --epochs 30 --lr 3e-3 \
-        --cellfm-ckpt "$OUT/backbone_$s.safetensors" --gate $gate
+        --backbone-ckpt "$OUT/backbone_$s.safetensors" --gate $gate
   done
 done
 for s in C2 C3 C4 C5 C6; do

@@ -88,10 +88,10 @@ for s in "${folds[@]}"; do
   IFS=, read -ra seed_list <<< "$seeds"
   for seed in "${seed_list[@]}"; do
     tag=$([ "$seed" = 42 ] || echo "@$seed")  # seed 42 (the default) is the plain name
-    train "hinge$tag" "$s" --cellfm-ckpt "$BACKBONE" --seed "$seed"
+    train "hinge$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed"
     for K in 1 5; do sample "hinge_K$K$tag" "hinge$tag" "$s" "$K" "$SAMPLES"; done
   done
-  train gaussian "$s" --cellfm-ckpt "$BACKBONE" --objective gaussian
+  train gaussian "$s" --backbone-ckpt "$BACKBONE" --objective gaussian
   sample gaussian_K50 gaussian "$s" 50 2                   # DDIM at the full budget: Gauss-Diff's best case
   train scratch "$s" --variant scratch
   sample scratch_K5 scratch "$s" 5 "$SAMPLES"

@@ -15,7 +15,6 @@ import time
 
 import h5py
 import numpy as np
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,10 +36,7 @@ rng = np.random.default_rng(0)
 with tempfile.TemporaryDirectory() as tmp:
     run = os.path.join(tmp, "run")
     os.makedirs(run)
-    torch.save({"config": M.config_dict(cfg), "gene_tokens": list(range(1, G + 1)), "genes": genes, "model": net.state_dict(),
-                "T": 50, "schedule": "poly-auto", "fill": "gauss", "objective": "masked", "features": ["synthetic"],
-                "feat_mean": np.zeros(D, np.float32), "feat_std": np.ones(D, np.float32), "test_slice": "s"},
-               os.path.join(run, "best.pt"))
+    M.save_run(os.path.join(run, "best.pt"), net, genes, ["synthetic"], np.zeros(D), np.ones(D), test_slice="s")
     print(f"sample.py, preset {a.preset}, K={a.steps}, 1 sample, {G} genes, {D}-d features")
     results = []
     for n in map(int, a.spots.split(",")):

@@ -1,12 +1,12 @@
-"""Sampler throughput against the step budget K, with and without caching (README "Sampler speed").
+"""Sampler throughput against the step budget K (docs/benchmarks.md "Sampler speed").
 
     python bench/speed.py [--presets small,cellfm-80m] [--spots 64,4] [--genes 300] [--device cpu]
 
-For each preset and K = 1, 5, 50: spots/s of the sampler as sample.py runs it (histology
-embedding once per spot) and of the naive sampler that recomputes it at every step; S = 1
-sample, 1536-d features (UNI + CONCH), random weights (speed does not depend on them).
-Prints the ratios K5/K50, K1/K5 and cached/naive, and, timed on its own (far less noisy than
-whole samplers), the share of a step the histology embedding takes: the most caching can save.
+For each preset and K = 1, 5, 50: spots/s of the sampler as sample.py runs it (the histology
+embedding computed once per spot); S = 1 sample, 1536-d features (UNI + CONCH), random weights
+(speed does not depend on them). Prints the ratios K5/K50 and K1/K5 and, timed on its own (far
+less noisy than whole samplers), the share of a step the histology embedding takes: what
+computing it once per spot instead of at every step saves.
 """
 import argparse
 import os
@@ -40,9 +40,9 @@ def seconds(f):
     return time.perf_counter() - t0
 
 
-def spots_per_s(net, diffusion, hist, K, cache):
+def spots_per_s(net, diffusion, hist, K):
     gen = torch.Generator(dev).manual_seed(0)
-    return len(hist) / seconds(lambda: M.generate(net, diffusion, hist, K, 1, gen, cache=cache))
+    return len(hist) / seconds(lambda: M.generate(net, diffusion, hist, K, 1, gen))
 
 
 @torch.no_grad()
@@ -60,22 +60,19 @@ def histology_share(net, diffusion, hist, repeats=20):
 torch.manual_seed(0)
 Ks = [int(k) for k in a.steps.split(",")]
 print(f"device {a.device}, {torch.get_num_threads()} threads, {a.genes} genes, 1536-d features, 1 sample per spot")
-print(f"{'preset':<12}{'K':>4}{'spots':>7}{'cached spots/s':>16}{'naive spots/s':>15}{'cached/naive':>14}")
+print(f"{'preset':<12}{'K':>4}{'spots':>7}{'spots/s':>10}")
 for preset, n in zip(a.presets.split(","), map(int, a.spots.split(","))):
     cfg = M.make_config(preset, n_genes=a.genes, hist_dim=1536)
     net = M.Hinge(cfg, torch.arange(1, a.genes + 1)).to(dev).eval()
     diffusion = M.MaskedDiffusion(a.genes)
     hist = torch.randn(n, 1536, device=dev)
-    spots_per_s(net, diffusion, hist[:2], 1, True)      # warm-up: allocator, kernels
+    spots_per_s(net, diffusion, hist[:2], 1)            # warm-up: allocator, kernels
     rate = {}
     for K in Ks:
-        rate[K] = {True: 0.0, False: 0.0}
-        for c in [True, False] * a.repeats + [False]:     # alternate, best of each: the later run of a pair is warmer
-            rate[K][c] = max(rate[K][c], spots_per_s(net, diffusion, hist, K, c))
-        print(f"{preset:<12}{K:>4}{n:>7}{rate[K][True]:>16.2f}{rate[K][False]:>15.2f}{rate[K][True] / rate[K][False]:>13.2f}x")
+        rate[K] = max(spots_per_s(net, diffusion, hist, K) for _ in range(a.repeats))
+        print(f"{preset:<12}{K:>4}{n:>7}{rate[K]:>10.2f}")
     embed, step = histology_share(net, diffusion, hist)
-    print(f"{preset}: histology embedding {1e3 * embed:.2f} ms, one step {1e3 * step:.1f} ms per batch of {n}: caching "
-          f"saves at most {100 * embed / (embed + step):.2f} % of each step (naive/cached <= {1 + embed / step:.4f}x)")
+    print(f"{preset}: histology embedding {1e3 * embed:.2f} ms, one step {1e3 * step:.1f} ms per batch of {n}: computing "
+          f"it once per spot saves {100 * embed / (embed + step):.2f} % of each step")
     if {1, 5, 50} <= set(Ks):
-        print(f"{preset}: K=5 is {rate[5][True] / rate[50][True]:.1f}x the spots/s of K=50 (target >= 8), "
-              f"K=1 {rate[1][True] / rate[5][True]:.1f}x of K=5; caching {rate[50][True] / rate[50][False]:.2f}x at K=50")
+        print(f"{preset}: K=5 is {rate[5] / rate[50]:.1f}x the spots/s of K=50 (target >= 8), K=1 {rate[1] / rate[5]:.1f}x of K=5")

@@ -21,7 +21,6 @@ import model as M  # noqa: E402
 from baselines import fit_ridge  # noqa: E402
 from common import load_fold, split_validation  # noqa: E402
 from evaluate import pearson_per_gene, top_k_mean  # noqa: E402
-from sample import load_run  # noqa: E402
 
 
 def scores(truth, pred):
@@ -34,7 +33,7 @@ def scores(truth, pred):
 def validation_split(ck, data):
     a = ck["args"]
     _, _, _, X, H, _ = load_fold(data, ck["features"], ck["test_slice"], a["exclude"].split(","))
-    tr, val = split_validation(len(X), a["val_frac"], a["seed"])
+    tr, val = split_validation(len(X), a["val_frac"], a.get("val_seed", a.get("seed", 42)))
     H = ((H - ck["feat_mean"]) / ck["feat_std"]).astype(np.float32)
     return H[tr], X[tr], H[val], X[val]
 
@@ -48,7 +47,7 @@ a = p.parse_args()
 
 torch.manual_seed(0)
 for i, run_dir in enumerate(a.runs):
-    net, diffusion, ck = load_run(os.path.join(run_dir, "best.pt"), torch.device("cpu"))
+    net, diffusion, ck = M.load_run(os.path.join(run_dir, "best.pt"), torch.device("cpu"))
     Ht, Xt, Hv, Xv = validation_split(ck, a.data)
     if i == 0:
         print(f"{'ridge (λ on this split)':<40} {scores(Xv, fit_ridge(Ht, Xt, Hv, Xv, 0)[0](Hv)[0])}")

@@ -55,7 +55,7 @@ def main():
     run = os.path.join(out, "run")
     step("train on C3-C6", os.path.join(run, "best.pt"), "train.py", "--data", data, "--features", "stain",
          "--test-slice", "C2", "--exclude", "B4", "--preset", "small", "--epochs", "10", "--lr", "1e-3",
-         "--cellfm-ckpt", backbone, "--out", run)
+         "--backbone-ckpt", backbone, "--out", run)
     sampling = ["--steps", "5", "--samples", str(a.samples)]
     step("sample C2 spots", os.path.join(out, "spots", "C2.h5"), "sample.py", "--run", run, "--data", data,
          *sampling, "--out", os.path.join(out, "spots"))

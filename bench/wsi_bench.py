@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import readers as R  # noqa: E402
-from common import atomic_path, gene_tokens  # noqa: E402
+from common import gene_tokens  # noqa: E402
 
 Image.MAX_IMAGE_PIXELS = None
 UM_PER_PX = 0.69                                         # Her2ST patients B-H
@@ -67,14 +67,11 @@ def timed(*cmd, env=None):
     return time.time() - t0, peak / 1024
 
 
-def random_run(preset, genes, encoder, dim):
-    """A checkpoint in train.py's format with random weights: sampling speed does not depend on them."""
+def write_random_run(path, preset, genes, encoder, dim):
+    """A run with random weights: sampling speed does not depend on them."""
     tokens, vocab = gene_tokens(np.zeros(genes), M.make_config(preset).vocab)
     cfg = M.make_config(preset, vocab=vocab, n_genes=genes, hist_dim=dim)
-    return {"config": M.config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": [f"G{i}" for i in range(genes)],
-            "features": [encoder], "feat_mean": np.zeros(dim, np.float32), "feat_std": np.ones(dim, np.float32),
-            "objective": "masked", "schedule": "poly-auto", "fill": "gauss", "T": 50,
-            "model": M.Hinge(cfg, tokens).state_dict()}
+    M.save_run(path, M.Hinge(cfg, tokens), [f"G{i}" for i in range(genes)], [encoder], np.zeros(dim), np.ones(dim))
 
 
 def main():
@@ -100,8 +97,7 @@ def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dim = {"stain": 74, "uni": 1024, "conch": 512}[a.encoder]
     run = os.path.join(a.out, f"run_{a.preset}_{a.encoder}")
-    with atomic_path(os.path.join(run, "best.pt")) as tmp:
-        torch.save(random_run(a.preset, a.genes, a.encoder, dim), tmp)
+    write_random_run(os.path.join(run, "best.pt"), a.preset, a.genes, a.encoder, dim)
     py, amp = sys.executable, ["--amp"] if a.amp else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rows = []

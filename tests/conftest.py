@@ -94,5 +94,5 @@ def backbone(demo):
 def hinge_run(demo, backbone):
     """HINGE trained 3 epochs on the demo, demo1 held out."""
     out = demo / "hinge"
-    train(demo, out, "--cellfm-ckpt", backbone, "--epochs", "3")
+    train(demo, out, "--backbone-ckpt", backbone, "--epochs", "3")
     return out

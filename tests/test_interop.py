@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import model as M
 from conftest import assert_user_error, run_script
-from sample import load_run
 
 D, LAYERS, G, HIST, RANK = 64, 4, 12, 74, 2        # width 64 -> 2 heads of 32, as CellFM's 1536 -> 48
 
@@ -127,8 +126,8 @@ def import_args(tmp_path, *extra):
 def test_imported_model_computes_the_official_formulas(tmp_path):
     sd = official_state()
     write_official(tmp_path, sd, [f"GENE{i}" for i in range(G)])
-    run_script("model.py", *import_args(tmp_path, "--features", "stain"))
-    net, diffusion, ck = load_run(tmp_path / "run" / "best.pt", "cpu")
+    run_script("checkpoints.py", *import_args(tmp_path, "--features", "stain"))
+    net, diffusion, ck = M.load_run(tmp_path / "run" / "best.pt", "cpu")
     cfg = net.cfg
     assert (cfg.layers, cfg.dim, cfg.heads, cfg.vocab, cfg.n_genes, cfg.hist_dim, cfg.lora_rank, cfg.gate) == \
         (LAYERS, D, 2, 39, G, HIST, RANK, "sigmoid")
@@ -149,8 +148,8 @@ def test_residual_gate_imports_use_sigmoid_false(tmp_path):
     """The official use_sigmoid=False gates with g itself; ours is 1 + g: the import shifts the bias by one."""
     sd = official_state(lora=0)
     write_official(tmp_path, sd, [f"GENE{i}" for i in range(G)])
-    run_script("model.py", *import_args(tmp_path, "--features", "stain", "--gate", "residual"))
-    net, _, _ = load_run(tmp_path / "run" / "best.pt", "cpu")
+    run_script("checkpoints.py", *import_args(tmp_path, "--features", "stain", "--gate", "residual"))
+    net, _, _ = M.load_run(tmp_path / "run" / "best.pt", "cpu")
     c = torch.randn(3, D)
     blk = net.encoder[2]
     ga = blk.adaln(F.silu(c)).chunk(6, -1)[2]
@@ -180,7 +179,7 @@ def test_bad_official_checkpoints_are_refused_by_name(tmp_path, fault, words):
     else:
         sd = {"weights": torch.zeros(3)}
     torch.save({"model": sd, "opt": {}, "epoch": 1}, tmp_path / "best_weight.pt")
-    assert_user_error(run_script("model.py", *import_args(tmp_path), check=False), *words)
+    assert_user_error(run_script("checkpoints.py", *import_args(tmp_path), check=False), *words)
     assert not (tmp_path / "run").exists()
 
 
@@ -193,7 +192,7 @@ def test_imported_run_samples_and_evaluates_the_demo(tmp_path):
     run_script("prepare_data.py", "--out", tmp_path / "data", "--genes", tmp_path / "genes.txt")
     assert (tmp_path / "data" / "genes.txt").read_text().split() == genes
     run_script("extract_features.py", "--data", tmp_path / "data", "--encoder", "stain")
-    run_script("model.py", *import_args(tmp_path, "--features", "stain"))
+    run_script("checkpoints.py", *import_args(tmp_path, "--features", "stain"))
     p = run_script("sample.py", "--run", tmp_path / "run", "--data", tmp_path / "data", check=False)
     assert_user_error(p, "--slices")
     run_script("sample.py", "--run", tmp_path / "run", "--data", tmp_path / "data", "--slices", "demo1,demo3",

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-import model as M
+import checkpoints as C
 from conftest import ROOT, TINY, assert_user_error, run_script, train
 
 
@@ -23,7 +23,7 @@ def test_pretrain_lowers_masked_mse_and_loads_as_cellfm(backbone):
         meta = f.metadata()
     assert float(meta["val_mse_after"]) < 0.8 * float(meta["val_mse_before"])
     assert "demo1" not in meta["slices"].split(",")     # --exclude keeps the test slice out
-    sd = M.load_cellfm(str(backbone))
+    sd = C.load_cellfm(str(backbone))
     assert "encoder.1.post_norm2.weight" in sd and not any(k.startswith("cond_net") for k in sd)
 
 
@@ -55,15 +55,31 @@ def test_resume_gives_the_same_weights(demo):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_ddp_two_cpu_processes_one_epoch(demo):
-    out = demo / "ddp"
+def torchrun_train(demo, out, *extra, port=29537):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29537", os.path.join(ROOT, "train.py"),
-                        "--data", str(demo / "data"), "--features", "stain", "--test-slice", "demo1", "--out", str(out),
-                        "--variant", "scratch", *TINY, "--epochs", "1"],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), os.path.join(ROOT, "train.py"),
+                           "--data", str(demo / "data"), "--features", "stain", "--test-slice", "demo1", "--out", str(out),
+                           *TINY, *map(str, extra)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_ddp_global_batch_uneven_shares_and_one_process_equivalence(demo, tmp_path):
+    """--batch-size is the global batch under torchrun. 257 training spots (shares 129 / 128, a last batch of one
+    spot) no longer hang a process in an all-reduce; with 256 (every batch splits 16 / 16) two gloo processes
+    end the epoch with one process's weights and validation loss."""
+    n = int((h5py.File(demo / "data" / "slices" / "demo4.h5")["expr"][()].sum(1) > 0).sum())
+    fold = ["--exclude", "demo2,demo3", "--variant", "scratch", "--epochs", "1", "--batch-size", "32", "--dropout", "0"]
+    p = torchrun_train(demo, tmp_path / "uneven", *fold, "--val-frac", (n - 257 + 0.25) / n)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert len(pd.read_csv(out / "log.csv")) == 1 and (out / "best.pt").exists()
+    assert "257 train" in p.stdout and len(pd.read_csv(tmp_path / "uneven" / "log.csv")) == 1
+    even = ["--val-frac", (n - 256 + 0.25) / n]
+    p = torchrun_train(demo, tmp_path / "two", *fold, *even, port=29538)
+    assert p.returncode == 0 and "256 train" in p.stdout, p.stderr[-3000:]
+    train(demo, tmp_path / "one", *fold, *even)
+    w2, w1 = (torch.load(tmp_path / r / "last.pt", weights_only=False)["model"] for r in ("two", "one"))
+    assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) < 1e-5
+    assert not all(torch.equal(w1[k], v) for k, v in torch.load(tmp_path / "uneven" / "last.pt", weights_only=False)["model"].items())
+    v2, v1 = (pd.read_csv(tmp_path / r / "log.csv")["val_mse"][0] for r in ("two", "one"))
+    assert abs(v2 - v1) < 1e-4
 
 
 def test_sample_writes_predictions_and_evaluate_scores_them(demo, hinge_run):
@@ -121,7 +137,7 @@ def test_checkpoint_from_another_gene_set(demo, hinge_run, backbone, tmp_path):
     assert_user_error(p, "other genes")
     assert not (tmp_path / "p").exists()
     p = run_script("train.py", "--data", other, "--features", "stain", "--test-slice", "demo1", "--out", tmp_path / "r",
-                   *TINY, "--cellfm-ckpt", backbone, check=False)
+                   *TINY, "--backbone-ckpt", backbone, check=False)
     assert_user_error(p, "backbone.safetensors", "mis-shaped", "gene_emb", "another gene vocabulary")
     assert not (tmp_path / "r" / "last.pt").exists()
 
@@ -130,10 +146,10 @@ def test_train_rejects_bad_fold_and_wrong_dimension_backbone(demo, backbone, tmp
     p = train(demo, tmp_path / "r", "--test-slice", "demo9", "--variant", "scratch", check=False)
     assert_user_error(p, "demo9")
     p = run_script("train.py", "--data", demo / "data", "--features", "stain", "--test-slice", "demo1", "--out",
-                   tmp_path / "r", "--preset", "small", "--cellfm-ckpt", backbone, check=False)
+                   tmp_path / "r", "--preset", "small", "--backbone-ckpt", backbone, check=False)
     assert_user_error(p, "mis-shaped", "32-wide, 2-layer", "--preset tiny")   # the preset it was made with, named
     p = train(demo, tmp_path / "r", check=False)         # hinge needs a backbone
-    assert_user_error(p, "--cellfm-ckpt")
+    assert_user_error(p, "--backbone-ckpt")
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
@@ -156,7 +172,7 @@ def test_pretrain_fills_hidden_genes_as_asked(fill):
 
 def test_checkpoint_is_selected_after_the_curriculum(demo, backbone, tmp_path):
     # a curriculum epoch never saw mostly hidden genes: its low per-step loss must not make it best.pt
-    train(demo, tmp_path / "r", "--cellfm-ckpt", backbone, "--epochs", "8", "--curriculum-epochs", "5")
+    train(demo, tmp_path / "r", "--backbone-ckpt", backbone, "--epochs", "8", "--curriculum-epochs", "5")
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)["state"]["epoch"]
     log = pd.read_csv(tmp_path / "r" / "log.csv")
     assert best > 2 and log.val_mse[log.epoch > 2].min() == pytest.approx(log.val_mse[log.epoch == best].item())
