@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from common import (Features, PredictionFile, UserError, add_fold_args, atomic_h5, feature_stats, load_fold, read_slice,
                     run, split_validation, write_anndata)
+from scores import calibrate, calibration_scale
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
 KNN_GRID = [1, 2, 3, 5, 10, 20, 50, 100, 200]
@@ -148,6 +149,9 @@ def main():
     p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
     p.add_argument("--save-samples", action="store_true", help="knn: also store the k neighbours' expression as "
                                                                "`samples` float16 [k, N, G], as sample.py does")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="keep the raw spread (default: scaled per gene so that the 50 %% and 90 %% intervals cover their "
+                        "share of the validation spots, the rule sample.py applies)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction file")
     a = p.parse_args()
 
@@ -166,16 +170,24 @@ def main():
     mu, sd = feature_stats(H)                            # standardised with training statistics, as train.py
     H = ((H - mu) / sd).astype(np.float32)
     predict, chosen = METHODS[a.method](H[tr], X[tr], H[val], X[val], a.seed)
+    scale = None
+    if a.calibrate:                                      # one rule for every method: the spread fitted to validation
+        scale = calibration_scale(X[val], *predict(H[val])[:2])
 
     feats = Features(a.data, encoders, a.test_slice)
     N, G = feats.n, X.shape[1]
     with atomic_h5(dst) as f:
         out = PredictionFile(f, N, G, CHUNK, chosen["k"] if a.save_samples else 0)  # knn's samples: its k neighbours
         for s in tqdm(range(0, N, CHUNK), desc=f"predict {a.test_slice}", unit="chunk"):
-            out.write(s, *predict(((feats.read(s, s + CHUNK) - mu) / sd).astype(np.float32)))
+            mean, std, samples = predict(((feats.read(s, s + CHUNK) - mu) / sd).astype(np.float32))
+            if scale is not None:
+                std, samples = calibrate(mean, std, samples, scale)
+            out.write(s, mean, std, samples)
+        if scale is not None:
+            f["calibration_scale"] = scale.astype(np.float32)
         secs = time.time() - t0
         out.finish(read_slice(a.data, a.test_slice, ("barcode",))["barcode"], [g.decode() for g in genes],
-                   method=a.method, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names), **chosen)
+                   method=a.method, calibrated=scale is not None, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names), **chosen)
     feats.close()
     write_anndata(dst, a.data)
     picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())

@@ -91,6 +91,10 @@ for s in "${folds[@]}"; do
     train "hinge$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed"
     for K in 1 5; do sample "hinge_K$K$tag" "hinge$tag" "$s" "$K" "$SAMPLES"; done
   done
+  for head in gaussian bins; do                            # the distributional heads (bench/choose_head.sh trains them too)
+    train "hinge_$head" "$s" --backbone-ckpt "$BACKBONE" --head $head
+    sample "hinge_${head}_K5" "hinge_$head" "$s" 5 "$SAMPLES"
+  done
   train gaussian "$s" --backbone-ckpt "$BACKBONE" --objective gaussian
   sample gaussian_K50 gaussian "$s" 50 2                   # DDIM at the full budget: Gauss-Diff's best case
   train scratch "$s" --variant scratch
@@ -113,8 +117,10 @@ import matplotlib.pyplot as plt
 out, folds = sys.argv[1], sys.argv[2].split(",")
 times = pd.read_csv(f"{out}/times.tsv", sep="\t", names=["label", "fold", "s"])
 names = {"mean": "training mean", "ridge": "ridge", "mlp": "MLP head", "knn": "kNN", "gaussian_K50": "Gauss-Diff K=50",
-         "scratch_K5": "scratch K=5", "hinge_K1": "HINGE K=1", "hinge_K5": "HINGE K=5"}
-fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_K1": "train:hinge", "hinge_K5": "train:hinge"}
+         "scratch_K5": "scratch K=5", "hinge_K1": "HINGE point K=1", "hinge_K5": "HINGE point K=5",
+         "hinge_gaussian_K5": "HINGE gaussian K=5", "hinge_bins_K5": "HINGE bins K=5"}
+fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_K1": "train:hinge", "hinge_K5": "train:hinge",
+          "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_bins_K5": "train:hinge_bins"}
 cols = ["PCC-50", "mean_r", "MSE", "bias2", "SSIM", "CRPS", "cover50", "cover90", "spread_skill", "struct_r",
         "struct_r_sample", "struct_r_partial"]
 titles = {"within": "within patient C: leave-one-slice-out, mean ± std over folds",

@@ -1,12 +1,16 @@
 """Generation quality of trained runs on their own validation spots: the diagnostic for choosing
-between HINGE settings without touching the test slice (README "Quality benchmark").
+between HINGE settings without touching the test slice (docs/benchmarks.md, bench/choose_gate.sh,
+bench/choose_head.sh).
 
-    python bench/validate.py --data runs/quality/data --runs runs/quality/C2/hinge runs/quality/C2/scratch --steps 1,5
+    python bench/validate.py --data runs/quality/data --runs runs/quality/runs/C2/hinge runs/quality/runs/C2/scratch --steps 1,5
+    python bench/validate.py --data ... --runs ... --steps 5 --samples 10 --temperatures 0,0.5,1 --csv val.csv
 
-For each run: rebuilds the fold's 10 % validation split exactly as train.py drew it, generates
-those spots at each K and prints mean r, PCC-50, MSE and the spread ratio (std of the
-prediction over std of the truth, averaged over genes: 1 = as variable as the truth, 0 = one
-value for every spot). A ridge line on the same split gives a reference.
+For each run: the fold's 10 % validation split rebuilt exactly as train.py drew it, generated at each K (and each temperature, for a distributional head),
+printing mean r, PCC-50, MSE, the spread ratio (std of the prediction over std of the truth,
+averaged over genes: 1 = as variable as the truth), and the predictive distribution's CRPS and
+cover90 after the per-gene calibration sample.py applies, cross-fitted: the scale is fitted on one
+half of the validation spots and scored on the other, and the other way round. A ridge line on the
+same split gives a reference.
 """
 import argparse
 import os
@@ -20,21 +24,44 @@ sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 from baselines import fit_ridge  # noqa: E402
 from common import load_fold, split_validation  # noqa: E402
-from evaluate import pearson_per_gene, top_k_mean  # noqa: E402
+from scores import calibrate, calibration_scale, covered, crps_samples, pearson_per_gene  # noqa: E402
 
 
-def scores(truth, pred):
+def top_k_mean(r, k):
+    r = np.sort(r[~np.isnan(r)])[::-1]
+    return float(r[:k].mean())
+
+
+def cross_fitted(truth, mean, std, samples):
+    """CRPS and cover90 with the calibration scale of the other half of the spots."""
+    half = np.arange(len(truth)) % 2 == 0
+    crps, cover = np.empty(truth.shape), np.empty(truth.shape, bool)
+    for fit, score in ((half, ~half), (~half, half)):
+        scale = calibration_scale(truth[fit], mean[fit], std[fit])
+        s, x = calibrate(mean[score], std[score], samples[:, score], scale)
+        crps[score], cover[score] = crps_samples(truth[score], x), covered(truth[score], mean[score], s, 0.9)
+    return float(crps.mean()), float(cover.mean())
+
+
+def scores(truth, pred, std=None, samples=None):
     r = pearson_per_gene(truth, pred)
     spread = np.mean(pred.std(0) / truth.std(0).clip(1e-8))
-    return (f"mean r {np.nanmean(r):.3f}  PCC-50 {top_k_mean(r, 50):.3f}  MSE {((truth - pred) ** 2).mean():.3f}  "
-            f"gene-bias² {((pred - truth).mean(0) ** 2).mean():.3f}  spread {spread:.2f}")
+    m = {"mean_r": float(np.nanmean(r)), "PCC-50": top_k_mean(r, 50), "MSE": float(((truth - pred) ** 2).mean()),
+         "bias2": float(((pred - truth).mean(0) ** 2).mean()), "spread": float(spread)}
+    if samples is not None:
+        m["CRPS"], m["cover90"] = cross_fitted(truth, pred, std, samples)
+    return m
+
+
+def show(label, m):
+    print(f"{label:<44} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
 
 def validation_split(ck, data):
+    """The fold's training and validation spots (raw features, expression), split as train.py split them."""
     a = ck["args"]
     _, _, _, X, H, _ = load_fold(data, ck["features"], ck["test_slice"], a["exclude"].split(","))
     tr, val = split_validation(len(X), a["val_frac"], a.get("val_seed", a.get("seed", 42)))
-    H = ((H - ck["feat_mean"]) / ck["feat_std"]).astype(np.float32)
     return H[tr], X[tr], H[val], X[val]
 
 
@@ -43,15 +70,30 @@ p.add_argument("--data", required=True)
 p.add_argument("--runs", nargs="+", required=True, help="train.py run folders (same fold)")
 p.add_argument("--steps", default="1,5", help="step budgets K (comma-separated)")
 p.add_argument("--samples", type=int, default=2)
+p.add_argument("--temperatures", default="1", help="temperatures for distributional heads (comma-separated)")
+p.add_argument("--csv", help="append one row per run, K and temperature to this file")
 a = p.parse_args()
 
-torch.manual_seed(0)
+rows = []
 for i, run_dir in enumerate(a.runs):
     net, diffusion, ck = M.load_run(os.path.join(run_dir, "best.pt"), torch.device("cpu"))
     Ht, Xt, Hv, Xv = validation_split(ck, a.data)
+    z = lambda H: ((H - ck["feat_mean"]) / ck["feat_std"]).astype(np.float32)  # noqa: E731
     if i == 0:
-        print(f"{'ridge (λ on this split)':<40} {scores(Xv, fit_ridge(Ht, Xt, Hv, Xv, 0)[0](Hv)[0])}")
+        predict = fit_ridge(z(Ht), Xt, z(Hv), Xv, 0)[0]
+        show("ridge (λ on this split)", scores(Xv, predict(z(Hv))[0]))
+    temps = [0.0] if net.cfg.head == "point" else [float(t) for t in a.temperatures.split(",")]
     for K in map(int, a.steps.split(",")):
-        gen = torch.Generator().manual_seed(0)
-        pred = torch.cat([M.generate(net, diffusion, h, K, a.samples, gen)[0] for h in torch.from_numpy(Hv).split(32)])
-        print(f"{os.path.basename(run_dir.rstrip('/')) + f' K={K}':<40} {scores(Xv, pred.numpy())}")
+        for tau in temps:
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                out = [M.generate(net, diffusion, h, K, a.samples, gen, temperature=tau)
+                       for h in torch.from_numpy(z(Hv)).split(32)]
+            mean, smp = torch.cat([o[0] for o in out]).numpy(), torch.cat([o[1] for o in out], 1).numpy()
+            m = scores(Xv, mean, smp.std(0, ddof=1) if a.samples > 1 else np.zeros_like(mean), smp)
+            label = f"{os.path.basename(run_dir.rstrip('/'))} K={K}" + (f" τ={tau:g}" if net.cfg.head != "point" else "")
+            show(label, m)
+            rows.append({"run": run_dir, "head": net.cfg.head, "K": K, "temperature": tau, "n_val": len(Xv), **m})
+if a.csv:
+    import pandas as pd
+    pd.DataFrame(rows).to_csv(a.csv, mode="a", header=not os.path.isfile(a.csv), index=False)
