@@ -95,5 +95,5 @@ def make_head(cfg):
     if cfg.head == "gaussian":
         return GaussianHead(cfg.dim, cfg.n_genes)
     if cfg.head == "bins":
-        return BinsHead(cfg.dim, cfg.n_genes, cfg.n_bins)
+        return BinsHead(cfg.dim, cfg.n_genes, cfg.head_bins)
     return PointHead()

@@ -216,7 +216,7 @@ class Config:
     gate: str = "sigmoid"          # sigmoid (the official code) | residual
     init: str = "official"         # official (xavier_uniform everywhere, the official HINGE code) | cellfm
     head: str = "point"            # point (the official value decoder) | gaussian | bins
-    n_bins: int = 32               # bins head: a zero bin and 31 even bins of log2(count + 1)
+    head_bins: int = 32            # bins head: a zero bin and 31 even bins of log2(count + 1)
 
     @property
     def gene_rows(self):           # vocab + padding row 0, rounded up to a multiple of 8 (CellFM)
