@@ -9,6 +9,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, asdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -175,17 +176,18 @@ def load_cellfm(path):
 #################################################################################
 
 class LoRALinear(nn.Linear):
-    """Bias-free Linear with an optional low-rank update B·A/r (the official HINGE LoraBlock's 1/r scale);
-    keeps the checkpoint name `<name>.weight`. A and B are set by `Hinge.initialize_weights`."""
-    def __init__(self, d_in, d_out, rank=0):
-        super().__init__(d_in, d_out, bias=False)
+    """Linear (bias-free as CellFM's unless asked) with an optional low-rank update B·A/r (the official HINGE
+    LoraBlock's 1/r scale); keeps the checkpoint names `<name>.weight`, `<name>.bias`. A and B are set by the model's
+    `initialize_weights`."""
+    def __init__(self, d_in, d_out, rank=0, bias=False):
+        super().__init__(d_in, d_out, bias=bias)
         self.rank = rank
         if rank:
             self.lora_A = nn.Parameter(torch.empty(rank, d_in))
             self.lora_B = nn.Parameter(torch.empty(d_out, rank))
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B) / self.rank if self.rank else y
 
 
@@ -345,7 +347,7 @@ class Config:
     dim: int = 128
     layers: int = 4
     heads: int = 4
-    vocab: int = 24078             # genes in the CellFM vocabulary (token ids 1..vocab)
+    vocab: int = 24078             # genes in the CellFM vocabulary (token ids 1..vocab); scGPT: token embedding rows
     n_genes: int = 300             # selected genes G
     hist_dim: int = 1536           # UNI 1024 + CONCH 512
     dropout: float = 0.1
@@ -355,6 +357,12 @@ class Config:
     lora_rank: int = 0
     gate: str = "residual"         # sigmoid | residual (runs saved before the choice existed are residual)
     init: str = "cellfm"           # official (xavier_uniform everywhere, the official HINGE code) | cellfm
+    backbone: str = "cellfm"       # cellfm (Hinge) | scgpt (scgpt.ScGPT); the fields below are scGPT's (its args.json)
+    ffn: int = 0                   # feed-forward width d_hid
+    values: str = "raw"            # value input: raw (log2(count + 1)) | binned (per-spot quantile bins) | category (bins, embedded)
+    n_bins: int = 51
+    pad_value: int = -2            # the value <cls> carries (scGPT's pad_value)
+    cls_token: int = 0             # token embedding row of <cls>
 
     @property
     def gene_rows(self):           # vocab + padding row 0, rounded up to a multiple of 8 (CellFM)
@@ -457,6 +465,37 @@ class Hinge(nn.Module):
         return {k: v for k, v in self.state_dict().items() if is_backbone_key(k)}
 
 
+class Backbone(NamedTuple):
+    cfg: Config
+    tokens: np.ndarray             # token id of each selected gene
+    weights: dict                  # backbone tensors by our names; None: random weights
+
+
+def prepare_backbone(preset, ckpt, genes, gene_ids, **kw):
+    """Config, gene token ids and weights of a backbone: `ckpt` a CellFM file (the preset sets the shape) or an
+    official scGPT folder (its tensors and args.json set the shape; preset None picks scgpt); None = random weights.
+    `genes` are the selected symbols, `gene_ids` the ids the slices store; kw the remaining Config fields."""
+    if preset is None:
+        preset = "scgpt" if ckpt and os.path.isdir(ckpt) else "small"
+    if make_config(preset).backbone == "scgpt":
+        import scgpt
+        return scgpt.prepare(preset, ckpt, genes, gene_ids, **kw)
+    if ckpt and os.path.isdir(ckpt):
+        raise CheckpointError(f"{ckpt} is a folder (an scGPT checkpoint?) but --preset {preset} is a CellFM backbone; "
+                              "pass --preset scgpt, or leave --preset out")
+    from common import gene_tokens
+    tokens, vocab = gene_tokens(gene_ids, make_config(preset).vocab)
+    return Backbone(make_config(preset, vocab=vocab, **kw), tokens, load_cellfm(ckpt) if ckpt else None)
+
+
+def build_model(cfg, gene_ids):
+    """The model a config describes: HINGE on CellFM (Hinge) or on scGPT (scgpt.ScGPT), the same interface."""
+    if cfg.backbone == "scgpt":
+        import scgpt
+        return scgpt.ScGPT(cfg, gene_ids)
+    return Hinge(cfg, gene_ids)
+
+
 def is_backbone_key(name):
     return not name.startswith(("cond_net.", "dec_")) and ".adaln." not in name and \
         ".soft_norm" not in name and "lora_" not in name
@@ -468,7 +507,7 @@ def shape_hint(sd, cfg):
     layers = len({k.split(".")[1] for k in sd if k.startswith("encoder.")})
     if (width, layers) == (cfg.dim, cfg.layers):
         return "; the checkpoint is for another gene vocabulary (prepare the data with the vocabulary it was trained on)"
-    fits = [p for p, make in PRESETS.items() if (make().dim, make().layers) == (width, layers)]
+    fits = [p for p, make in PRESETS.items() if (make().backbone, make().dim, make().layers) == ("cellfm", width, layers)]
     return (f"; the checkpoint is a {width}-wide, {layers}-layer backbone and this model {cfg.dim}-wide, {cfg.layers}-layer: "
             + (f"pass --preset {' or '.join(fits)}" if fits else "no preset has that shape"))
 
@@ -574,7 +613,7 @@ def set_trainable(model, variant):
         if variant == "scratch":
             p.requires_grad = True
         elif variant == "decoder-tune":
-            p.requires_grad = not is_backbone_key(name) or name.startswith("value_dec.")
+            p.requires_grad = not is_backbone_key(name) or name.startswith(("value_dec.", "decoder."))  # CellFM's, scGPT's
         elif variant == "backbone-lora":
             p.requires_grad = not is_backbone_key(name) or "lora_" in name
         else:
@@ -736,7 +775,16 @@ def small(**kw): return Config(**{"dim": 128, "layers": 4, "heads": 4, **kw})
 def tiny(**kw): return Config(**{"dim": 32, "layers": 2, "heads": 2, "vocab": 63, **kw})
 
 
-PRESETS = {"cellfm-800m": cellfm_800m, "cellfm-80m": cellfm_80m, "small": small, "tiny": tiny}
+# scGPT (scgpt.py): the whole-human model's shape (its args.json; <pad>, <cls>, <eoc> the last three of 60,697 rows),
+# and random ones the size of small and tiny that take log2(count + 1) as it is
+def scgpt_human(**kw): return Config(**{"backbone": "scgpt", "dim": 512, "layers": 12, "heads": 8, "ffn": 512, "vocab": 60697,
+                                        "cls_token": 60695, "values": "binned", "n_bins": 51, "dropout": 0.2, **kw})
+def scgpt_small(**kw): return scgpt_human(**{"dim": 128, "layers": 4, "heads": 4, "ffn": 128, "values": "raw", "dropout": 0.1, **kw})
+def scgpt_tiny(**kw): return scgpt_human(**{"dim": 32, "layers": 2, "heads": 2, "ffn": 32, "values": "raw", "dropout": 0.1, **kw})
+
+
+PRESETS = {"cellfm-800m": cellfm_800m, "cellfm-80m": cellfm_80m, "small": small, "tiny": tiny,
+           "scgpt": scgpt_human, "scgpt-small": scgpt_small, "scgpt-tiny": scgpt_tiny}
 
 
 def make_config(preset, **kw):
@@ -790,7 +838,7 @@ def import_hinge(a):
     run = {"config": config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": genes, "features": feats,
            "feat_mean": np.zeros(cfg.hist_dim, np.float32), "feat_std": np.ones(cfg.hist_dim, np.float32),
            "test_slice": None, "train_slices": [], "objective": "masked", "schedule": "poly-auto", "fill": "gauss",
-           "T": a.T, "variant": "hinge", "cellfm_ckpt": None, "pixel_size_um": None, "model": net.state_dict(),
+           "T": a.T, "variant": "hinge", "backbone_ckpt": None, "pixel_size_um": None, "model": net.state_dict(),
            "imported_from": os.path.abspath(a.import_hinge), "epoch": ck.get("epoch"), "args": vars(a)}
     with atomic_path(a.out) as tmp:
         torch.save(run, tmp)

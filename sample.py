@@ -35,7 +35,7 @@ def load_run(path, device):
         raise UserError(f"{path}: checkpoint not found; train first (train.py --out {os.path.dirname(path)})")
     ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = M.Config(**ck["config"])
-    net = M.Hinge(cfg, ck["gene_tokens"])
+    net = M.build_model(cfg, ck["gene_tokens"])
     net.load_state_dict(ck["model"])
     net.to(device).eval()
     diffusion = M.make_diffusion(ck["objective"], cfg.n_genes, ck["T"], ck["schedule"], ck["fill"])

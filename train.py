@@ -1,6 +1,7 @@
 """Stage 3: train HINGE on all slices but the held-out one (the paper's protocol; README "Stages").
 
-    python train.py --data data/demo --features stain --test-slice demo1 --cellfm-ckpt backbone.safetensors --out runs/demo1
+    python train.py --data data/demo --features stain --test-slice demo1 --backbone-ckpt backbone.safetensors --out runs/demo1
+    python train.py ... --backbone-ckpt scGPT_human/     # HINGE on scGPT: its folder (best_model.pt, args.json, vocab.json)
     torchrun --nproc_per_node 4 train.py ...            # DDP, no code change (NCCL on GPU, gloo on CPU)
 
 Writes <out>/best.pt (lowest validation MSE), <out>/last.pt (every epoch, for --resume) and
@@ -20,16 +21,20 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (UserError, add_fold_args, atomic_path, feature_stats, gene_tokens, init_distributed, load_fold, run,
-                    split_validation, training_pixel_size)
+from common import (UserError, add_fold_args, atomic_path, feature_stats, init_distributed, load_fold, run, split_validation,
+                    training_pixel_size)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fold_args(p)
     p.add_argument("--out", required=True, help="run folder for best.pt, last.pt and log.csv")
-    p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
-    p.add_argument("--cellfm-ckpt", help="CellFM weights (.ckpt/.pt/.safetensors, official or from pretrain.py)")
+    p.add_argument("--preset", choices=list(M.PRESETS),
+                   help="backbone and size (default small; scgpt when --backbone-ckpt is an scGPT folder, whose "
+                        "args.json and tensors then set the size)")
+    p.add_argument("--backbone-ckpt", "--cellfm-ckpt", dest="backbone_ckpt",
+                   help="backbone weights: a CellFM file (.ckpt/.pt/.safetensors, official or from pretrain.py) or an "
+                        "scGPT folder (best_model.pt, args.json, vocab.json; official or from pretrain.py)")
     p.add_argument("--variant", default="hinge", choices=M.VARIANTS,
                    help="hinge: frozen backbone, conditioning trains; scratch: random backbone, all trains; "
                         "decoder-tune: + value decoder; backbone-lora: + LoRA adapters")
@@ -71,11 +76,11 @@ def main():
     dev = torch.device(a.device)
     torch.manual_seed(a.seed); np.random.seed(a.seed); random.seed(a.seed)
     encoders = a.features.split(",")
-    if a.variant == "hinge" and not a.cellfm_ckpt:
-        raise UserError("--variant hinge freezes the backbone, so it needs --cellfm-ckpt (official CellFM weights or "
-                        "pretrain.py output); or use --variant scratch")
-    if a.variant == "scratch" and a.cellfm_ckpt:
-        raise UserError("--variant scratch trains the backbone from random weights; drop --cellfm-ckpt")
+    if a.variant == "hinge" and not a.backbone_ckpt:
+        raise UserError("--variant hinge freezes the backbone, so it needs --backbone-ckpt (official CellFM or scGPT "
+                        "weights, or pretrain.py output); or use --variant scratch")
+    if a.variant == "scratch" and a.backbone_ckpt:
+        raise UserError("--variant scratch trains the backbone from random weights; drop --backbone-ckpt")
 
     train_names, genes, gene_ids, X, H, A = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
     G, D = X.shape[1], H.shape[1]
@@ -84,18 +89,17 @@ def main():
     A = (A - mu) / sd if A is not None else None
     tr_idx, val_idx = split_validation(len(X), a.val_frac, a.seed)
 
-    tokens, vocab = gene_tokens(gene_ids, M.make_config(a.preset).vocab)
-    cfg = M.make_config(a.preset, vocab=vocab, n_genes=G, hist_dim=D, cond=a.cond, soft_norm=not a.no_soft_norm,
-                        id_init=not a.no_id_init, lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0,
-                        gate=a.gate, init=a.init)
-    net = M.Hinge(cfg, tokens)
-    if a.cellfm_ckpt:
-        try:
-            unused, unexpected = M.load_backbone(net, M.load_cellfm(a.cellfm_ckpt), a.cellfm_ckpt)
-        except M.CheckpointError as e:
-            raise UserError(str(e)) from e
-        if unexpected and rank == 0:
-            print(f"ignored {len(unexpected)} unexpected checkpoint keys: {', '.join(unexpected[:5])}")
+    try:
+        cfg, tokens, weights = M.prepare_backbone(
+            a.preset, a.backbone_ckpt, [g.decode() for g in genes], gene_ids, n_genes=G, hist_dim=D, cond=a.cond,
+            soft_norm=not a.no_soft_norm, id_init=not a.no_id_init, gate=a.gate, init=a.init,
+            lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0)
+        net = M.build_model(cfg, tokens)
+        unused, unexpected = M.load_backbone(net, weights, a.backbone_ckpt) if weights else ([], [])
+    except M.CheckpointError as e:
+        raise UserError(str(e)) from e
+    if unexpected and rank == 0:
+        print(f"ignored {len(unexpected)} unexpected checkpoint keys: {', '.join(unexpected[:5])}")
     n_train = M.set_trainable(net, a.variant)
     net.to(dev)
     if rank == 0:
@@ -119,7 +123,7 @@ def main():
     meta = {"config": M.config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": [g.decode() for g in genes],
             "features": encoders, "feat_mean": mu, "feat_std": sd, "test_slice": a.test_slice, "train_slices": train_names,
             "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T, "variant": a.variant,
-            "cellfm_ckpt": a.cellfm_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names)}
+            "backbone_ckpt": a.backbone_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names)}
 
     def batches(idx, gen, aug):
         for s in range(0, len(idx), a.batch_size):

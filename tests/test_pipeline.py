@@ -133,7 +133,7 @@ def test_train_rejects_bad_fold_and_wrong_dimension_backbone(demo, backbone, tmp
                    tmp_path / "r", "--preset", "small", "--cellfm-ckpt", backbone, check=False)
     assert_user_error(p, "mis-shaped", "32-wide, 2-layer", "--preset tiny")   # the preset it was made with, named
     p = train(demo, tmp_path / "r", check=False)         # hinge needs a backbone
-    assert_user_error(p, "--cellfm-ckpt")
+    assert_user_error(p, "--backbone-ckpt")
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
