@@ -8,12 +8,13 @@ training code imported as runs that sample.py and evaluate.py use as they are.
 """
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 import model as M
-from common import UserError, atomic_path, read_gene_list, read_vocab, run
+from common import UserError, atomic_path, gene_tokens, read_gene_list, read_vocab, run
 
 
 #################################################################################
@@ -166,7 +167,7 @@ def shape_hint(sd, cfg):
     layers = len({k.split(".")[1] for k in sd if k.startswith("encoder.")})
     if (width, layers) == (cfg.dim, cfg.layers):
         return "; the checkpoint is for another gene vocabulary (prepare the data with the vocabulary it was trained on)"
-    fits = [p for p, make in M.PRESETS.items() if (make().dim, make().layers) == (width, layers)]
+    fits = [p for p, make in M.PRESETS.items() if (make().backbone, make().dim, make().layers) == ("cellfm", width, layers)]
     return (f"; the checkpoint is a {width}-wide, {layers}-layer backbone and this model {cfg.dim}-wide, {cfg.layers}-layer: "
             + (f"pass --preset {' or '.join(fits)}" if fits else "no preset has that shape"))
 
@@ -188,6 +189,28 @@ def load_backbone(model, sd, path="checkpoint"):
         for k in own:
             model.get_parameter(k).copy_(sd[k])
     return [k for k in extra if k.startswith(UNUSED_CELLFM)], [k for k in extra if not k.startswith(UNUSED_CELLFM)]
+
+
+class Backbone(NamedTuple):
+    cfg: M.Config
+    tokens: np.ndarray             # token id of each selected gene
+    weights: dict                  # backbone tensors by our names; None: random weights
+
+
+def prepare_backbone(preset, ckpt, genes, gene_ids, **kw):
+    """Config, gene token ids and weights of a backbone: `ckpt` a CellFM file (the preset sets the shape) or an
+    official scGPT folder (its tensors and args.json set the shape; preset None picks scgpt); None = random weights.
+    `genes` are the selected symbols, `gene_ids` the ids the slices store; kw the remaining Config fields."""
+    if preset is None:
+        preset = "scgpt" if ckpt and os.path.isdir(ckpt) else "small"
+    if M.make_config(preset).backbone == "scgpt":
+        import scgpt
+        return scgpt.prepare(preset, ckpt, genes, gene_ids, **kw)
+    if ckpt and os.path.isdir(ckpt):
+        raise CheckpointError(f"{ckpt} is a folder (an scGPT checkpoint?) but --preset {preset} is a CellFM backbone; "
+                              "pass --preset scgpt, or leave --preset out")
+    tokens, vocab = gene_tokens(gene_ids, M.make_config(preset).vocab)
+    return Backbone(M.make_config(preset, vocab=vocab, **kw), tokens, load_cellfm(ckpt) if ckpt else None)
 
 
 #################################################################################

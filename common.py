@@ -1,6 +1,7 @@
 """Helpers shared by the stage scripts: one-line user errors, atomic HDF5 writes, slice-file I/O."""
 import contextlib
 import glob
+import json
 import os
 import sys
 
@@ -122,9 +123,19 @@ def read_slice(data_dir, name, keys=("expr",)):
 
 
 def read_vocab(path):
-    """CellFM gene_info.csv: token id = row index + 1 (as CellFM's own code builds it)."""
+    """Gene symbol -> token id: CellFM's gene_info.csv (id = row index + 1, as CellFM's own code builds it) or
+    scGPT's vocab.json ({token: id}, ids from 0; its special tokens <pad>, <cls>, <eoc> are no genes)."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: vocabulary file not found; pass CellFM's csv/gene_info.csv")
+        raise UserError(f"{path}: vocabulary file not found; pass CellFM's csv/gene_info.csv or scGPT's vocab.json")
+    if path.lower().endswith(".json"):
+        try:
+            with open(path) as f:
+                vocab = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e}); pass scGPT's vocab.json") from e
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
+            raise UserError(f"{path}: not an scGPT vocab.json (an object of gene -> non-negative integer id)")
+        return {g: i for g, i in vocab.items() if not (g.startswith("<") and g.endswith(">"))}  # symbols have no <>
     df = pd.read_csv(path)
     col = next((c for c in ("HGNC_gene", "gene_name", "gene", "symbol") if c in df.columns), None)
     if col is None:

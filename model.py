@@ -35,17 +35,18 @@ def gate(g, kind):
 #################################################################################
 
 class LoRALinear(nn.Linear):
-    """Bias-free Linear with an optional low-rank update B·A/r (the official HINGE LoraBlock's 1/r scale);
-    keeps the checkpoint name `<name>.weight`. A and B are set by `Hinge.initialize_weights`."""
-    def __init__(self, d_in, d_out, rank=0):
-        super().__init__(d_in, d_out, bias=False)
+    """Linear (bias-free as CellFM's unless asked) with an optional low-rank update B·A/r (the official HINGE
+    LoraBlock's 1/r scale); keeps the checkpoint names `<name>.weight`, `<name>.bias`. A and B are set by the model's
+    `initialize_weights`."""
+    def __init__(self, d_in, d_out, rank=0, bias=False):
+        super().__init__(d_in, d_out, bias=bias)
         self.rank = rank
         if rank:
             self.lora_A = nn.Parameter(torch.empty(rank, d_in))
             self.lora_B = nn.Parameter(torch.empty(d_out, rank))
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B) / self.rank if self.rank else y
 
 
@@ -205,7 +206,7 @@ class Config:
     dim: int = 128
     layers: int = 4
     heads: int = 4
-    vocab: int = 24078             # genes in the CellFM vocabulary (token ids 1..vocab)
+    vocab: int = 24078             # genes in the CellFM vocabulary (token ids 1..vocab); scGPT: token embedding rows
     n_genes: int = 300             # selected genes G
     hist_dim: int = 1536           # UNI 1024 + CONCH 512
     dropout: float = 0.1
@@ -217,6 +218,12 @@ class Config:
     init: str = "official"         # official (xavier_uniform everywhere, the official HINGE code) | cellfm
     head: str = "point"            # point (the official value decoder) | gaussian | bins
     head_bins: int = 32            # bins head: a zero bin and 31 even bins of log2(count + 1)
+    backbone: str = "cellfm"       # cellfm (Hinge) | scgpt (scgpt.ScGPT); the fields below are scGPT's (its args.json)
+    ffn: int = 0                   # feed-forward width d_hid
+    values: str = "raw"            # value input: raw (log2(count + 1)) | binned (per-spot quantile bins) | category (bins, embedded)
+    n_bins: int = 51
+    pad_value: int = -2            # the value <cls> carries (scGPT's pad_value)
+    cls_token: int = 0             # token embedding row of <cls>
 
     @property
     def gene_rows(self):           # vocab + padding row 0, rounded up to a multiple of 8 (CellFM)
@@ -324,6 +331,14 @@ class Hinge(nn.Module):
         return {k: v for k, v in self.state_dict().items() if is_backbone_key(k)}
 
 
+def build_model(cfg, gene_ids):
+    """The model a config describes: HINGE on CellFM (Hinge) or on scGPT (scgpt.ScGPT), the same interface."""
+    if cfg.backbone == "scgpt":
+        import scgpt
+        return scgpt.ScGPT(cfg, gene_ids)
+    return Hinge(cfg, gene_ids)
+
+
 def is_backbone_key(name):
     return not name.startswith(("cond_net.", "dec_", "head.")) and ".adaln." not in name and \
         ".soft_norm" not in name and "lora_" not in name
@@ -344,7 +359,7 @@ def set_trainable(model, variant):
         if variant == "scratch":
             p.requires_grad = True
         elif variant == "decoder-tune":
-            p.requires_grad = not is_backbone_key(name) or name.startswith("value_dec.")
+            p.requires_grad = not is_backbone_key(name) or name.startswith(("value_dec.", "decoder."))  # CellFM's, scGPT's
         elif variant == "backbone-lora":
             p.requires_grad = not is_backbone_key(name) or "lora_" in name
         else:
@@ -533,7 +548,16 @@ def small(**kw): return Config(**{"dim": 128, "layers": 4, "heads": 4, **kw})
 def tiny(**kw): return Config(**{"dim": 32, "layers": 2, "heads": 2, "vocab": 63, **kw})
 
 
-PRESETS = {"cellfm-800m": cellfm_800m, "cellfm-80m": cellfm_80m, "small": small, "tiny": tiny}
+# scGPT (scgpt.py): the whole-human model's shape (its args.json; <pad>, <cls>, <eoc> the last three of 60,697 rows),
+# and random ones the size of small and tiny that take log2(count + 1) as it is
+def scgpt_human(**kw): return Config(**{"backbone": "scgpt", "dim": 512, "layers": 12, "heads": 8, "ffn": 512, "vocab": 60697,
+                                        "cls_token": 60695, "values": "binned", "n_bins": 51, "dropout": 0.2, **kw})
+def scgpt_small(**kw): return scgpt_human(**{"dim": 128, "layers": 4, "heads": 4, "ffn": 128, "values": "raw", "dropout": 0.1, **kw})
+def scgpt_tiny(**kw): return scgpt_human(**{"dim": 32, "layers": 2, "heads": 2, "ffn": 32, "values": "raw", "dropout": 0.1, **kw})
+
+
+PRESETS = {"cellfm-800m": cellfm_800m, "cellfm-80m": cellfm_80m, "small": small, "tiny": tiny,
+           "scgpt": scgpt_human, "scgpt-small": scgpt_small, "scgpt-tiny": scgpt_tiny}
 
 
 def make_config(preset, **kw):
@@ -587,7 +611,7 @@ def load_run(path, device="cpu"):
     """A run file -> (model in eval mode on `device`, its diffusion, the run dict)."""
     run = read_run(path)
     cfg = Config(**run["config"])
-    net = Hinge(cfg, run["gene_tokens"])
+    net = build_model(cfg, run["gene_tokens"])
     net.load_state_dict(run["model"])
     net.to(device).eval()
     return net, make_diffusion(run["objective"], cfg.n_genes, run["T"], run["schedule"], run["fill"]), run

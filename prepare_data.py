@@ -220,7 +220,8 @@ def parse_args():
                    help="image: pseudo-spot diameter in µm (default 55, Visium); the patch side is max(224 px, diameter), "
                         "as for training slices, so use the diameter of the spots the model was trained on")
     p.add_argument("--grid", choices=["hex", "square"], default="hex", help="image: hexagonal as Visium (default) or square")
-    p.add_argument("--vocab", help="CellFM gene_info.csv: keep only vocabulary genes and store their token ids")
+    p.add_argument("--vocab", help="the backbone's vocabulary, CellFM gene_info.csv or scGPT vocab.json: keep only "
+                                   "vocabulary genes and store their token ids")
     p.add_argument("--aliases", help="optional table old symbol -> current symbol, applied before the vocabulary")
     p.add_argument("--genes", help="use this gene list (one symbol per line, in order) instead of selecting genes, "
                                    "e.g. the list an official HINGE checkpoint was trained on")

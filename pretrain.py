@@ -2,9 +2,11 @@
 expression alone, as CellFM was pre-trained (random genes hidden, MSE on the hidden genes).
 
     python pretrain.py --data data/her2st --exclude C1,C2,C3,C4,C5,C6 --preset small --out backbone.safetensors
+    python pretrain.py ... --preset scgpt-small --out backbone_scgpt       # an scGPT backbone: a folder
 
 Reads every slice file (images not needed) and writes a .safetensors backbone with CellFM's
-parameter names, which `train.py --backbone-ckpt` loads like the official weights.
+parameter names, or for an scGPT preset a folder in scGPT's layout (best_model.pt, args.json,
+vocab.json), which `train.py --backbone-ckpt` loads like the official weights.
 """
 import argparse
 import json
@@ -15,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from common import UserError, add_runtime_args, atomic_path, gene_tokens, list_slices, read_slice, run
+from checkpoints import prepare_backbone
+from common import UserError, add_runtime_args, atomic_path, decode, list_slices, read_slice, run
 
 
 def masked_value_loss(net, x0, ratio, fill="zero"):
@@ -34,7 +37,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder written by prepare_data.py")
     p.add_argument("--exclude", default="", help="slices to keep out (comma-separated): the test slices")
-    p.add_argument("--out", required=True, help="output .safetensors backbone")
+    p.add_argument("--out", required=True, help="output .safetensors backbone (an scGPT preset: a checkpoint folder)")
     p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
     p.add_argument("--hidden-share", default="uniform",
                    help="share of genes hidden: a number (CellFM: 0.2) or uniform (default)")
@@ -60,13 +63,16 @@ def main():
         raise UserError(f"--exclude names unknown slices: {', '.join(sorted(unknown))}")
     if not names:
         raise UserError(f"{a.data}: no slice left after --exclude")
-    slices = [read_slice(a.data, n, ("expr", "gene_ids")) for n in names]
+    slices = [read_slice(a.data, n, ("expr", "genes", "gene_ids")) for n in names]
     X = np.concatenate([s["expr"] for s in slices])
     X = X[X.sum(1) > 0]
-    tokens, vocab = gene_tokens(slices[0]["gene_ids"], M.make_config(a.preset).vocab)
-    cfg = M.make_config(a.preset, vocab=vocab, n_genes=X.shape[1])
+    genes = decode(slices[0]["genes"])
+    cfg, tokens, _ = prepare_backbone(a.preset, None, genes, slices[0]["gene_ids"], n_genes=X.shape[1])
+    if cfg.backbone == "scgpt":                          # before the work, not after it
+        import scgpt
+        scgpt.check_writable(a.out)
     dev = torch.device(a.device)
-    net = M.Hinge(cfg, tokens).to(dev)
+    net = M.build_model(cfg, tokens).to(dev)
     params = [p for k, p in net.named_parameters() if M.is_backbone_key(k)]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.epochs)
@@ -102,8 +108,11 @@ def main():
     from safetensors.torch import save_file
     meta = {"preset": a.preset, "hidden_value": a.hidden_value, "config": json.dumps(M.config_dict(cfg)), "slices": ",".join(names),
             "val_mse_before": f"{first:.5f}", "val_mse_after": f"{val_mse():.5f}"}
-    with atomic_path(a.out) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()}, tmp, metadata=meta)
+    if cfg.backbone == "scgpt":
+        scgpt.write_checkpoint(a.out, net, genes, {"pretrain": meta})
+    else:
+        with atomic_path(a.out) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()}, tmp, metadata=meta)
     print(f"wrote {a.out}: masked-value MSE {first:.4f} -> {float(meta['val_mse_after']):.4f}")
 
 

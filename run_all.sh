@@ -17,16 +17,19 @@ usage: bash run_all.sh [options]
                         patient that has an image; visium/hest every slice with an image)
   --encoder NAME        stain (default, weight-free), uni, conch, resnet50, or uni,conch (the paper's 1536-d)
   --weights PATHS       weights of the neural encoders, comma-separated in --encoder order
-  --backbone-ckpt PATH  backbone weights (official CellFM .ckpt/.safetensors; --cellfm-ckpt is the old name);
-                        without it pretrain.py builds a backbone per fold from the training slices' expression
-  --preset NAME         backbone size: tiny (demo default), small (default otherwise), cellfm-80m, cellfm-800m
+  --backbone-ckpt PATH  backbone weights: CellFM's (official .ckpt/.safetensors) or an scGPT folder (best_model.pt,
+                        args.json, vocab.json); without it pretrain.py builds a backbone per fold from the training
+                        slices' expression (--cellfm-ckpt: the same)
+  --preset NAME         backbone and size: tiny (demo default), small (default otherwise), cellfm-80m, cellfm-800m;
+                        scGPT: scgpt-tiny, scgpt-small, scgpt (whole-human; the default with an scGPT folder)
   --epochs N            training epochs at most (demo 30; real data 50 = the paper on a GPU, 10 on a CPU)
   --pretrain-epochs N   pretrain.py epochs when no --backbone-ckpt (demo 20; real data 10 on a GPU, 2 on a CPU)
   --lr LR               training learning rate (demo 3e-3; real data 1e-4 = the paper on a GPU, 1e-3 on a CPU)
   --pretrain-lr LR      pretrain.py learning rate (default 3e-3)
   --steps K             sampling step budget (default 5)
   --samples S           samples per spot, averaged (default 5)
-  --vocab CSV           CellFM gene_info.csv: keep vocabulary genes, store token ids (needed with --backbone-ckpt)
+  --vocab FILE          the backbone's vocabulary, CellFM gene_info.csv or scGPT vocab.json: keep vocabulary genes,
+                        store token ids (needed with --backbone-ckpt)
   --install-only        only create or update .venv from requirements.txt
 
 Slides without spatial data (virtual spatial transcriptomics):
@@ -112,6 +115,7 @@ if [ -n "$PREDICT" ]; then
   exit 0
 fi
 
+[ -d "$CKPT" ] && PRESET=${PRESET:-scgpt}  # an scGPT folder: its args.json and tensors set the size
 # Defaults: the demo sized for minutes on a CPU; real data with the paper's protocol on a GPU, and on
 # a CPU the budget of bench/quality.sh (10 epochs at lr 1e-3: the paper's 50 at 1e-4 take hours there)
 if [ "$DATASET" = demo ]; then
@@ -151,7 +155,8 @@ for s in "${folds[@]}"; do
   backbone=$CKPT
   if [ -z "$CKPT" ]; then
     backbone=$OUT/folds/backbone_$s.safetensors
-    [ -f "$backbone" ] || { echo "-- $s: pretrain"; $PY pretrain.py --data "$DATA" --exclude "$s" --preset "$PRESET" \
+    [[ $PRESET == scgpt* ]] && backbone=$OUT/folds/backbone_$s  # scGPT's layout: a folder
+    [ -e "$backbone" ] || { echo "-- $s: pretrain"; $PY pretrain.py --data "$DATA" --exclude "$s" --preset "$PRESET" \
                               --epochs "$PRE_EPOCHS" --lr "$PRE_LR" --out "$backbone"; }
   fi
   echo "-- $s: train"

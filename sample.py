@@ -34,7 +34,7 @@ from scores import calibrate, calibration_scale
 @dataclass
 class Job:
     """One slice to generate: the model, its run, the slice's features and the sampling settings."""
-    net: M.Hinge
+    net: torch.nn.Module                                # model.Hinge or scgpt.ScGPT
     diffusion: object
     run: dict
     feats: Features

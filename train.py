@@ -1,6 +1,7 @@
 """Stage 3: train HINGE on all slices but the held-out one (the paper's protocol; README "Stages").
 
     python train.py --data data/demo --features stain --test-slice demo1 --backbone-ckpt backbone.safetensors --out runs/demo1
+    python train.py ... --backbone-ckpt scGPT_human/     # HINGE on scGPT: its folder (best_model.pt, args.json, vocab.json)
     torchrun --nproc_per_node 4 train.py ...            # DDP, no code change (NCCL on GPU, gloo on CPU)
 
 Writes <out>/best.pt (lowest validation MSE), <out>/last.pt (every epoch, for --resume) and
@@ -20,9 +21,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from checkpoints import load_backbone, load_cellfm
-from common import (UserError, add_fold_args, add_runtime_args, feature_stats, gene_tokens, init_distributed, load_fold,
-                    run, split_validation, training_pixel_size)
+from checkpoints import load_backbone, prepare_backbone
+from common import (UserError, add_fold_args, add_runtime_args, feature_stats, init_distributed, load_fold, run,
+                    split_validation, training_pixel_size)
 
 
 CALIBRATION_SPOTS = 2000                                 # validation spots kept in the run (all of a Her2ST fold's)
@@ -32,9 +33,12 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fold_args(p)
     p.add_argument("--out", required=True, help="run folder for best.pt, last.pt and log.csv")
-    p.add_argument("--preset", default="small", choices=list(M.PRESETS), help="backbone size (default small)")
-    p.add_argument("--backbone-ckpt", "--backbone-ckpt", dest="backbone_ckpt",
-                   help="backbone weights: CellFM .ckpt/.pt/.safetensors, official or from pretrain.py")
+    p.add_argument("--preset", choices=list(M.PRESETS),
+                   help="backbone and size (default small; scgpt when --backbone-ckpt is an scGPT folder, whose "
+                        "args.json and tensors then set the size)")
+    p.add_argument("--backbone-ckpt", "--cellfm-ckpt", dest="backbone_ckpt",
+                   help="backbone weights: a CellFM file (.ckpt/.pt/.safetensors, official or from pretrain.py) or an "
+                        "scGPT folder (best_model.pt, args.json, vocab.json; official or from pretrain.py)")
     p.add_argument("--variant", default="hinge", choices=M.VARIANTS,
                    help="hinge: frozen backbone, conditioning trains; scratch: random backbone, all trains; "
                         "decoder-tune: + value decoder; backbone-lora: + LoRA adapters")
@@ -61,7 +65,7 @@ def parse_args():
                         "the whole batch (the official code)")
     p.add_argument("--T", type=int, default=50, help="diffusion steps (default 50)")
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
-    p.add_argument("--dropout", type=float, default=0.1, help="backbone dropout, scaled by depth (CellFM's 0.1)")
+    p.add_argument("--dropout", type=float, help="backbone dropout (default the preset's: CellFM's 0.1, scaled by depth)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--milestones", default="20,30", help="MultiStepLR epochs, x0.2 each (default 20,30)")
     p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without improvement")
@@ -81,8 +85,8 @@ def main():
     torch.manual_seed(a.seed); np.random.seed(a.seed); random.seed(a.seed)
     encoders = a.features.split(",")
     if a.variant == "hinge" and not a.backbone_ckpt:
-        raise UserError("--variant hinge freezes the backbone, so it needs --backbone-ckpt (official CellFM weights or "
-                        "pretrain.py output); or use --variant scratch")
+        raise UserError("--variant hinge freezes the backbone, so it needs --backbone-ckpt (official CellFM or scGPT "
+                        "weights, or pretrain.py output); or use --variant scratch")
     if a.objective == "gaussian" and a.head != "point":
         raise UserError(f"--head {a.head}: Gauss-Diff (--objective gaussian) denoises values with the point head")
     if a.variant == "scratch" and a.backbone_ckpt:
@@ -95,17 +99,16 @@ def main():
     A = (A - mu) / sd if A is not None else None
     tr_idx, val_idx = split_validation(len(X), a.val_frac, a.val_seed)
 
-    tokens, vocab = gene_tokens(gene_ids, M.make_config(a.preset).vocab)
-    cfg = M.make_config(a.preset, vocab=vocab, n_genes=G, hist_dim=D, cond=a.cond, soft_norm=not a.no_soft_norm,
-                        id_init=not a.no_id_init, lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0,
-                        gate=a.gate, init=a.init, dropout=a.dropout, head=a.head)
-    net = M.Hinge(cfg, tokens)
+    cfg, tokens, weights = prepare_backbone(
+        a.preset, a.backbone_ckpt, [g.decode() for g in genes], gene_ids, n_genes=G, hist_dim=D, cond=a.cond,
+        soft_norm=not a.no_soft_norm, id_init=not a.no_id_init, gate=a.gate, init=a.init, head=a.head,
+        lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0, **({"dropout": a.dropout} if a.dropout is not None else {}))
+    net = M.build_model(cfg, tokens)
     if a.head == "bins":                                 # bin edges from the training spots, saved with the run
         net.head.set_bins(X[tr_idx])
-    if a.backbone_ckpt:
-        unused, unexpected = load_backbone(net, load_cellfm(a.backbone_ckpt), a.backbone_ckpt)
-        if unexpected and rank == 0:
-            print(f"ignored {len(unexpected)} unexpected checkpoint keys: {', '.join(unexpected[:5])}")
+    unused, unexpected = load_backbone(net, weights, a.backbone_ckpt) if weights else ([], [])
+    if unexpected and rank == 0:
+        print(f"ignored {len(unexpected)} unexpected checkpoint keys: {', '.join(unexpected[:5])}")
     n_train = M.set_trainable(net, a.variant)
     net.to(dev)
     if rank == 0:
@@ -127,9 +130,9 @@ def main():
     elif rank == 0 and os.path.isfile(last):
         raise UserError(f"{a.out} already holds a run; pass --resume to continue it or choose another --out")
     keep = val_idx[:CALIBRATION_SPOTS]                   # sample.py calibrates the spread on these
-    meta = {"val_features": H[keep] * sd + mu, "val_expr": X[keep], "test_slice": a.test_slice, "train_slices": train_names, "objective": a.objective, "schedule": a.schedule,
-            "fill": a.fill, "T": a.T, "variant": a.variant, "backbone_ckpt": a.backbone_ckpt, "args": vars(a),
-            "pixel_size_um": training_pixel_size(a.data, train_names)}
+    meta = {"val_features": H[keep] * sd + mu, "val_expr": X[keep], "test_slice": a.test_slice, "train_slices": train_names,
+            "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T, "variant": a.variant,
+            "backbone_ckpt": a.backbone_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names)}
 
     def batches(idx, gen, aug, share=False):
         """Batches of `--batch-size` spots; with share, this process's rows rank::world of each (the dihedral

@@ -1,32 +1,46 @@
-"""Sampler throughput against the step budget K (docs/benchmarks.md "Sampler speed").
+"""Sampler throughput against the step budget K (docs/benchmarks.md "Sampler speed"); with --cost, the
+per-spot cost of two backbones at one K (the paper's Table S5: HINGE (scGPT) 548 spots/s against HINGE
+(CellFM) 26.5 at K = 5, 20.7x).
 
     python bench/speed.py [--presets small,cellfm-80m] [--spots 64,4] [--genes 300] [--device cpu]
+    python bench/speed.py --cost [--presets scgpt,cellfm-800m] [--spots 8,1] [--cost-k 5]
 
 For each preset and K = 1, 5, 50: spots/s of the sampler as sample.py runs it (the histology
 embedding computed once per spot); S = 1 sample, 1536-d features (UNI + CONCH), random weights
 (speed does not depend on them). Prints the ratios K5/K50 and K1/K5 and, timed on its own (far
 less noisy than whole samplers), the share of a step the histology embedding takes: what
 computing it once per spot instead of at every step saves.
+--cost: per spot, the matmul FLOPs of the whole sampler (torch's FlopCounterMode on one spot, attention
+through its math kernel so that the counter sees it) and its seconds (n spots, after that counted run
+as warm-up), each model built once; then the ratios of the second preset to the first.
 """
 import argparse
 import os
 import sys
 import time
 
+import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--presets", default="small,cellfm-80m")
-p.add_argument("--spots", default="64,4", help="spots per timed batch, per preset (the large model gets fewer on CPU)")
+p.add_argument("--presets", help="presets to compare (default small,cellfm-80m; --cost: scgpt,cellfm-800m)")
+p.add_argument("--spots", help="spots per timed batch, per preset (the large model gets fewer on CPU; default 64,4; "
+                               "--cost: 8,1)")
 p.add_argument("--genes", type=int, default=300)
 p.add_argument("--steps", default="1,5,50")
 p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--cost", action="store_true", help="per-spot FLOPs and seconds of each preset at --cost-k, and their ratio")
+p.add_argument("--cost-k", type=int, default=5, help="--cost: the step budget K (default 5, as Table S5)")
 a = p.parse_args()
+a.presets = a.presets or ("scgpt,cellfm-800m" if a.cost else "small,cellfm-80m")
+a.spots = a.spots or ("8,1" if a.cost else "64,4")
 dev = torch.device(a.device)
 
 
@@ -57,13 +71,48 @@ def histology_share(net, diffusion, hist, repeats=20):
     return embed, step
 
 
+def build(preset):
+    """A preset with random weights and token ids 0..G-1 (scGPT) or 1..G (CellFM, 0 = padding)."""
+    cfg = M.make_config(preset, n_genes=a.genes, hist_dim=1536)
+    return M.build_model(cfg, np.arange(a.genes) + (cfg.backbone == "cellfm")).to(dev).eval()
+
+
+def per_spot_cost(preset, n, K):
+    """(parameters, matmul FLOPs per spot, seconds per spot) of generate() at K steps, S = 1."""
+    net, diffusion = build(preset), M.MaskedDiffusion(a.genes)
+    hist = torch.randn(n, 1536, device=dev)
+    gen = torch.Generator(dev).manual_seed(0)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        M.generate(net, diffusion, hist[:1], K, 1, gen)
+    secs = seconds(lambda: M.generate(net, diffusion, hist, K, 1, gen)) / n
+    return sum(p.numel() for p in net.parameters()), counter.get_total_flops(), secs
+
+
+def compare_cost():
+    print(f"device {a.device}, {torch.get_num_threads()} threads, {a.genes} genes, K = {a.cost_k}, 1 sample per spot, "
+          "random weights")
+    print(f"{'preset':<14}{'parameters':>14}{'GFLOP/spot':>12}{'s/spot':>10}{'spots/s':>10}   (parameters with conditioning)")
+    rows = []
+    for preset, n in zip(a.presets.split(","), map(int, a.spots.split(","))):
+        rows.append(per_spot_cost(preset, n, a.cost_k))
+        params, flops, secs = rows[-1]
+        print(f"{preset:<14}{params:>14,}{flops / 1e9:>12.1f}{secs:>10.3g}{1 / secs:>10.3g}   ({n} spots timed)")
+    (_, f0, s0), (_, f1, s1) = rows[:2]
+    fast, slow = a.presets.split(",")[:2]
+    print(f"{slow} / {fast}: {f1 / f0:.1f}x the FLOPs, {s1 / s0:.1f}x the seconds per spot; the paper's Table S5: "
+          f"548 / 26.5 spots/s = {547.97 / 26.46:.1f}x (A800, K = 5)")
+
+
+if a.cost:
+    compare_cost()
+    sys.exit()
+
 torch.manual_seed(0)
 Ks = [int(k) for k in a.steps.split(",")]
 print(f"device {a.device}, {torch.get_num_threads()} threads, {a.genes} genes, 1536-d features, 1 sample per spot")
 print(f"{'preset':<12}{'K':>4}{'spots':>7}{'spots/s':>10}")
 for preset, n in zip(a.presets.split(","), map(int, a.spots.split(","))):
-    cfg = M.make_config(preset, n_genes=a.genes, hist_dim=1536)
-    net = M.Hinge(cfg, torch.arange(1, a.genes + 1)).to(dev).eval()
+    net = build(preset)
     diffusion = M.MaskedDiffusion(a.genes)
     hist = torch.randn(n, 1536, device=dev)
     spots_per_s(net, diffusion, hist[:2], 1)            # warm-up: allocator, kernels

@@ -1,0 +1,446 @@
+"""HINGE on an scGPT backbone: the paper's fast variant (supplementary Table S5, HINGE (scGPT) 548 spots/s
+against 26.5 for HINGE (CellFM) at K = 5).
+
+scGPT (Cui et al. 2024) is a post-norm transformer over gene + value tokens. This module builds it with
+scGPT's own parameter names (torch's for the layers), wraps its attention and feed-forward sublayers in
+SoftAdaLN exactly as model.py does for CellFM, and reads the official checkpoint folder (best_model.pt,
+args.json, vocab.json) by key name. Same interface as model.Hinge, so train.py, sample.py and pretrain.py
+use either through model.build_model; masked diffusion, the sampler and the variants are model.py's.
+"""
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+from heads import make_head
+from checkpoints import Backbone, CheckpointError
+
+
+#################################################################################
+#                            Embeddings and decoder                             #
+#################################################################################
+
+def bin_values(x, visible, n_bins):
+    """scGPT's per-cell binning over a spot's visible genes: zeros (and hidden genes) -> 0, non-zero values ->
+    1..n_bins-1 by the spot's own quantiles (np.quantile at n_bins - 1 evenly spaced levels, then np.digitize;
+    scGPT's later tie randomisation is left out). x [B, G] values, visible [B, G] bool -> [B, G] float bins."""
+    x = x.detach().float()
+    ok = visible & (x > 0)                                            # [B, G]
+    n = ok.sum(1, keepdim=True)                                       # [B, 1]
+    srt = torch.where(ok, x, torch.inf).sort(1).values                # [B, G], a spot's binned values first
+    pos = torch.linspace(0, 1, n_bins - 1, device=x.device) * (n - 1).clamp_min(0)  # [B, n_bins-1] quantile positions
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    a, b = srt.gather(1, lo), srt.gather(1, hi)
+    edges = a + (pos - lo) * (b - a)                                  # [B, n_bins-1] linear-interpolated quantiles
+    digits = (x[..., None] >= edges[:, None, :]).sum(-1)              # [B, G] np.digitize: edges <= x
+    return torch.where(ok, digits, 0).float()
+
+
+class EmbeddingNorm(nn.Module):
+    """Embedding then LayerNorm: scGPT's GeneEncoder (`encoder`) and CategoryValueEncoder (`value_encoder`)."""
+    def __init__(self, rows, dim):
+        super().__init__()
+        self.embedding = nn.Embedding(rows, dim)
+        self.enc_norm = nn.LayerNorm(dim)
+
+    def forward(self, ids):                              # ids [...] -> [..., D]
+        return self.enc_norm(self.embedding(ids.long()))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """scGPT: a value, clamped at 512 -> Linear(1, D) -> ReLU -> Linear(D, D) -> LayerNorm -> dropout."""
+    def __init__(self, dim, dropout):
+        super().__init__()
+        self.linear1 = nn.Linear(1, dim)
+        self.linear2 = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, v):                                # v [...] -> [..., D]
+        h = F.relu(self.linear1(v.clamp(max=512).unsqueeze(-1)))
+        return self.dropout(self.norm(self.linear2(h)))
+
+
+class ExprDecoder(nn.Module):
+    """scGPT's expression decoder `decoder.fc`: Linear, LeakyReLU, Linear, LeakyReLU, Linear(D, 1)."""
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(), nn.Linear(dim, dim), nn.LeakyReLU(), nn.Linear(dim, 1))
+
+    def forward(self, h):                                # h [B, G, D] -> [B, G]
+        return self.fc(h).squeeze(-1)
+
+
+#################################################################################
+#                     Transformer layers (scGPT) with SoftAdaLN (HINGE)         #
+#################################################################################
+
+class SelfAttention(nn.Module):
+    """torch's MultiheadAttention parameters (in_proj_weight rows q, k, v; out_proj), computed with
+    scaled_dot_product_attention so that SoftAdaLN can wrap the sublayer."""
+    def __init__(self, dim, heads, rank=0, dropout=0.0):
+        super().__init__()
+        self.heads, self.rank, self.p = heads, rank, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = M.LoRALinear(dim, dim, rank, bias=True)
+        if rank:
+            self.in_proj_lora_A = nn.Parameter(torch.empty(rank, dim))
+            self.in_proj_lora_B = nn.Parameter(torch.empty(3 * dim, rank))
+
+    def forward(self, x, allowed=None, predicted=None):  # x [B, L, D], allowed [B, 1, L, L], predicted [B, L, 1]
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)                       # [B, L, 3D]
+        if self.rank:
+            qkv = qkv + F.linear(F.linear(x, self.in_proj_lora_A), self.in_proj_lora_B) / self.rank
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each [B, h, L, dh]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.p if self.training else 0.0)
+        o = o.transpose(1, 2).reshape(B, L, D)                                         # [B, L, D]
+        if predicted is None:
+            return self.out_proj(o)
+        # scGPT's generative pre-training (FlashscGPTMHA) returns the predicted genes' attention without out_proj
+        return torch.where(predicted, o, self.out_proj(o))
+
+
+class ScGPTLayer(nn.Module):
+    """torch's post-norm TransformerEncoderLayer (ReLU), h <- LN(h + sublayer(h)); with a condition c, SoftAdaLN:
+    h <- LN(h + gate(c)·sublayer(shift(c) + (1 + scale(c))·SoftNorm(h))), as model.RetentionBlock (no DeepNorm α)."""
+    def __init__(self, cfg):
+        super().__init__()
+        dim = cfg.dim
+        self.self_attn = SelfAttention(dim, cfg.heads, cfg.lora_rank, cfg.dropout)
+        self.linear1 = M.LoRALinear(dim, cfg.ffn, cfg.lora_rank, bias=True)
+        self.linear2 = M.LoRALinear(cfg.ffn, dim, cfg.lora_rank, bias=True)
+        self.norm1 = nn.LayerNorm(dim)                   # eps 1e-5, torch's and scGPT's
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(cfg.dropout)           # torch's dropout, dropout1, dropout2: one rate
+        self.cond, self.gate = cfg.cond, cfg.gate
+        if cfg.cond == "softadaln":
+            self.adaln = nn.Linear(dim, 6 * dim)
+            self.soft_norm1 = M.SoftNorm(dim, cfg.soft_norm)
+            self.soft_norm2 = M.SoftNorm(dim, cfg.soft_norm)
+        elif cfg.cond == "hist-affine-ln":                # ablation: c only modulates the post-LNs
+            self.adaln = nn.Linear(dim, 4 * dim)
+
+    def ffn(self, h):
+        return self.linear2(self.dropout(F.relu(self.linear1(h))))
+
+    def forward(self, h, allowed=None, predicted=None, c=None):  # h [B, L, D], c [B, D] or None (bare scGPT)
+        def attn(z):
+            return self.dropout(self.self_attn(z, allowed, predicted))
+        if c is None:
+            h = self.norm1(h + attn(h))
+            return self.norm2(h + self.dropout(self.ffn(h)))
+        if self.cond == "hist-affine-ln":
+            s1, k1, s2, k2 = self.adaln(F.silu(c)).unsqueeze(1).chunk(4, dim=-1)
+            h = M.modulate(self.norm1(h + attn(h)), s1, k1)
+            return M.modulate(self.norm2(h + self.dropout(self.ffn(h))), s2, k2)
+        sa, ka, ga, sf, kf, gf = self.adaln(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each [B, 1, D]
+        h = self.norm1(h + M.gate(ga, self.gate) * attn(M.modulate(self.soft_norm1(h), sa, ka)))
+        f = self.ffn(M.modulate(self.soft_norm2(h), sf, kf))
+        return self.norm2(h + M.gate(gf, self.gate) * self.dropout(f))
+
+
+#################################################################################
+#                                   The model                                   #
+#################################################################################
+
+class ScGPT(nn.Module):
+    """scGPT backbone + HINGE conditioning. `forward(..., hist_emb=None)` is the bare scGPT."""
+    def __init__(self, cfg, gene_ids):
+        super().__init__()
+        self.cfg = cfg
+        ids = np.asarray(gene_ids, dtype=np.int64)
+        if len(ids) != cfg.n_genes or ids.min() < 0 or ids.max() >= cfg.vocab or cfg.cls_token in ids \
+                or not 0 <= cfg.cls_token < cfg.vocab:
+            raise ValueError(f"{len(ids)} gene token ids in [{ids.min()}, {ids.max()}] do not fit {cfg.n_genes} genes and "
+                             f"an scGPT vocabulary of {cfg.vocab} rows (ids from 0) with <cls> at {cfg.cls_token}")
+        if cfg.values == "category" and not 0 <= cfg.pad_value < cfg.n_bins + 2:
+            raise ValueError(f"pad_value {cfg.pad_value} is no row of the {cfg.n_bins + 2} value embeddings (category input)")
+        self.register_buffer("gene_ids", torch.as_tensor(ids), persistent=False)
+        # --- scGPT, names as in its best_model.pt (the layers' as torch's TransformerEncoderLayer) ---
+        self.encoder = EmbeddingNorm(cfg.vocab, cfg.dim)
+        self.value_encoder = (EmbeddingNorm(cfg.n_bins + 2, cfg.dim) if cfg.values == "category"  # + pad, mask rows (scGPT)
+                              else ContinuousValueEncoder(cfg.dim, cfg.dropout))
+        self.flag_encoder = nn.Embedding(2, cfg.dim)
+        self.transformer_encoder = nn.ModuleDict({"layers": nn.ModuleList(ScGPTLayer(cfg) for _ in range(cfg.layers))})
+        self.decoder = ExprDecoder(cfg.dim)
+        # --- HINGE conditioning ---
+        self.cond_net = M.CondNet(cfg.dim, cfg.hist_dim, cfg.n_genes)
+        self.dec_norm = M.SoftNorm(cfg.dim, cfg.soft_norm)
+        self.dec_adaln = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.head = make_head(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The backbone as scGPT initialises it (torch's defaults, MultiheadAttention's in_proj, gene embedding
+        U(±0.1)); conditioning and LoRA as model.Hinge (cfg.init) and the same identity start (cfg.id_init)."""
+        cfg, layers = self.cfg, self.transformer_encoder["layers"]
+        for blk in layers:
+            nn.init.xavier_uniform_(blk.self_attn.in_proj_weight)
+            nn.init.zeros_(blk.self_attn.in_proj_bias)
+            nn.init.zeros_(blk.self_attn.out_proj.bias)
+        nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
+        heads = [blk.adaln for blk in layers if hasattr(blk, "adaln")] + [self.dec_adaln]
+        loras = [(m.lora_A, m.lora_B) for m in self.modules() if isinstance(m, M.LoRALinear) and m.rank]
+        loras += [(blk.self_attn.in_proj_lora_A, blk.self_attn.in_proj_lora_B) for blk in layers if blk.self_attn.rank]
+        for m in (m for m in [*self.cond_net.modules(), *heads] if isinstance(m, nn.Linear)):
+            if cfg.init == "official":                   # the official code's xavier_uniform (conditioning only here)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif m not in heads:                         # the official CondNet's own N(0, 0.02), zero bias
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for a, b in loras:
+            if cfg.init == "official":
+                nn.init.xavier_uniform_(a)
+                nn.init.xavier_uniform_(b)
+            else:                                        # B = 0: LoRA starts as a no-op
+                nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+                nn.init.zeros_(b)
+        if not cfg.id_init:
+            return
+        for lin in heads:                                # shift = scale = 0: the untrained model is scGPT
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        if cfg.cond == "softadaln" and cfg.gate == "sigmoid":
+            with torch.no_grad():
+                for blk in layers:
+                    blk.adaln.bias.view(6, cfg.dim)[M.GATE_CHUNKS] = 6.0
+        for n in (m for m in self.modules() if isinstance(m, M.SoftNorm)):
+            nn.init.constant_(n.lambda_bias, -12.0)
+        if cfg.head != "point":                          # a zero correction: the Gaussian head's mean starts as the decoder's
+            nn.init.zeros_(self.head.proj.weight)
+            nn.init.zeros_(self.head.proj.bias)
+
+    def embed_histology(self, hist):                     # hist [B, hist_dim] -> [B, D]; once per spot when sampling
+        if hist.shape[-1] != self.cfg.hist_dim:
+            raise ValueError(f"histology features have dimension {hist.shape[-1]} but the model expects "
+                             f"{self.cfg.hist_dim}; use the same --features as in training")
+        return self.cond_net.hist_embedder(hist)
+
+    def tokens(self, x, vis):                            # x [B, G], vis [B, G] bool -> [B, 1+G, D]
+        cfg = self.cfg
+        values = x if cfg.values == "raw" else bin_values(x, vis, cfg.n_bins)
+        genes = self.encoder(self.gene_ids)              # [G, D]
+        # hidden genes enter as scGPT's generative pre-training feeds the genes it predicts (gene + flag_encoder
+        # row 1, no value): the representation its weights learnt to decode, where the MLM mask value -1 is never
+        # seen when generative training is on (the whole-human model's); their filled values are never read
+        tok = genes + torch.where(vis[..., None], self.value_encoder(values), self.flag_encoder.weight[1])  # [B, G, D]
+        cls_id, cls_value = self.gene_ids.new_full((1,), cfg.cls_token), x.new_full((1,), cfg.pad_value)
+        cls = self.encoder(cls_id) + self.value_encoder(cls_value)                  # [1, D]
+        return torch.cat([cls.expand(len(x), 1, -1).to(tok.dtype), tok], dim=1)
+
+    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None):
+        """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
+        genes visible after this step, hist_emb [B, D] -> the decoder's input h [B, G, D]."""
+        B, G = x.shape
+        vis = visible.bool()
+        h = self.tokens(x, vis)                          # [B, 1+G, D]
+        allowed = predicted = None
+        # keys as in scGPT's generative pre-training, which its weights learnt: <cls> and the visible genes for all,
+        # and each hidden gene for itself, so known genes never see hidden ones and hidden ones never see each other
+        if not vis.all():
+            keys = torch.cat([vis.new_ones(B, 1), vis], 1)                        # [B, 1+G]
+            allowed = keys[:, None, None, :] | torch.eye(G + 1, dtype=torch.bool, device=x.device)  # [B, 1, 1+G, 1+G]
+            predicted = ~keys[..., None]                 # [B, 1+G, 1]
+        c = None if hist_emb is None else self.cond_net(t, hist_emb, target_visible)  # [B, D]
+        for blk in self.transformer_encoder["layers"]:
+            h = blk(h, allowed, predicted, c)
+        h = h[:, 1:]                                     # [B, G, D]
+        if c is not None and self.cfg.cond == "softadaln":
+            shift, scale = self.dec_adaln(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+            h = M.modulate(self.dec_norm(h), shift, scale)
+        return h
+
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None):
+        h = self.hidden(x, visible, t, target_visible, hist_emb)                  # [B, G, D]
+        return self.head(h, self.decoder(h))                                       # [B, G] or [B, G, params]
+
+    def backbone_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if M.is_backbone_key(k)}
+
+
+#################################################################################
+#               Official checkpoint folder (best_model.pt, args.json, vocab.json) #
+#################################################################################
+
+FILES = ("best_model.pt", "args.json", "vocab.json")
+# scGPT heads HINGE does not use: gene-expression-from-cell-embedding (MVC), cell-type classifier, zero-probability head
+IGNORED = ("mvc_decoder.", "cls_decoder.", "decoder.zero_logit.")
+
+
+class ScGPTCheckpoint(NamedTuple):
+    path: str
+    state: dict                    # tensors by our (torch's) names, the IGNORED heads left out
+    shape: dict                    # Config fields the checkpoint sets
+    vocab: dict                    # token -> row of encoder.embedding
+
+
+def is_special(token):
+    """scGPT's special tokens (<pad>, <cls>, <eoc>, ...): no gene symbol is written in angle brackets."""
+    return token.startswith("<") and token.endswith(">")
+
+
+def our_name(key):
+    """An official key -> ours: DDP's `module.` and the flash-attention wrapper's `_impl.` dropped, flash-attention's
+    packed `self_attn.Wqkv.{weight,bias}` -> torch's `self_attn.in_proj_{weight,bias}` (same q, k, v row order)."""
+    key = key[len("module."):] if key.startswith("module.") else key
+    return key.replace("._impl.", ".").replace(".Wqkv.weight", ".in_proj_weight").replace(".Wqkv.bias", ".in_proj_bias")
+
+
+def read_json(path, kind):
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({kind})")
+    return obj
+
+
+def checkpoint_shape(folder, state, args, vocab):
+    """The Config fields an official checkpoint sets: widths, layers and vocabulary rows from its tensors,
+    heads, value input and dropout from args.json, the <cls> row from vocab.json."""
+    if "encoder.embedding.weight" not in state:
+        raise CheckpointError(f"{folder}/best_model.pt: no encoder.embedding.weight; not an scGPT state dict")
+    rows, dim = state["encoder.embedding.weight"].shape
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer_encoder.layers.")})
+    if not layers or layers != list(range(len(layers))) or "transformer_encoder.layers.0.linear1.weight" not in state:
+        raise CheckpointError(f"{folder}/best_model.pt: transformer layers {layers[:5]} are incomplete; not an scGPT state dict")
+    heads, style = args.get("nheads"), args.get("input_emb_style", "continuous")
+    if not isinstance(heads, int) or heads < 1 or dim % heads:
+        raise CheckpointError(f"{folder}/args.json: nheads {heads!r} does not divide the width {dim}")
+    if style not in ("continuous", "category"):
+        raise CheckpointError(f"{folder}/args.json: input_emb_style {style!r} is not supported (continuous or category)")
+    if "<cls>" not in vocab:
+        raise CheckpointError(f"{folder}/vocab.json: no <cls> token")
+    # input_style: scGPT's pre-training default is binned (the values the whole-human model saw)
+    values = "category" if style == "category" else "binned" if args.get("input_style", "binned") == "binned" else "raw"
+    n_bins = int(args.get("n_bins", 51))
+    return {"dim": dim, "layers": len(layers), "heads": heads, "vocab": rows, "cls_token": int(vocab["<cls>"]),
+            "ffn": state["transformer_encoder.layers.0.linear1.weight"].shape[0], "values": values, "n_bins": n_bins,
+            "pad_value": int(args.get("pad_value", n_bins if style == "category" else -2)),
+            "dropout": float(args.get("dropout", 0.2))}
+
+
+def read_checkpoint(folder):
+    """An official scGPT folder -> ScGPTCheckpoint; flash-attention and torch names alike. Raises CheckpointError."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a folder; an scGPT checkpoint is the folder that holds {', '.join(FILES)}")
+    absent = [f for f in FILES if not os.path.isfile(os.path.join(folder, f))]
+    if absent:
+        raise CheckpointError(f"{folder}: no {', '.join(absent)}; an scGPT checkpoint folder holds {', '.join(FILES)}")
+    args = read_json(os.path.join(folder, "args.json"), "the model's arguments")
+    vocab = read_json(os.path.join(folder, "vocab.json"), "token -> id")
+    if not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
+        raise CheckpointError(f"{folder}/vocab.json: ids must be non-negative integers")
+    pt = os.path.join(folder, "best_model.pt")
+    try:
+        raw = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:                               # torch reports truncation as a zip error
+        raise CheckpointError(f"{pt}: cannot be read as a torch state dict ({str(e).splitlines()[0]}); "
+                              "is it truncated? download it again") from e
+    if not isinstance(raw, dict) or not all(torch.is_tensor(v) for v in raw.values()):
+        raise CheckpointError(f"{pt}: not a state dict of tensors")
+    state = {}
+    for k, v in raw.items():
+        k = our_name(k)
+        if not k.startswith(IGNORED):
+            state[k] = v
+    return ScGPTCheckpoint(folder, state, checkpoint_shape(folder, state, args, vocab), vocab)
+
+
+def check_tensors(ck, cfg, tokens):
+    """Every tensor of the checkpoint is a backbone tensor of the model, every backbone tensor is in the
+    checkpoint, shapes agree: else CheckpointError naming them (the model is built on the meta device)."""
+    with torch.device("meta"):
+        own = ScGPT(cfg, tokens).backbone_state_dict()
+    missing = sorted(set(own) - set(ck.state))
+    unexpected = sorted(set(ck.state) - set(own))
+    bad = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in ck.state.items()
+           if k in own and v.shape != own[k].shape]
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
+        if keys:
+            raise CheckpointError(f"{ck.path}/best_model.pt: {what} tensors: {', '.join(keys[:5])}"
+                                  f"{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)")
+
+
+def checkpoint_tokens(ck, genes, gene_ids):
+    """The selected genes' rows in vocab.json, by symbol; slices prepared with a vocabulary must store the same ids."""
+    where = os.path.join(ck.path, "vocab.json")
+    unknown = [g for g in genes if g not in ck.vocab or is_special(g)]
+    if unknown:
+        raise CheckpointError(f"{where}: {len(unknown)} of the {len(genes)} selected genes are not in it "
+                              f"({', '.join(unknown[:5])}); prepare the data with --vocab {where}")
+    tokens = np.array([ck.vocab[g] for g in genes], dtype=np.int64)
+    gene_ids = np.asarray(gene_ids)
+    if gene_ids.any() and not np.array_equal(gene_ids, tokens):  # all 0: prepared without a vocabulary
+        i = int(np.flatnonzero(gene_ids != tokens)[0])
+        raise CheckpointError(f"{where} gives {genes[i]} the id {tokens[i]} but the slices store {gene_ids[i]}: the data "
+                              f"was prepared with another vocabulary; prepare it with --vocab {where}")
+    return tokens
+
+
+def prepare(preset, path, genes, gene_ids, **kw):
+    """model.prepare_backbone for scGPT: with a checkpoint folder its shape and vocabulary, checked tensor by
+    tensor; without one the preset, genes keeping the slices' ids (0..G-1 and <cls> at G + 1 without a vocabulary,
+    as scGPT appends <pad>, <cls>, <eoc> after the genes)."""
+    if path is None:
+        gene_ids = np.asarray(gene_ids, dtype=np.int64)
+        if not gene_ids.any():                           # scGPT ids start at 0, so [0] (one gene) reads the same
+            G = len(gene_ids)
+            return Backbone(M.make_config(preset, vocab=G + 3, cls_token=G + 1, **kw), np.arange(G), None)
+        cfg = M.make_config(preset, **kw)
+        if gene_ids.max() >= cfg.vocab or cfg.cls_token in gene_ids:
+            raise CheckpointError(f"the slices' gene ids (up to {gene_ids.max()}) do not fit --preset {preset} "
+                                  f"({cfg.vocab} rows, <cls> at {cfg.cls_token}); prepare the data with scGPT's vocab.json")
+        return Backbone(cfg, gene_ids, None)
+    ck = read_checkpoint(path)
+    cfg = M.make_config(preset, **ck.shape, **kw)
+    tokens = checkpoint_tokens(ck, genes, gene_ids)
+    check_tensors(ck, cfg, tokens)
+    return Backbone(cfg, tokens, ck.state)
+
+
+def check_writable(folder):
+    """A checkpoint folder may replace nothing but a previous one (its files only)."""
+    if os.path.exists(folder) and not (os.path.isdir(folder) and set(os.listdir(folder)) <= set(FILES)):
+        raise CheckpointError(f"{folder} exists and is not an scGPT checkpoint folder; choose another --out")
+
+
+def write_checkpoint(folder, net, genes, extra):
+    """A backbone in the official layout (best_model.pt with torch's names, args.json, vocab.json with the
+    genes and <cls>), so that train.py reads pretrain.py's backbones as it reads scGPT's own. Written to a
+    temporary folder and renamed; a previous checkpoint folder in its place is replaced."""
+    cfg = net.cfg
+    args = {"embsize": cfg.dim, "nheads": cfg.heads, "d_hid": cfg.ffn, "nlayers": cfg.layers, "dropout": cfg.dropout,
+            "input_emb_style": "category" if cfg.values == "category" else "continuous",
+            "input_style": "log1p" if cfg.values == "raw" else "binned", "n_bins": cfg.n_bins, "pad_token": "<pad>",
+            "pad_value": cfg.pad_value, "mask_value": -1, "fast_transformer": False, **extra}
+    vocab = {**{g: int(t) for g, t in zip(genes, net.gene_ids.tolist())}, "<cls>": cfg.cls_token}
+    check_writable(folder)
+    tmp = f"{folder}.tmp{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()},
+                   os.path.join(tmp, "best_model.pt"))
+        for name, obj in (("args.json", args), ("vocab.json", vocab)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        if os.path.isdir(folder):                        # only the files a checkpoint holds, checked above
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
+            os.rmdir(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.isdir(tmp):
+            for name in os.listdir(tmp):
+                os.remove(os.path.join(tmp, name))
+            os.rmdir(tmp)
