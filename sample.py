@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (Features, UserError, atomic_h5, existing_slice, init_distributed, read_slice, run, str_array,
+from common import (UserError, atomic_h5, existing_slice, init_distributed, open_features, read_slice, run, str_array,
                     write_anndata)
 
 
@@ -187,7 +187,7 @@ def main():
             if rank == 0:                                # sampled, but interrupted before its AnnData twin
                 write_anndata(dst, a.data)
             continue
-        feats = Features(a.data, ck["features"], name)
+        feats = open_features(a.data, ck["features"], name, ck.get("context"))
         check_slice(a.data, name, ck, feats, net.cfg.hist_dim)
         N, t0 = feats.n, time.time()
         job = (net, diffusion, feats, ck, a, dev, record)

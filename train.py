@@ -20,8 +20,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (UserError, add_fold_args, atomic_path, feature_stats, gene_tokens, init_distributed, load_fold, run,
-                    split_validation, training_pixel_size)
+from common import (UserError, add_fold_args, atomic_path, feature_stats, fold_context, gene_tokens, init_distributed,
+                    load_fold, run, split_validation, training_pixel_size)
 
 
 def parse_args():
@@ -77,7 +77,8 @@ def main():
     if a.variant == "scratch" and a.cellfm_ckpt:
         raise UserError("--variant scratch trains the backbone from random weights; drop --cellfm-ckpt")
 
-    train_names, genes, gene_ids, X, H, A = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
+    context = fold_context(a.data, encoders, a.test_slice, a.exclude.split(","), a.context)
+    train_names, genes, gene_ids, X, H, A = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","), context)
     G, D = X.shape[1], H.shape[1]
     mu, sd = feature_stats(H)                            # features standardised with training statistics
     H = (H - mu) / sd
@@ -119,7 +120,8 @@ def main():
     meta = {"config": M.config_dict(cfg), "gene_tokens": tokens.tolist(), "genes": [g.decode() for g in genes],
             "features": encoders, "feat_mean": mu, "feat_std": sd, "test_slice": a.test_slice, "train_slices": train_names,
             "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T, "variant": a.variant,
-            "cellfm_ckpt": a.cellfm_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names)}
+            "cellfm_ckpt": a.cellfm_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names),
+            "context": context._asdict() if context else None}
 
     def batches(idx, gen, aug):
         for s in range(0, len(idx), a.batch_size):

@@ -33,7 +33,7 @@ def scores(truth, pred):
 
 def validation_split(ck, data):
     a = ck["args"]
-    _, _, _, X, H, _ = load_fold(data, ck["features"], ck["test_slice"], a["exclude"].split(","))
+    _, _, _, X, H, _ = load_fold(data, ck["features"], ck["test_slice"], a["exclude"].split(","), ck.get("context"))
     tr, val = split_validation(len(X), a["val_frac"], a["seed"])
     H = ((H - ck["feat_mean"]) / ck["feat_std"]).astype(np.float32)
     return H[tr], X[tr], H[val], X[val]
