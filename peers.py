@@ -29,7 +29,7 @@ from common import (Features, UserError, feature_stats, read_slice, slice_geomet
                     training_slices)
 from model import timestep_embedding
 
-CHUNK = 4096                                             # spots (or 16x as many edges) per block at inference: memory stays flat
+CHUNK = 1024                                             # centre spots (16x as many edges) per block: memory stays flat
 
 
 #################################################################################
@@ -412,7 +412,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; with `cross` the queries attend to another token set (normed by the same LN)."""
+    """Pre-norm transformer block; with `kv` the queries attend to another token set (normed by the same LN)."""
     def __init__(self, dim, heads, mlp_ratio, dropout):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
@@ -578,7 +578,7 @@ class Triplex(Peer):
     def predict(self, slide, n_samples=1, seed=0):
         g = self.net.encode_global(slide.feats, self.prepare(slide)[2])
         rows = torch.arange(len(slide), device=self.dev)
-        return torch.cat([self.outputs(slide, r, g)[0] for r in rows.split(CHUNK // 8)]), None
+        return torch.cat([self.outputs(slide, r, g)[0] for r in rows.split(CHUNK // 2)]), None
 
 
 #################################################################################
