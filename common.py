@@ -284,7 +284,9 @@ def fold_context(data_dir, encoders, test_slice, exclude, k):
     """The Context of a fold's training slides (None for k = 0). A radius, not a count, carries over to slides
     gridded at another pitch (a virtual-ST grid of prepare_data.py --dataset image): the same tissue area is averaged."""
     from scipy.spatial import cKDTree
-    if k <= 0:
+    if k < 0:
+        raise UserError(f"--context {k}: the number of neighbours must be 0 (off) or more")
+    if k == 0:
         return None
     names = training_slices(data_dir, encoders, test_slice, exclude)
     um, pitch = [], []

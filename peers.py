@@ -508,7 +508,7 @@ class TriplexNet(nn.Module):
         for blk, table in zip(self.neigh, self.neigh_bias):
             n = blk(n, bias=table[:, self.bias_idx][None] + mask)   # learned bias per head and (|Δrow|, |Δcol|)
         n = self.neigh_norm(n)
-        t = self.target_in(feats)[:, None]               # [B, 1, W]: one token from the spot's own features
+        t = self.target_in(feats)[:, None]               # [B, 1, W]: one token from the spot's features (TRIPLEX: a ResNet-18's 7 x 7 on pixels)
         f1, f2 = g[:, None], g[:, None]                  # the global token queries both, one weight-shared encoder
         for blk in self.fusion:
             f1, f2 = blk(f1, t), blk(f2, n, mask)
@@ -590,7 +590,7 @@ def merge_edges(xy, z, seed, k_nn=8, k_means=5):
     one of the node features: in each cluster the spot nearest its mean feature is the centroid, joined to
     every member (star) and to every other centroid (clique), both ways, in slide-wide indices -> [2, E]."""
     N = len(xy)
-    nbr, valid = knn(xy, k_nn)
+    nbr, valid = knn(xy, k_nn)                           # on (x, y): the published code reads one column twice
     src, dst = [np.repeat(np.arange(N), nbr.shape[1])[valid.ravel()]], [nbr.ravel()[valid.ravel()]]
     for data in (xy, z):
         k = min(k_means, N)
@@ -605,7 +605,7 @@ def merge_edges(xy, z, seed, k_nn=8, k_means=5):
                 centroid = members[np.argmin(((z[members] - mean) ** 2).sum(1))]
                 centroids.append(centroid)
                 src.append(np.full(len(members), centroid)); dst.append(members)
-        cs = np.array(centroids)
+        cs = np.array(centroids)                         # slide-wide indices (the published code's are per cluster)
         src.append(np.repeat(cs, len(cs))); dst.append(np.tile(cs, len(cs)))
     src, dst = np.concatenate(src), np.concatenate(dst)
     key = np.unique(np.concatenate([src * N + dst, dst * N + src]))   # symmetric, each edge once
@@ -716,7 +716,7 @@ class Merge(Peer):
                 v = F.mse_loss(net(Hv), Xv).item()
             if v < best:
                 best, best_epoch, best_state = v, ep, copy.deepcopy(net.state_dict())
-            elif ep - best_epoch >= patience or (seconds and time.time() - t0 > seconds):
+            if ep - best_epoch >= patience or (seconds and time.time() - t0 > seconds):
                 break
         net.load_state_dict(best_state)
         return net.eval()

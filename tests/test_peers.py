@@ -98,6 +98,20 @@ def test_context_is_the_mean_of_the_k_nearest_and_keeps_its_radius_in_um_on_a_fi
     assert inside[112].sum() >= 24                       # an interior spot averages far more than 8 spots
 
 
+def test_a_hexagonal_array_grid_without_pixels_is_one_pitch_between_all_six_neighbours(tmp_path):
+    from readers import spot_grid
+    _, array = spot_grid(1000, 1000, 100, "hex")         # Visium's array: columns step by 2 along a row
+    os.makedirs(tmp_path / "slices")
+    with h5py.File(tmp_path / "slices" / "hex.h5", "w") as s:
+        s["array"], s["barcode"] = array, np.array([f"s{i}".encode() for i in range(len(array))])
+    geom = slice_geometry(tmp_path, "hex")
+    assert geom.unit == "grid" and geom.pitch == pytest.approx(1.0)
+    d = cKDTree(geom.xy).query(geom.xy, k=8)[0]
+    interior = ((geom.xy > 1.5) & (geom.xy < geom.xy.max(0) - 1.5)).all(1)
+    np.testing.assert_allclose(d[interior, 1:7], 1.0, atol=1e-9)    # the six neighbours of a hexagonal grid
+    assert (d[interior, 7] > 1.7).all()
+
+
 def test_fold_context_radius_covers_k_neighbours_on_the_training_slides(demo):
     data = str(demo / "data")
     ctx = fold_context(data, ["stain"], "demo1", [], 8)
@@ -288,6 +302,8 @@ def test_a_test_slide_of_one_or_three_spots(demo, fitted, tmp_path, n_spots):
 def test_k_larger_than_every_training_slide_is_an_error(demo, tmp_path):
     p = fit_cli(demo / "data", "ridge", tmp_path / "x", "--context", "5000", check=False)
     assert_user_error(p, "--context 5000", "at most")
+    with pytest.raises(UserError, match="--context -1"):
+        fold_context(str(demo / "data"), ["stain"], "demo1", [], -1)
     assert not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="no training slide has 2"):  # stflow's chunks need two training spots on a slide
         slides, genes, _, _ = P.fold_slides(str(demo / "data"), ["stain"], "demo1", [], 0.1, 42, CPU)
