@@ -195,7 +195,8 @@ def main():
                                                 "(default stflow 20, triplex 20, merge 40)")
     g.add_argument("--budget-s", type=float, default=120.0,
                    help="stop training after the epoch that passes this many seconds, keeping the best epoch "
-                        "(default 120: a Her2ST fold on a CPU; 0 = no limit; results then depend on the machine)")
+                        "(default 120: a Her2ST fold on a CPU; 0 = no limit). A budget that binds makes the result "
+                        "depend on the machine's speed: give --epochs and --budget-s 0 for a reproducible run")
     g.add_argument("--size", choices=["paper", "cpu"], help="model widths: each paper's (default on a GPU) or reduced "
                                                             "for CPUs (default on a CPU; TRIPLEX and MERGE only)")
     g.add_argument("--samples", type=int, default=5, help="stflow: samples per spot (different priors); their mean is "
