@@ -15,6 +15,16 @@ sample.py writes them, so that evaluate.py scores its uncertainty as the generat
   knn    BLEEP-style retrieval: the mean expression of the k training spots nearest in cosine
          similarity of the standardised features, k from a grid; the k neighbours are its samples,
          std their spread (--save-samples stores them)
+With --context K each spot-level method above sees its spot's features followed by the mean
+features of its K nearest spots (the same neighbourhood train.py builds).
+
+The paper's slide-context peers (peers.py) see whole slides, trained with early stopping on the
+validation spots' MSE within --epochs / --budget-s:
+  stflow   flow matching over the spatial graph of each slide (ICML 2025); generative: --samples
+           draws from different priors give std (and samples)
+  triplex  target, neighbour (5 x 5 tiles) and global (whole-slide transformer) branches fused by
+           cross-attention (CVPR 2024); std: as ridge
+  merge    a GAT over each slide's spatial and cluster graph of bottleneck features (CVPR 2025); std: as ridge
 """
 import argparse
 import os
@@ -24,8 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (Features, PredictionFile, UserError, add_fold_args, atomic_h5, feature_stats, load_fold, read_slice,
-                    run, split_validation, write_anndata)
+import peers as P
+from common import (PredictionFile, UserError, add_fold_args, atomic_h5, feature_stats, fold_context, load_fold,
+                    open_features, read_slice, run, split_validation, write_anndata)
 from scores import calibrate, calibration_scale
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
@@ -141,29 +152,98 @@ METHODS = {"mean": fit_mean, "ridge": fit_ridge, "mlp": fit_mlp, "knn": fit_knn}
 #                                     Main                                      #
 #################################################################################
 
+def run_peer(a, dst, encoders):
+    """A slide-context peer: fit on the fold's whole slides, predict the test slide whole -> (chosen, train slices)."""
+    dev = torch.device(a.device)
+    slides, genes, mu, sd = P.fold_slides(a.data, encoders, a.test_slice, a.exclude.split(","), a.val_frac, a.val_seed, dev)
+    predict, chosen = P.fit(a.method, slides, len(genes), a, dev)
+    scale = None
+    if a.calibrate:                                      # the validation spots of the training slides, predicted whole
+        val = [(predict(s), s.val.cpu().numpy(), s.expr[s.val].cpu().numpy()) for s in slides if s.val.any()]
+        scale = calibration_scale(np.concatenate([x for _, _, x in val]), np.concatenate([p[0][v] for p, v, _ in val]),
+                                  np.concatenate([p[1][v] for p, v, _ in val]))
+    mean, std, samples = predict(P.load_slide(a.data, encoders, a.test_slice, mu, sd, dev))
+    if scale is not None:
+        std, samples = calibrate(mean, std, samples, scale)
+    N, G = mean.shape
+    with atomic_h5(dst) as f:
+        out = PredictionFile(f, N, G, CHUNK, len(samples) if a.save_samples else 0)
+        out.write(0, mean, std, samples)
+        finish(out, a, genes, [s.name for s in slides], chosen, N, scale)
+    spots = f"{sum(int(s.target.sum()) for s in slides)} train / {sum(int(s.val.sum()) for s in slides)} val spots"
+    return chosen, spots, len(slides), N
+
+
+def finish(out, a, genes, names, chosen, N, scale):
+    """Spot ids, genes, the calibration and the run's settings, once every row is written."""
+    secs = time.time() - a.t0
+    if scale is not None:
+        out.f["calibration_scale"] = scale.astype(np.float32)
+    out.finish(read_slice(a.data, a.test_slice, ("barcode",))["barcode"], [g.decode() for g in genes], method=a.method,
+               calibrated=scale is not None, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names),
+               **({"context": a.context} if a.context else {}), **chosen)
+
+
+def report(a, dst, chosen, spots, n_slides, N):
+    write_anndata(dst, a.data)
+    secs = time.time() - a.t0
+    picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())
+    print(f"{a.method}: {spots} from {n_slides} slices; {picked or 'nothing to choose'}; "
+          f"{a.test_slice}: {N} spots -> {dst} ({secs:.1f}s)")
+    if chosen.get("on_grid_edge"):
+        print("note: the chosen value lies on the edge of the search grid; the optimum may lie beyond it")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fold_args(p)                                     # the same fold and validation split as train.py
-    p.add_argument("--seed", type=int, default=42, help="seed of the MLP's initialisation and batch order (default 42)")
-    p.add_argument("--method", required=True, choices=list(METHODS), help="mean, ridge, mlp or knn (see above)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the MLP's and the peers' initialisation and batch order "
+                                                        "(default 42)")
+    p.add_argument("--method", required=True, choices=list(METHODS) + list(P.PEERS),
+                   help="mean, ridge, mlp, knn, or a slide-context peer: stflow, triplex, merge (see above)")
     p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
     p.add_argument("--save-samples", action="store_true", help="knn: also store the k neighbours' expression as "
-                                                               "`samples` float16 [k, N, G], as sample.py does")
+                                                               "`samples` float16 [k, N, G], as sample.py does; stflow: "
+                                                               "its --samples draws")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="keep the raw spread (default: scaled per gene so that the 50 %% and 90 %% intervals cover their "
                         "share of the validation spots, the rule sample.py applies)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction file")
+    g = p.add_argument_group("slide-context peers (stflow, triplex, merge)")
+    g.add_argument("--epochs", type=int, help="at most this many epochs (default each paper's: stflow 100, triplex "
+                                              "200, merge 400)")
+    g.add_argument("--patience", type=int, help="early stop after this many epochs without a lower validation MSE "
+                                                "(default stflow 20, triplex 20, merge 40)")
+    g.add_argument("--budget-s", type=float, default=120.0,
+                   help="stop training after the epoch that passes this many seconds, keeping the best epoch "
+                        "(default 120: a Her2ST fold on a CPU; 0 = no limit). A budget that binds makes the result "
+                        "depend on the machine's speed: give --epochs and --budget-s 0 for a reproducible run")
+    g.add_argument("--size", choices=["paper", "cpu"], help="model widths: each paper's (default on a GPU) or reduced "
+                                                            "for CPUs (default on a CPU; TRIPLEX and MERGE only)")
+    g.add_argument("--samples", type=int, default=5, help="stflow: samples per spot (different priors); their mean is "
+                                                          "the prediction, their spread its std (default 5)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a = p.parse_args()
 
     dst = os.path.join(a.out, f"{a.test_slice}.h5")
     if os.path.isfile(dst) and not a.overwrite:
         raise UserError(f"{dst} exists; pass --overwrite to replace it or choose another --out")
-    if a.save_samples and a.method != "knn":
-        raise UserError(f"--save-samples: only knn has samples (its neighbours); {a.method}'s distribution is the "
-                        "Gaussian pred ± std it writes anyway")
-    t0 = time.time()
+    if a.save_samples and a.method not in ("knn", "stflow"):
+        raise UserError(f"--save-samples: only knn (its neighbours) and stflow (its draws) have samples; {a.method}'s "
+                        "distribution is the Gaussian pred ± std it writes anyway")
+    if a.method in P.PEERS and a.context:
+        raise UserError(f"--context: {a.method} sees each spot's neighbourhood itself; --context is for the spot-level "
+                        "methods (mean, ridge, mlp, knn) and train.py")
+    if a.samples < 1:
+        raise UserError(f"--samples {a.samples}: at least one sample per spot")
+    a.size = a.size or ("paper" if a.device.startswith("cuda") else "cpu")
+    a.t0 = time.time()
     encoders = a.features.split(",")
-    names, genes, _, X, H, _ = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
+    if a.method in P.PEERS:
+        chosen, spots, n_slides, N = run_peer(a, dst, encoders)
+        return report(a, dst, chosen, spots, n_slides, N)
+    context = fold_context(a.data, encoders, a.test_slice, a.exclude.split(","), a.context)
+    names, genes, _, X, H, _ = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","), context)
     tr, val = split_validation(len(X), a.val_frac, a.val_seed)
     if len(tr) < 2:
         raise UserError(f"only {len(X)} training spots with expression in {a.data}: too few to fit and validate")
@@ -174,7 +254,7 @@ def main():
     if a.calibrate:                                      # one rule for every method: the spread fitted to validation
         scale = calibration_scale(X[val], *predict(H[val])[:2])
 
-    feats = Features(a.data, encoders, a.test_slice)
+    feats = open_features(a.data, encoders, a.test_slice, context)
     N, G = feats.n, X.shape[1]
     with atomic_h5(dst) as f:
         out = PredictionFile(f, N, G, CHUNK, chosen["k"] if a.save_samples else 0)  # knn's samples: its k neighbours
@@ -183,18 +263,9 @@ def main():
             if scale is not None:
                 std, samples = calibrate(mean, std, samples, scale)
             out.write(s, mean, std, samples)
-        if scale is not None:
-            f["calibration_scale"] = scale.astype(np.float32)
-        secs = time.time() - t0
-        out.finish(read_slice(a.data, a.test_slice, ("barcode",))["barcode"], [g.decode() for g in genes],
-                   method=a.method, calibrated=scale is not None, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names), **chosen)
+        finish(out, a, genes, names, chosen, N, scale)
     feats.close()
-    write_anndata(dst, a.data)
-    picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())
-    print(f"{a.method}: {len(tr)} train / {len(val)} val spots from {len(names)} slices; {picked or 'nothing to choose'}; "
-          f"{a.test_slice}: {N} spots -> {dst} ({secs:.1f}s)")
-    if chosen.get("on_grid_edge"):
-        print("note: the chosen value lies on the edge of the search grid; the optimum may lie beyond it")
+    report(a, dst, chosen, f"{len(tr)} train / {len(val)} val spots", len(names), N)
 
 
 if __name__ == "__main__":

@@ -576,8 +576,9 @@ def config_dict(cfg):
 
 # What a run holds beside its weights; train.py, checkpoints.py's import and the bench scripts all
 # write through save_run, and sample.py reads through load_run, so the keys live here once.
-RUN_DEFAULTS = {"val_features": None, "val_expr": None, "test_slice": None, "train_slices": [], "objective": "masked", "schedule": "poly-auto", "fill": "gauss",
-                "T": 50, "variant": "hinge", "backbone_ckpt": None, "pixel_size_um": None, "args": {}}
+RUN_DEFAULTS = {"val_features": None, "val_expr": None, "test_slice": None, "train_slices": [], "objective": "masked",
+                "schedule": "poly-auto", "fill": "gauss", "T": 50, "variant": "hinge", "backbone_ckpt": None,
+                "pixel_size_um": None, "context": None, "args": {}}
 TRAINING_STATE = ("opt", "sched", "state", "rng", "epoch", "imported_from")
 
 

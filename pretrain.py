@@ -67,7 +67,8 @@ def main():
     X = np.concatenate([s["expr"] for s in slices])
     X = X[X.sum(1) > 0]
     genes = decode(slices[0]["genes"])
-    cfg, tokens, _ = prepare_backbone(a.preset, None, genes, slices[0]["gene_ids"], n_genes=X.shape[1])
+    # CellFM's own initialisation: this is CellFM's pre-training, not HINGE's (train.py's --init is the official code's)
+    cfg, tokens, _ = prepare_backbone(a.preset, None, genes, slices[0]["gene_ids"], n_genes=X.shape[1], init="cellfm")
     if cfg.backbone == "scgpt":                          # before the work, not after it
         import scgpt
         scgpt.check_writable(a.out)

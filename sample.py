@@ -26,8 +26,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (Features, PredictionFile, UserError, add_runtime_args, atomic_h5, existing_slice, init_distributed,
-                    read_slice, run, write_anndata)
+from common import (PredictionFile, UserError, add_runtime_args, atomic_h5, existing_slice, init_distributed,
+                    open_features, read_slice, run, write_anndata)
 from scores import calibrate, calibration_scale
 
 
@@ -37,7 +37,7 @@ class Job:
     net: torch.nn.Module                                # model.Hinge or scgpt.ScGPT
     diffusion: object
     run: dict
-    feats: Features
+    feats: object                                       # common.Features or ContextFeatures
     args: argparse.Namespace
     device: torch.device
     record: tuple
@@ -221,7 +221,7 @@ def main():
             if rank == 0:                                # sampled, but interrupted before its AnnData twin
                 write_anndata(dst, a.data)
             continue
-        feats = Features(a.data, ck["features"], name)
+        feats = open_features(a.data, ck["features"], name, ck.get("context"))
         check_slice(a.data, name, ck, feats, net.cfg.hist_dim)
         N, t0 = feats.n, time.time()
         job = Job(net, diffusion, ck, feats, a, dev, record, None)

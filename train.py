@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import model as M
 from checkpoints import load_backbone, prepare_backbone
-from common import (UserError, add_fold_args, add_runtime_args, feature_stats, init_distributed, load_fold, run,
-                    split_validation, training_pixel_size)
+from common import (UserError, add_fold_args, add_runtime_args, feature_stats, fold_context, init_distributed, load_fold,
+                    run, split_validation, training_pixel_size)
 
 
 CALIBRATION_SPOTS = 2000                                 # validation spots kept in the run (all of a Her2ST fold's)
@@ -92,7 +92,8 @@ def main():
     if a.variant == "scratch" and a.backbone_ckpt:
         raise UserError("--variant scratch trains the backbone from random weights; drop --backbone-ckpt")
 
-    train_names, genes, gene_ids, X, H, A = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","))
+    context = fold_context(a.data, encoders, a.test_slice, a.exclude.split(","), a.context)
+    train_names, genes, gene_ids, X, H, A = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","), context)
     G, D = X.shape[1], H.shape[1]
     mu, sd = feature_stats(H)                            # features standardised with training statistics
     H = (H - mu) / sd
@@ -132,7 +133,8 @@ def main():
     keep = val_idx[:CALIBRATION_SPOTS]                   # sample.py calibrates the spread on these
     meta = {"val_features": H[keep] * sd + mu, "val_expr": X[keep], "test_slice": a.test_slice, "train_slices": train_names,
             "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T, "variant": a.variant,
-            "backbone_ckpt": a.backbone_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names)}
+            "backbone_ckpt": a.backbone_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names),
+            "context": context._asdict() if context else None}
 
     def batches(idx, gen, aug, share=False):
         """Batches of `--batch-size` spots; with share, this process's rows rank::world of each (the dihedral

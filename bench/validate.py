@@ -60,7 +60,7 @@ def show(label, m):
 def validation_split(ck, data):
     """The fold's training and validation spots (raw features, expression), split as train.py split them."""
     a = ck["args"]
-    _, _, _, X, H, _ = load_fold(data, ck["features"], ck["test_slice"], a["exclude"].split(","))
+    _, _, _, X, H, _ = load_fold(data, ck["features"], ck["test_slice"], a["exclude"].split(","), ck.get("context"))
     tr, val = split_validation(len(X), a["val_frac"], a.get("val_seed", a.get("seed", 42)))
     return H[tr], X[tr], H[val], X[val]
 
