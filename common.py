@@ -188,6 +188,9 @@ def add_fold_args(p):
     p.add_argument("--exclude", default="", help="further slices to leave out of training (comma-separated)")
     p.add_argument("--val-frac", type=float, default=0.1, help="share of training spots for validation (default 0.1)")
     p.add_argument("--val-seed", type=int, default=42, help="seed of the validation split (default 42, as the official code)")
+    p.add_argument("--context", type=int, default=0, metavar="K",
+                   help="append to each spot's features the mean features of its K nearest spots on the same slide; "
+                        "on other slides the same radius in µm is used (default 0: off)")
 
 
 def add_runtime_args(p, batch_size, batch_help, seed=0):
@@ -199,9 +202,6 @@ def add_runtime_args(p, batch_size, batch_help, seed=0):
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs; about 10x slower on CPUs without bf16 units)")
     p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     p.add_argument("--seed", type=int, default=seed, help=f"seed of this script's random numbers (default {seed})")
-    p.add_argument("--context", type=int, default=0, metavar="K",
-                   help="append to each spot's features the mean features of its K nearest spots on the same slide; "
-                        "on other slides the same radius in µm is used (default 0: off)")
 
 
 def training_pixel_size(data_dir, names):

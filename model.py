@@ -1,10 +1,7 @@
-"""HINGE: a pre-trained CellFM backbone turned into a histology-conditioned masked-diffusion
-generator of spatial gene expression (the paper's Sec. 3; CellFM's released model and the official HINGE code).
-
-One file, top to bottom: embeddings, retention blocks with SoftAdaLN, the model, variants, masked
-and Gaussian diffusion, the sampler, presets and the run file. Parameter names of the backbone are
-exactly those of the released CellFM checkpoints; reading those files is checkpoints.py's job.
-"""
+"""HINGE: a pre-trained CellFM backbone turned into a histology-conditioned masked-diffusion generator of
+spatial gene expression (the paper's Sec. 3; CellFM's released model and the official HINGE code). Top to
+bottom: embeddings, retention blocks with SoftAdaLN, the model, variants, masked and Gaussian diffusion, the
+sampler, presets and the run file. Backbone parameter names are the released CellFM checkpoints'."""
 import math
 import os
 from dataclasses import dataclass, asdict
@@ -35,9 +32,8 @@ def gate(g, kind):
 #################################################################################
 
 class LoRALinear(nn.Linear):
-    """Linear (bias-free as CellFM's unless asked) with an optional low-rank update B·A/r (the official HINGE
-    LoraBlock's 1/r scale); keeps the checkpoint names `<name>.weight`, `<name>.bias`. A and B are set by the model's
-    `initialize_weights`."""
+    """Linear (bias-free as CellFM's unless asked) + an optional low-rank update B·A/r (the official LoraBlock's 1/r
+    scale), under the checkpoint names `<name>.weight`, `<name>.bias`; A and B are set by `initialize_weights`."""
     def __init__(self, d_in, d_out, rank=0, bias=False):
         super().__init__(d_in, d_out, bias=bias)
         self.rank = rank
@@ -65,7 +61,7 @@ class SoftBinFFN(nn.Module):
         return self.table(torch.softmax(h, dim=-1))      # [B, G, D]
 
 
-class ValueEncoder(nn.Module):
+class ValueEncoder(nn.Module):                           # CellFM's names: value_enc.value_enc.*, value_enc.mask_emb
     def __init__(self, dim):
         super().__init__()
         self.value_enc = SoftBinFFN(dim)
@@ -372,9 +368,8 @@ def set_trainable(model, variant):
 #################################################################################
 
 def hidden_counts(schedule, T, G):
-    """Genes hidden at t = 0..T, counted exactly as the official scheduler: ⌊γ(t)·G⌋ in float32, γ = 1 - ᾱ,
-    in its order of operations (float64 gives one gene more or less at some G, t); pow and cos are rounded
-    correctly to float32, as a scalar torch call does (the vectorised CPU pow is one ulp off at a few G, T = 100)."""
+    """Genes hidden at t = 0..T as the official scheduler counts them: ⌊γ(t)·G⌋ in float32 in its order of operations
+    (float64 differs by one gene at some G, t), pow and cos rounded correctly as a scalar torch call does."""
     t = torch.arange(T + 1, dtype=torch.float32)
     if schedule == "linear":
         g = t / float(T)
@@ -412,13 +407,10 @@ class MaskedDiffusion:
         return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
     def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule", share=None, score=False):
-        """The head's loss (MSE for the point head, the official `elboloss`; NLL otherwise) on the genes
-        revealed between t and t-1; score=True: the MSE of the head's mean instead (validation). With
-        mask_ratio='uniform' (RandMask) a U(0,1) share is hidden and the loss covers all of it.
-        loss_norm='sample' averages each sample's genes first, so every t weighs the same; 'batch'
-        (the official code) divides by the batch's gene count, so steps that reveal few genes,
-        where histology matters most, weigh little (demo: PCC-50 0.57 vs 0.74 with 'sample').
-        share=(n, rank, world): x0 holds rows rank::world of a global batch of n (torchrun)."""
+        """The head's loss (the point head's MSE is the official `elboloss`) on the genes revealed between t and t-1;
+        score: the MSE of the head's mean (validation). mask_ratio='uniform' (RandMask): a U(0,1) share hidden, loss on
+        all of it. loss_norm='sample' averages each sample's genes first, so every t weighs the same ('batch', the
+        official code's: PCC-50 0.57 vs 0.74 on the demo). share=(n, rank, world): x0 is rows rank::world of n."""
         n, rows = batch_rows(x0, share)
         dev = x0.device
         ranks = self.gene_ranks(n, dev)[rows]            # drawn for the whole batch on every rank: the ranks
@@ -471,9 +463,7 @@ class GaussianDiffusion:
         dev, n = h.device, h.shape[0]
         ab = self.alpha_bar.to(dev)
         x = torch.randn(n, self.G, device=dev, generator=generator)
-        ones = torch.ones(n, self.G, dtype=torch.bool, device=dev)
-        steps = {}
-        taus = step_times(self.T, K)
+        ones, steps, taus = torch.ones(n, self.G, dtype=torch.bool, device=dev), {}, step_times(self.T, K)
         for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
             x0 = model(x, ones, torch.full((n,), t, device=dev), ones, h).float()
             eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
@@ -503,11 +493,9 @@ def step_times(T, K):
 
 @torch.no_grad()
 def generate(model, diffusion, hist, K, n_samples=1, generator=None, record=(), temperature=0.0):
-    """HINGE's sampler for one batch of spots: hist [B, hist_dim] -> (mean [B, G], samples [S, B, G],
-    recorded x̂0 {step index k: [B, G]} averaged over samples). The histology embedding is computed
-    once per spot; each step reveals the scheduled genes with values drawn from the head's
-    distribution at `temperature` (0: its mean) and keeps them fixed, so later steps condition on the
-    draws and a sample is a joint draw. A Gauss-Diff run samples with its own class's DDIM."""
+    """HINGE's sampler for a batch: hist [B, hist_dim] -> (mean [B, G], samples [S, B, G], x̂0 {step k: [B, G]}).
+    The histology is embedded once per spot; each step reveals the scheduled genes with values drawn from the
+    head at `temperature` (0: its mean) and keeps them fixed, so a sample is a joint draw. Gauss-Diff: its DDIM."""
     B, G, S = hist.shape[0], diffusion.G, n_samples
     h = model.embed_histology(hist).repeat(S, 1)       # [S·B, D]
     if isinstance(diffusion, GaussianDiffusion):
@@ -548,8 +536,7 @@ def small(**kw): return Config(**{"dim": 128, "layers": 4, "heads": 4, **kw})
 def tiny(**kw): return Config(**{"dim": 32, "layers": 2, "heads": 2, "vocab": 63, **kw})
 
 
-# scGPT (scgpt.py): the whole-human model's shape (its args.json; <pad>, <cls>, <eoc> the last three of 60,697 rows),
-# and random ones the size of small and tiny that take log2(count + 1) as it is
+# scGPT (scgpt.py): whole-human's shape (args.json; <pad>, <cls>, <eoc> the last of 60,697 rows); small, tiny: raw values
 def scgpt_human(**kw): return Config(**{"backbone": "scgpt", "dim": 512, "layers": 12, "heads": 8, "ffn": 512, "vocab": 60697,
                                         "cls_token": 60695, "values": "binned", "n_bins": 51, "dropout": 0.2, **kw})
 def scgpt_small(**kw): return scgpt_human(**{"dim": 128, "layers": 4, "heads": 4, "ffn": 128, "values": "raw", "dropout": 0.1, **kw})
@@ -566,27 +553,20 @@ def make_config(preset, **kw):
     return PRESETS[preset](**kw)
 
 
-def config_dict(cfg):
-    return asdict(cfg)
-
-
 #################################################################################
 #                                   Run files                                   #
 #################################################################################
 
-# What a run holds beside its weights; train.py, checkpoints.py's import and the bench scripts all
-# write through save_run, and sample.py reads through load_run, so the keys live here once.
+# What a run holds beside its weights: every writer goes through save_run and every reader through load_run
 RUN_DEFAULTS = {"val_features": None, "val_expr": None, "test_slice": None, "train_slices": [], "objective": "masked",
                 "schedule": "poly-auto", "fill": "gauss", "T": 50, "variant": "hinge", "backbone_ckpt": None,
                 "pixel_size_um": None, "context": None, "args": {}}
-TRAINING_STATE = ("opt", "sched", "state", "rng", "epoch", "imported_from")
+TRAINING_STATE = ("opt", "sched", "state", "rng", "epoch", "imported_from")  # train.py's state, an import's origin
 
 
 def save_run(path, net, genes, features, feat_mean, feat_std, **meta):
-    """Write a run: the model's config and weights, its genes and features with their standardisation,
-    and how it was trained (RUN_DEFAULTS, plus train.py's optimiser state in TRAINING_STATE)."""
-    unknown = set(meta) - set(RUN_DEFAULTS) - set(TRAINING_STATE)
-    if unknown:
+    """Write a run: config, weights, genes, features and their standardisation, and RUN_DEFAULTS' keys."""
+    if unknown := set(meta) - set(RUN_DEFAULTS) - set(TRAINING_STATE):
         raise ValueError(f"save_run: unknown run keys {sorted(unknown)}")
     run = {"config": asdict(net.cfg), "gene_tokens": net.gene_ids.tolist(), "genes": list(genes),
            "features": list(features), "feat_mean": np.asarray(feat_mean, np.float32),

@@ -10,6 +10,7 @@ vocab.json), which `train.py --backbone-ckpt` loads like the official weights.
 """
 import argparse
 import json
+from dataclasses import asdict
 import time
 
 import numpy as np
@@ -107,7 +108,7 @@ def main():
         print(f"epoch {ep + 1}: masked-value MSE {val_mse():.4f} ({time.time() - t0:.0f}s)")
 
     from safetensors.torch import save_file
-    meta = {"preset": a.preset, "hidden_value": a.hidden_value, "config": json.dumps(M.config_dict(cfg)), "slices": ",".join(names),
+    meta = {"preset": a.preset, "hidden_value": a.hidden_value, "config": json.dumps(asdict(cfg)), "slices": ",".join(names),
             "val_mse_before": f"{first:.5f}", "val_mse_after": f"{val_mse():.5f}"}
     if cfg.backbone == "scgpt":
         scgpt.write_checkpoint(a.out, net, genes, {"pretrain": meta})

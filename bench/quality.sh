@@ -79,10 +79,11 @@ sample() {  # sample METHOD RUN FOLD K S
 IFS=, read -ra folds <<< "$FOLDS"
 for s in "${folds[@]}"; do
   echo "== fold $s ($(table_of "$s") patient)"
-  for m in mean ridge mlp knn; do
-    dir=$OUT/pred/$(table_of "$s")/$m samples=(); [ $m = knn ] && samples=(--save-samples)  # its k neighbours
+  for m in mean ridge mlp knn stflow triplex merge ridge_ctx8 mlp_ctx8; do  # the peers: the 120 s CPU budget of baselines.py
+    dir=$OUT/pred/$(table_of "$s")/$m extra=()
+    case $m in knn|stflow) extra=(--save-samples) ;; *_ctx8) extra=(--context 8) ;; esac  # samples: neighbours, draws
     [ -f "$dir/$s.h5" ] || timed "$m" "$s" $PY baselines.py --data "$DATA" --features stain --test-slice "$s" \
-                              --exclude "$OTHERS" --method "$m" "${samples[@]}" --out "$dir"
+                              --exclude "$OTHERS" --method "${m%_ctx8}" "${extra[@]}" --out "$dir"
   done
   seeds=42; [ "$(table_of "$s")" = cross ] && seeds=$SEEDS
   IFS=, read -ra seed_list <<< "$seeds"
@@ -91,6 +92,8 @@ for s in "${folds[@]}"; do
     train "hinge$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed"
     for K in 1 5; do sample "hinge_K$K$tag" "hinge$tag" "$s" "$K" "$SAMPLES"; done
   done
+  train hinge_ctx8 "$s" --backbone-ckpt "$BACKBONE" --context 8
+  sample hinge_ctx8_K5 hinge_ctx8 "$s" 5 "$SAMPLES"
   for head in gaussian bins; do                            # the distributional heads (bench/choose_head.sh trains them too)
     train "hinge_$head" "$s" --backbone-ckpt "$BACKBONE" --head $head
     sample "hinge_${head}_K5" "hinge_$head" "$s" 5 "$SAMPLES"
@@ -118,9 +121,11 @@ out, folds = sys.argv[1], sys.argv[2].split(",")
 times = pd.read_csv(f"{out}/times.tsv", sep="\t", names=["label", "fold", "s"])
 names = {"mean": "training mean", "ridge": "ridge", "mlp": "MLP head", "knn": "kNN", "gaussian_K50": "Gauss-Diff K=50",
          "scratch_K5": "scratch K=5", "hinge_K1": "HINGE point K=1", "hinge_K5": "HINGE point K=5",
-         "hinge_gaussian_K5": "HINGE gaussian K=5", "hinge_bins_K5": "HINGE bins K=5"}
+         "hinge_gaussian_K5": "HINGE gaussian K=5", "hinge_bins_K5": "HINGE bins K=5", "stflow": "STFlow",
+         "triplex": "TRIPLEX", "merge": "MERGE", "ridge_ctx8": "ridge --context 8", "mlp_ctx8": "MLP --context 8",
+         "hinge_ctx8_K5": "HINGE point --context 8 K=5"}
 fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_K1": "train:hinge", "hinge_K5": "train:hinge",
-          "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_bins_K5": "train:hinge_bins"}
+          "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_bins_K5": "train:hinge_bins", "hinge_ctx8_K5": "train:hinge_ctx8"}
 cols = ["PCC-50", "mean_r", "MSE", "bias2", "SSIM", "CRPS", "cover50", "cover90", "spread_skill", "struct_r",
         "struct_r_sample", "struct_r_partial"]
 titles = {"within": "within patient C: leave-one-slice-out, mean ± std over folds",

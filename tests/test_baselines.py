@@ -19,11 +19,34 @@ def fit(demo, method, out, *extra, check=True):
 
 @pytest.fixture(scope="module")
 def preds(demo, tmp_path_factory):
+    """Each method's own distribution (--no-calibrate); knn's with its samples, and calibrated."""
     root = tmp_path_factory.mktemp("baselines")
     for m in B.METHODS:
-        fit(demo, m, root / m)
-    fit(demo, "knn", root / "knn_samples", "--save-samples")
+        fit(demo, m, root / m, "--no-calibrate")
+    fit(demo, "knn", root / "knn_samples", "--save-samples", "--no-calibrate")
+    fit(demo, "knn", root / "knn_calibrated", "--save-samples")
     return root
+
+
+def test_calibration_scales_the_spread_and_the_samples_per_gene(demo, preds):
+    """By default the spread is scaled per gene by the factor that makes the 50 % and 90 % intervals cover
+    their share of the validation spots; the samples move from their mean by the same factor."""
+    from common import feature_stats
+    from scores import calibration_scale
+    _, _, _, X, H, _ = load_fold(str(demo / "data"), ["stain"], "demo1")
+    tr, val = split_validation(len(X))
+    mu, sd = feature_stats(H)
+    H = ((H - mu) / sd).astype(np.float32)
+    mean, std, _ = B.fit_knn(H[tr], X[tr], H[val], X[val], 42)[0](H[val])   # the factors come from validation alone
+    with h5py.File(preds / "knn_calibrated" / "demo1.h5", "r") as f, h5py.File(preds / "knn_samples" / "demo1.h5", "r") as g:
+        scale = f["calibration_scale"][()]
+        assert f.attrs["calibrated"] and not g.attrs["calibrated"] and scale.shape == (X.shape[1],)
+        np.testing.assert_allclose(f["std"][()], g["std"][()] * scale, rtol=1e-5)
+        np.testing.assert_array_equal(f["pred"][()], g["pred"][()])
+        moved = (g["samples"][()].astype(np.float64) - g["pred"][()]) * scale + g["pred"][()]
+        np.testing.assert_allclose(f["samples"][()].astype(np.float64), moved, atol=0.02)   # float16 storage
+    np.testing.assert_allclose(scale, calibration_scale(X[val], mean, std), rtol=1e-6)
+    assert not np.allclose(scale, 1)
 
 
 def truth(demo, name="demo1"):
