@@ -47,6 +47,37 @@ def atomic_h5(path):
             yield f
 
 
+HUB_PREFIX = "hf-hub:"          # timm's form of a Hugging Face model id: hf-hub:<owner>/<name>
+
+
+def resolve_weights(spec, filename):
+    """A weights argument -> a local file. `hf-hub:<owner>/<name>` (as timm users write it) is `filename`
+    of that Hugging Face repository, taken from the hub's cache or downloaded into it; anything else
+    is a path, returned as given: nothing is fetched without the explicit prefix."""
+    if not spec.startswith(HUB_PREFIX):
+        return spec
+    repo = spec[len(HUB_PREFIX):]
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    login = (f"accept the model's terms at https://huggingface.co/{repo} (gated models) and log in with `hf auth login` "
+             "(`huggingface-cli login` before huggingface_hub 1.0)")
+    try:
+        return hf_hub_download(repo, filename)
+    except GatedRepoError as e:                          # before its parent class RepositoryNotFoundError
+        raise UserError(f"{spec}: gated model, access refused; {login}") from e
+    except RepositoryNotFoundError as e:
+        raise UserError(f"{spec}: no such repository on the Hugging Face hub, or a private/gated one; {login}") from e
+    except LocalEntryNotFoundError as e:                 # offline (HF_HUB_OFFLINE=1) or no connection, and not cached
+        raise UserError(f"{spec}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+                        f"cannot be reached; online, {login}, then run again; or download {filename} yourself "
+                        "and pass its path instead") from e
+    except EntryNotFoundError as e:
+        raise UserError(f"{spec}: the repository has no file {filename}; is it the right model?") from e
+    except HFValidationError as e:
+        raise UserError(f"{spec}: not a hub id; write hf-hub:<owner>/<name>, e.g. hf-hub:MahmoodLab/UNI") from e
+
+
 def write_text(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:

@@ -6,7 +6,10 @@
 
 Writes <data>/features/<encoder>/<slice>.h5: `embeddings` [N, D] in slice-file row order,
 `barcode`, and with --augment `embeddings_aug` [N, 8, D] (identity + the 7 flips/rotations).
-Weights are only ever read from --weights; nothing is downloaded.
+Slices of slides without spatial data (prepare_data.py --dataset image) hold no patches: each
+batch is cropped from the slide itself, as prepare_data.py would have cropped it.
+Weights are only ever read from --weights; nothing is downloaded unless it names a hub id
+(--weights hf-hub:MahmoodLab/UNI, as timm writes it), fetched through the Hugging Face cache.
 """
 import argparse
 import hashlib
@@ -19,15 +22,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, atomic_h5, list_slices, run, slice_path
+from common import UserError, add_runtime_args, atomic_h5, list_slices, resolve_weights, run, slice_path
+from readers import crop_patches, open_image
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 WEIGHTS_HELP = {
-    "uni": "MahmoodLab/UNI on Hugging Face (gated): pytorch_model.bin",
-    "conch": "MahmoodLab/CONCH on Hugging Face (gated): pytorch_model.bin",
-    "resnet50": "timm/resnet50.a1_in1k on Hugging Face: pytorch_model.bin or model.safetensors",
+    "uni": "MahmoodLab/UNI on Hugging Face (gated): pytorch_model.bin, or --weights hf-hub:MahmoodLab/UNI",
+    "conch": "MahmoodLab/CONCH on Hugging Face (gated): pytorch_model.bin, or --weights hf-hub:MahmoodLab/CONCH",
+    "resnet50": "timm/resnet50.a1_in1k on Hugging Face: pytorch_model.bin or model.safetensors, "
+                "or --weights hf-hub:timm/resnet50.a1_in1k",
 }
+HUB_FILE = {"uni": "pytorch_model.bin", "conch": "pytorch_model.bin", "resnet50": "model.safetensors"}  # in each hub repo
 
 
 #################################################################################
@@ -190,24 +196,53 @@ def dihedral(patches):
             patches[:, ::-1, ::-1], np.rot90(patches, 3, (1, 2)), t(patches), t(patches[:, ::-1, ::-1])]
 
 
+def slide_of(f, name):
+    """The slide a slice prepared without patches (--dataset image) is cropped from; it must still be there."""
+    path = str(f.attrs["slide"])
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: slide of slice {name} not found (moved or deleted?); put it back, or prepare the "
+                        "slice again from its new place (prepare_data.py --dataset image --image NEW_PATH)")
+    return path
+
+
+class SlidePatches:
+    """A slice's patches cropped from its slide as they are read, exactly as prepare_data.py crops the
+    patches it stores (readers.crop_patches); they are never written to disk."""
+    def __init__(self, f, name):
+        path = slide_of(f, name)
+        self.slide = open_image(path)
+        if tuple(self.slide.size) != tuple(int(v) for v in f.attrs["slide_size"]):
+            raise UserError(f"{path}: {self.slide.size[0]}x{self.slide.size[1]} px, but slice {name} was prepared from a "
+                            f"{'x'.join(str(int(v)) for v in f.attrs['slide_size'])} px slide of that name; prepare it again")
+        self.pixel = f["pixel"][()]
+        self.side, self.size = int(f.attrs["patch_px_native"]), int(f.attrs["patch_size"])
+
+    def __len__(self):
+        return len(self.pixel)
+
+    def __getitem__(self, rows):                         # a slice of spots -> uint8 [B, P, P, 3]
+        return crop_patches(self.slide, self.pixel[rows], self.side, self.size)
+
+
 def embed_slice(src, dst, enc, batch_size, augment, weights_attr):
     """Embed a slice's patches batch by batch, each batch written as it is done: memory holds one
-    batch, whatever the number of spots."""
-    with h5py.File(src, "r") as f, atomic_h5(dst) as out:
-        img = f["img"]
+    batch, whatever the number of spots. Patches come from the slice file, or from the slide itself."""
+    with h5py.File(src, "r") as f:
+        img = f["img"] if "img" in f else SlidePatches(f, os.path.basename(src)[:-len(".h5")])  # opened before dst exists
         N = len(img)
-        emb = out.create_dataset("embeddings", (N, enc.dim), np.float32)
-        aug = out.create_dataset("embeddings_aug", (N, 8, enc.dim), np.float32) if augment else None
-        for s in tqdm(range(0, N, batch_size), desc=os.path.basename(src), unit="batch", leave=False):
-            patches = img[s:s + batch_size]
-            if augment:
-                views = [enc(np.ascontiguousarray(v)) for v in dihedral(patches)]
-                aug[s:s + len(patches)] = np.stack(views, 1)
-                emb[s:s + len(patches)] = views[0]
-            else:
-                emb[s:s + len(patches)] = enc(patches)
-        out["barcode"] = f["barcode"][()]
-        out.attrs.update(encoder=enc.name, dim=enc.dim, weights=weights_attr, augment=augment)
+        with atomic_h5(dst) as out:
+            emb = out.create_dataset("embeddings", (N, enc.dim), np.float32)
+            aug = out.create_dataset("embeddings_aug", (N, 8, enc.dim), np.float32) if augment else None
+            for s in tqdm(range(0, N, batch_size), desc=os.path.basename(src), unit="batch", leave=False):
+                patches = img[s:s + batch_size]
+                if augment:
+                    views = [enc(np.ascontiguousarray(v)) for v in dihedral(patches)]
+                    aug[s:s + len(patches)] = np.stack(views, 1)
+                    emb[s:s + len(patches)] = views[0]
+                else:
+                    emb[s:s + len(patches)] = enc(patches)
+            out["barcode"] = f["barcode"][()]
+            out.attrs.update(encoder=enc.name, dim=enc.dim, weights=weights_attr, augment=augment)
 
 
 def is_done(path, name, weights_attr, augment):
@@ -222,12 +257,13 @@ def main():
     p.add_argument("--data", required=True, help="folder written by prepare_data.py")
     p.add_argument("--encoder", required=True, choices=["uni", "conch", "resnet50", "stain"],
                    help="uni (1024-d), conch (512-d), resnet50 (2048-d) or stain (74-d, weight-free)")
-    p.add_argument("--weights", help="local weights file of the neural encoder (official pytorch_model.bin)")
+    p.add_argument("--weights", help="weights of the neural encoder: a local file (official pytorch_model.bin), or "
+                                     "hf-hub:<owner>/<name> (hf-hub:MahmoodLab/UNI, hf-hub:MahmoodLab/CONCH, "
+                                     "hf-hub:timm/resnet50.a1_in1k) for that repository's file through the Hugging Face "
+                                     "cache, downloaded when not cached (gated models: `hf auth login` first)")
     p.add_argument("--random-init", action="store_true", help="random weights (tests and benchmarks only)")
     p.add_argument("--augment", action="store_true", help="also store the 8 dihedral views (embeddings_aug)")
-    p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (default 64)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    add_runtime_args(p, 64, "patches per forward pass (default 64)")
     p.add_argument("--overwrite", action="store_true", help="recompute finished slices")
     a = p.parse_args()
 
@@ -236,17 +272,24 @@ def main():
         a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     names = list_slices(a.data)
     with_img = []
-    for n in names:
+    for n in names:                                      # patches stored (`img`), or a slide to crop them from
         with h5py.File(slice_path(a.data, n), "r") as f:
             if "img" in f:
                 with_img.append(n)
+            elif "slide" in f.attrs:
+                slide_of(f, n)                           # every slide is there before anything is written
+                with_img.append(n)
     if not with_img:
-        raise UserError(f"{a.data}: no slice has an image (`img`); nothing to embed")
+        raise UserError(f"{a.data}: no slice has an image (stored patches or a slide); nothing to embed")
     if a.encoder == "stain":
         enc, weights_attr = StainEncoder(), "none"
     else:
-        enc = NeuralEncoder(a.encoder, a.weights, a.random_init, a.device, a.amp)
-        weights_attr = f"{os.path.basename(a.weights)} sha256:{sha256(a.weights)}" if a.weights else "random-init"
+        path = resolve_weights(a.weights, HUB_FILE[a.encoder]) if a.weights else None
+        torch.manual_seed(a.seed)                        # the weights of --random-init
+        enc = NeuralEncoder(a.encoder, path, a.random_init, a.device, a.amp)
+        weights_attr = "random-init"
+        if path:                                         # the hub id, or the local file's name, and the file's hash
+            weights_attr = f"{a.weights if path != a.weights else os.path.basename(path)} sha256:{sha256(path)}"
     out_dir = os.path.join(a.data, "features", a.encoder)
     mine = with_img[rank::world]
     for n in tqdm(mine, desc=f"{a.encoder} rank {rank}" if world > 1 else a.encoder, unit="slice"):

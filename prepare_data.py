@@ -6,7 +6,8 @@
 
 Writes <out>/slices/<slice>.h5 (patches, spot positions, counts, log2(counts+1) of the selected
 genes), <out>/genes.txt and, last, <out>/slices.tsv. Gene selection is Stem's HMHVG. Slides
-without spatial data get a grid of pseudo-spots over their tissue, and no counts or genes.
+without spatial data get a grid of pseudo-spots over their tissue, no counts or genes, and no patches
+unless --keep-patches: extract_features.py crops those from the slide itself.
 """
 import argparse
 import hashlib
@@ -22,33 +23,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import UserError, atomic_h5, read_gene_list, read_vocab, run, slice_path, str_array, write_text
-from readers import (OVERVIEW_SIDE, WHITE, ArrayImage, check_counts, demo_slice, image_size, open_image, read_her2st,
+from readers import (OVERVIEW_SIDE, ArrayImage, check_counts, crop_patches, demo_slice, image_size, open_image, read_her2st,
                      read_hest, read_slides, read_visium, write_slide_tiff)
 
 DROP_PREFIXES = ("MT-", "RPS", "RPL")  # mitochondrial and ribosomal genes (Stem)
 PATCH_CHUNK = 256                       # spots cropped and written at a time
-
-
-#################################################################################
-#                                  Patches                                      #
-#################################################################################
-
-def crop_patches(img, centres, side, out_size):
-    """Square patches of `side` native pixels centred on each spot (white beyond the border),
-    resized to out_size (PIL LANCZOS, as Stem). Patch centre pixel [side//2, side//2] = image
-    pixel at the rounded spot centre."""
-    W, H = img.size
-    out = np.empty((len(centres), out_size, out_size, 3), np.uint8)
-    for i, (cx, cy) in enumerate(centres):
-        x0, y0 = int(round(cx)) - side // 2, int(round(cy)) - side // 2
-        patch = np.full((side, side, 3), WHITE, np.uint8)
-        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + side, W), min(y0 + side, H)
-        if xa < xb and ya < yb:
-            patch[ya - y0:yb - y0, xa - x0:xb - x0] = img.read(xa, ya, xb, yb)
-        if side != out_size:
-            patch = np.asarray(Image.fromarray(patch).resize((out_size, out_size), Image.LANCZOS))
-        out[i] = patch
-    return out
 
 
 #################################################################################
@@ -148,9 +127,18 @@ def write_patches(f, rs, source, side, patch_size):
     img = f.create_dataset("img", (N, patch_size, patch_size, 3), np.uint8, chunks=(1, patch_size, patch_size, 3))
     for s in tqdm(range(0, N, PATCH_CHUNK), desc=f"patches {rs.name}", unit="chunk", leave=False, disable=N <= PATCH_CHUNK):
         img[s:s + PATCH_CHUNK] = crop_patches(source, rs.pixel[s:s + PATCH_CHUNK], side, patch_size)
+
+
+def write_thumbnail(f, rs, source):
     thumb, scale = rs.overview or source.overview(OVERVIEW_SIDE)
     f.create_dataset("thumbnail", data=thumb, compression="gzip", compression_opts=4)
     f["thumbnail"].attrs["scale"] = scale                 # thumbnail px per full-resolution px
+
+
+def write_slide_reference(f, rs, patch_size):
+    """What extract_features.py needs to crop a slide's patches itself, as write_patches would have:
+    storing them costs 150 kB per spot (7 GB for a 50k-spot slide)."""
+    f.attrs.update(slide=os.path.abspath(rs.image), slide_size=image_size(rs.image), patch_size=patch_size)
 
 
 def hest_patches(rs, patch_size):
@@ -163,12 +151,15 @@ def hest_patches(rs, patch_size):
     return raw.shape[1], img
 
 
-def write_slice(path, rs, genes, vocab, patch_size, settings):
+def write_slice(path, rs, genes, vocab, patch_size, settings, keep_patches=True):
     side = max(224, int(math.ceil(rs.spot_diameter_px or 0)))  # Stem: max(224 px, spot diameter) native pixels
-    source = open_source(rs)
     with atomic_h5(path) as f:
-        if source is not None:
+        if rs.image and not keep_patches:                # a slide without spatial data: patches cropped when embedded
+            write_slide_reference(f, rs, patch_size)
+            write_thumbnail(f, rs, None)                 # read_slides computed the overview
+        elif (source := open_source(rs)) is not None:
             write_patches(f, rs, source, side, patch_size)
+            write_thumbnail(f, rs, source)
         elif rs.patches is not None:
             side, img = hest_patches(rs, patch_size)
             f.create_dataset("img", data=img, chunks=(1, patch_size, patch_size, 3))
@@ -220,6 +211,9 @@ def parse_args():
                    help="image: pseudo-spot diameter in µm (default 55, Visium); the patch side is max(224 px, diameter), "
                         "as for training slices, so use the diameter of the spots the model was trained on")
     p.add_argument("--grid", choices=["hex", "square"], default="hex", help="image: hexagonal as Visium (default) or square")
+    p.add_argument("--keep-patches", action="store_true",
+                   help="image: also store every patch in the slice file (`img`, about 150 kB per spot); by default "
+                        "extract_features.py crops them from the slide, which must then stay where it is")
     p.add_argument("--vocab", help="the backbone's vocabulary, CellFM gene_info.csv or scGPT vocab.json: keep only "
                                    "vocabulary genes and store their token ids")
     p.add_argument("--aliases", help="optional table old symbol -> current symbol, applied before the vocabulary")
@@ -295,7 +289,7 @@ def main():
         settings["genes"] = os.path.abspath(a.genes)
     if a.dataset == "image":
         settings.update(image=[os.path.abspath(i) for i in a.image], pixel_size=a.pixel_size, grid=a.grid,
-                        spot_pitch_um=a.spot_pitch_um, spot_diameter_um=a.spot_diameter_um)
+                        spot_pitch_um=a.spot_pitch_um, spot_diameter_um=a.spot_diameter_um, keep_patches=a.keep_patches)
     settings["hash"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     check_out_dir(a.out, settings, a.overwrite)
 
@@ -329,7 +323,7 @@ def main():
             with h5py.File(path, "r") as f:
                 if f.attrs.get("settings") == settings["hash"]:
                     continue
-        write_slice(path, rs, genes, vocab, a.patch_size, settings)
+        write_slice(path, rs, genes, vocab, a.patch_size, settings, keep_patches=a.dataset != "image" or a.keep_patches)
     has_img = {rs.name: has_image(rs) for rs in slices}
     rows = [f"{rs.name}\t{rs.patient}\t{len(rs.barcodes)}\t{int(has_img[rs.name])}\n" for rs in slices]
     write_text(os.path.join(a.out, "slices.tsv"), "slice\tpatient\tn_spots\thas_image\n" + "".join(rows))

@@ -1,6 +1,7 @@
 """Reading raw inputs for prepare_data.py: slide images region by region, and one reader per
 dataset layout (Her2ST, 10x Visium, HEST-1k, image-only slides, the synthetic demo), each
-returning RawSlice records that prepare_data.py selects genes from and writes.
+returning RawSlice records that prepare_data.py selects genes from and writes. extract_features.py
+crops the patches of slides without spatial data here too, as prepare_data.py crops stored ones.
 """
 import glob
 import json
@@ -115,6 +116,24 @@ class SlideImage:
     def overview(self, max_side):
         thumb = self.slide.get_thumbnail((max_side, max_side)).convert("RGB")
         return np.asarray(thumb), thumb.size[0] / self.size[0]
+
+
+def crop_patches(img, centres, side, out_size):
+    """Square patches of `side` native pixels centred on each spot (white beyond the border),
+    resized to out_size (PIL LANCZOS, as Stem). Patch centre pixel [side//2, side//2] = image
+    pixel at the rounded spot centre."""
+    W, H = img.size
+    out = np.empty((len(centres), out_size, out_size, 3), np.uint8)
+    for i, (cx, cy) in enumerate(centres):
+        x0, y0 = int(round(cx)) - side // 2, int(round(cy)) - side // 2
+        patch = np.full((side, side, 3), WHITE, np.uint8)
+        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + side, W), min(y0 + side, H)
+        if xa < xb and ya < yb:
+            patch[ya - y0:yb - y0, xa - x0:xb - x0] = img.read(xa, ya, xb, yb)
+        if side != out_size:
+            patch = np.asarray(Image.fromarray(patch).resize((out_size, out_size), Image.LANCZOS))
+        out[i] = patch
+    return out
 
 
 def write_slide_tiff(path, rgb, pixel_size_um, tile=256):

@@ -35,7 +35,8 @@ usage: bash run_all.sh [options]
 Slides without spatial data (virtual spatial transcriptomics):
   --predict SLIDES      H&E slides or folders of slides, comma-separated (.svs, .ndpi, .mrxs, .tif, .jpg, .png):
                         predict expression on a grid of pseudo-spots with --run, write AnnData (.h5ad) files
-                        and maps, then stop (output in --out, default runs/predict)
+                        and maps, then stop (output in --out, default runs/predict); patches are cropped from
+                        the slides when embedded, not stored, so keep the slides where they are until then
   --run DIR             the trained run (a train.py folder, e.g. runs/her2st/folds/C2) that --predict uses
   --pixel-size UM       µm per pixel of the slides, when their metadata lacks it (always for .jpg/.png)
   --spot-pitch-um UM    pseudo-spot spacing (default 100, Visium); --spot-diameter-um UM (default 55, Visium;

@@ -1,21 +1,30 @@
-"""Whole-slide speed and memory of the image path: tissue detection, patching, features, sampling.
+"""Whole-slide speed, memory and disk of the image path: tissue to AnnData, stage by stage.
 
-    python bench/wsi_bench.py                                   # CPU: stain features, `tiny` backbone
+    python bench/wsi_bench.py                                   # CPU: stain features, `small` backbone
     python bench/wsi_bench.py --preset cellfm-800m --encoder uni --amp --batch-size 256   # a GPU
 
 The slide is built once from real tissue: the tissue of Her2ST's imaged slices (their bounding
 boxes) tiled into one pyramidal, JPEG-tiled TIFF at 0.69 µm/px, read through OpenSlide. The same
 slide is then gridded at three pitches to give about 1k, 10k and 50k pseudo-spots, so that only
-the number of spots changes. Each stage runs as its own process; its wall time and peak resident
-memory (VmHWM of that process) are reported, with spots/s and the memory ratio 50k / 1k.
-Sampling uses random weights (speed does not depend on them), K = 5, S = 1.
+the number of spots changes. Each stage runs as its own process; its wall time, peak resident
+memory (VmHWM of that process) and the files it leaves (MB) are reported, with the memory ratio
+largest / smallest spot count. The slice file holds no patches: extract_features.py crops them
+from the slide. Sampling uses random weights (speed does not depend on them), K = 5, S = 1.
+Targets at 50k spots on 2 CPU cores: tissue to AnnData in at most 20 minutes, at most 200 MB of
+intermediate files (slice file, features, prediction .h5; the .h5ad is the output), peak memory
+at most 1.5x that at 1k spots. On a machine shared with other jobs, run it with OMP_NUM_THREADS=1:
+two OpenMP threads that wait for each other on an oversubscribed CPU ran the sampler 2.5-4x (`small`)
+and 18x (`tiny`) slower than one thread did.
 """
 import argparse
 import glob
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -50,10 +59,17 @@ def build_slide(raw, path, cols=3):
     return mosaic.shape
 
 
+class Stage(NamedTuple):
+    secs: float                # wall time
+    cpu_s: float               # CPU time (user + system) of the process and its children: on a shared machine
+    mib: float                 # peak resident memory (VmHWM)
+    mb: float = 0.0            # files the stage leaves
+
+
 def timed(*cmd, env=None):
-    """Run a command; -> (seconds, its peak resident memory in MiB). The peak is VmHWM, polled while
-    it runs: getrusage would count the memory of this process, which the child inherits at fork."""
-    t0, peak = time.time(), 0
+    """Run a command -> Stage. The peak is VmHWM, polled while it runs: getrusage would count the memory
+    of this process, which the child inherits at fork; CPU time is the children's getrusage delta."""
+    t0, peak, before = time.time(), 0, resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     while proc.poll() is None:
         try:
@@ -64,7 +80,9 @@ def timed(*cmd, env=None):
         time.sleep(0.05)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return time.time() - t0, peak / 1024
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Stage(time.time() - t0, cpu, peak / 1024)
 
 
 def write_random_run(path, preset, genes, encoder, dim):
@@ -74,16 +92,20 @@ def write_random_run(path, preset, genes, encoder, dim):
     M.save_run(path, M.Hinge(cfg, tokens), [f"G{i}" for i in range(genes)], [encoder], np.zeros(dim), np.ones(dim))
 
 
+def megabytes(*paths):
+    return sum(os.path.getsize(q) for q in paths) / 1e6
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw", default=os.path.join(ROOT, "..", "shared", "data", "her2st"), help="Her2ST data folder")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "wsi_bench"), help="working folder")
     p.add_argument("--spots", default="1000,10000,50000", help="target numbers of pseudo-spots")
     p.add_argument("--encoder", default="stain", help="stain (CPU) or uni/conch with random weights (GPU)")
-    p.add_argument("--preset", default="tiny", help="backbone for sampling (tiny on CPU; cellfm-800m on a GPU)")
+    p.add_argument("--preset", default="small", help="backbone for sampling (default small; cellfm-800m on a GPU)")
     p.add_argument("--genes", type=int, default=300, help="genes generated (default 300)")
     p.add_argument("--batch-size", type=int, help="sample.py spots per batch (its default when omitted)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast in features and sampling (GPUs)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast in features and sampling (GPUs, CPUs with bf16 units)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     slide = os.path.join(a.out, "slide.tif")
@@ -100,34 +122,53 @@ def main():
     write_random_run(os.path.join(run, "best.pt"), a.preset, a.genes, a.encoder, dim)
     py, amp = sys.executable, ["--amp"] if a.amp else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    rows = []
+    rows = []                                            # per spot count: (n, pitch, {stage: Stage}, AnnData MB)
     for target in map(int, a.spots.split(",")):
         pitch = float(np.sqrt(tissue_um2 / (target * np.sqrt(3) / 2)))  # hexagonal: pitch²·√3/2 of tissue per spot
         data = os.path.join(a.out, f"n{target}")
+        shutil.rmtree(data, ignore_errors=True)          # the disk column counts this run's files only
         grid = ["--spot-pitch-um", f"{pitch:.3f}", "--spot-diameter-um", "55"]
         detect = timed(py, "-c", "import sys, readers; readers.read_slides([sys.argv[1]], None, float(sys.argv[2]), 55.0, 'hex')",
                        slide, f"{pitch:.3f}", env=env)
-        prep = timed(py, "prepare_data.py", "--dataset", "image", "--image", slide, *grid, "--out", data, "--overwrite", env=env)
-        feat = timed(py, "extract_features.py", "--data", data, "--encoder", a.encoder, "--overwrite", *amp,
+        prep = timed(py, "prepare_data.py", "--dataset", "image", "--image", slide, *grid, "--out", data, env=env)
+        feat = timed(py, "extract_features.py", "--data", data, "--encoder", a.encoder, *amp,
                      *(["--random-init"] if a.encoder != "stain" else []), env=env)
         bs = ["--batch-size", str(a.batch_size)] if a.batch_size else []
+        pred = os.path.join(data, "pred")
         samp = timed(py, "sample.py", "--run", run, "--data", data, "--slices", "slide", "--steps", "5", "--samples", "1",
-                     "--out", os.path.join(data, "pred"), "--overwrite", *bs, *amp, env=env)
+                     "--out", pred, *bs, *amp, env=env)
         with h5py.File(os.path.join(data, "slices", "slide.h5"), "r") as f:
             n = len(f["barcode"])
-        patch_s = prep[0] - detect[0]                    # prepare = detection + patching
-        rows.append((n, pitch, detect, (patch_s, prep[1]), feat, samp))
-        print(f"-- {n} spots (pitch {pitch:.1f} µm): detection {detect[0]:.1f} s, patching {patch_s:.1f} s, "
-              f"features {feat[0]:.1f} s, sampling {samp[0]:.1f} s", flush=True)
+        slice_files = [os.path.join(data, q) for q in ("slices/slide.h5", "slices.tsv", "prepare.json")]
+        stages = {"tissue detection": detect,            # prepare_data.py = detection + grid and slice file
+                  "slice file (grid)": Stage(prep.secs - detect.secs, prep.cpu_s - detect.cpu_s, prep.mib,
+                                             megabytes(*slice_files)),
+                  "features (crop + embed)": feat._replace(mb=megabytes(os.path.join(data, "features", a.encoder, "slide.h5"))),
+                  "sampling + AnnData": samp._replace(mb=megabytes(os.path.join(pred, "slide.h5")))}
+        rows.append((n, pitch, stages, megabytes(os.path.join(pred, "slide.h5ad"))))
+        print(f"-- {n} spots (pitch {pitch:.1f} µm): " + ", ".join(f"{k} {v.secs:.1f} s" for k, v in stages.items()), flush=True)
 
     print(f"\nslide {img.size[0]} x {img.size[1]} px ({UM_PER_PX} µm/px), tissue {tissue_um2 / 1e6:.1f} mm²; "
-          f"{a.encoder} features, {a.preset} backbone, K = 5, S = 1, device {dev}")
-    print(f"{'stage':<18}" + "".join(f"{f'{n} spots: s, spots/s, MiB':>34}" for n, *_ in rows) + f"{'MiB ratio':>11}")
-    for k, stage in enumerate(["tissue detection", "patching", "features", "sampling"]):
-        cells = [f"{r[2 + k][0]:.1f}, {r[0] / r[2 + k][0]:.1f}, {r[2 + k][1]:.0f}" for r in rows]
-        print(f"{stage:<18}" + "".join(f"{c:>34}" for c in cells) + f"{rows[-1][2 + k][1] / rows[0][2 + k][1]:>10.2f}x")
-    print(f"(pitch per row: {', '.join(f'{r[1]:.1f} µm' for r in rows)}; MiB ratio = peak memory at {rows[-1][0]} / "
-          f"{rows[0][0]} spots)")
+          f"{a.encoder} features, {a.preset} backbone, K = 5, S = 1, {'bf16' if a.amp else 'fp32'}, device {dev} "
+          f"({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
+          f"{os.getloadavg()[0]:.1f} at the end)")
+    cell = "s, CPU s, spots/s, MiB, MB"
+    print(f"{'stage':<26}" + "".join(f"{f'{n} spots: {cell}':>44}" for n, *_ in rows) + f"{'MiB ratio':>11}")
+    totals = [Stage(sum(v.secs for k, v in r[2].items() if k != "tissue detection"),  # prepare_data.py's time holds it
+                    sum(v.cpu_s for k, v in r[2].items() if k != "tissue detection"),
+                    max(v.mib for v in r[2].values()), sum(v.mb for v in r[2].values())) for r in rows]
+    table = {**{k: [r[2][k] for r in rows] for k in rows[0][2]}, "tissue to AnnData": totals}
+    for stage, cells in table.items():
+        text = [f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs:.1f}, {c.mib:.0f}, {c.mb:.1f}" for r, c in zip(rows, cells)]
+        print(f"{stage:<26}" + "".join(f"{t:>44}" for t in text) + f"{cells[-1].mib / cells[0].mib:>10.2f}x")
+    print(f"{'(AnnData output, MB)':<26}" + "".join(f"{r[3]:>44.1f}" for r in rows))
+    n, last = rows[-1][0], totals[-1]
+    print(f"at {n} spots: {last.secs / 60:.1f} min wall, {last.cpu_s / 60:.1f} CPU min (target <= 20 min on 2 cores), "
+          f"{last.mb:.0f} MB of intermediate files (target <= 200), peak memory {last.mib / totals[0].mib:.2f}x that at "
+          f"{rows[0][0]} spots (target <= 1.5)")
+    print(f"(pitch per column: {', '.join(f'{r[1]:.1f} µm' for r in rows)}; MB = files the stage leaves, the .h5ad "
+          "apart; tissue to AnnData = prepare_data.py + extract_features.py + sample.py, its MiB the largest stage's; "
+          "CPU s = user + system time of the stage's process)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from PIL import Image
 
 import extract_features as X
 from common import UserError
-from conftest import HER2ST, ROOT, make_her2st, needs_shared, run_script
+from conftest import HER2ST, ROOT, assert_user_error, make_her2st, needs_shared, run_script
 
 Image.MAX_IMAGE_PIXELS = None
 
@@ -131,3 +131,53 @@ def test_stain_features_on_real_c2_separate_tissue_and_vary(tmp_path):
     assert np.median(np.abs(z).max(1)) > 5                # glass is far outside the tissue distribution
     frac = 34                                             # background-fraction feature of the whole patch
     assert bg[:, frac].min() > 0.9 > np.median(emb[:, frac])
+
+
+# ----------------------------------------------------------------------------- weights by hub id
+
+def lay_out_hub_cache(cache, repo, filename, src):
+    """A Hugging Face cache folder as huggingface_hub writes it: the file as a blob named by its sha256,
+    a snapshot of one commit linking to it, refs/main naming that commit."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit, digest = "0123456789abcdef0123456789abcdef01234567", X.sha256(src)
+    for sub in ("blobs", f"snapshots/{commit}", "refs"):
+        os.makedirs(folder / sub)
+    shutil.copy(src, folder / "blobs" / digest)
+    os.symlink(f"../../blobs/{digest}", folder / "snapshots" / commit / filename)
+    (folder / "refs" / "main").write_text(commit)
+    return digest
+
+
+def test_weights_by_hub_id_come_from_the_cache_offline_and_only_with_the_prefix(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    net, *_ = X.build_encoder("resnet50")
+    save_file(net.state_dict(), tmp_path / "model.safetensors")
+    cache = tmp_path / "hub"
+    digest = lay_out_hub_cache(cache, "timm/resnet50.a1_in1k", "model.safetensors", tmp_path / "model.safetensors")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    make_her2st(tmp_path / "raw", n_slices=1, n_spots=6)
+    data = tmp_path / "data"
+    run_script("prepare_data.py", "--dataset", "her2st", "--raw", tmp_path / "raw", "--out", data, "--n-top", 40)
+    cached = digest_of(cache)
+
+    run_script("extract_features.py", "--data", data, "--encoder", "resnet50", "--weights", "hf-hub:timm/resnet50.a1_in1k")
+    with h5py.File(data / "features" / "resnet50" / "A1.h5", "r") as f, h5py.File(data / "slices" / "A1.h5", "r") as s:
+        assert f.attrs["weights"] == f"hf-hub:timm/resnet50.a1_in1k sha256:{digest}"  # the hub id and the file's hash
+        emb, patches = f["embeddings"][()], s["img"][()]
+    ref = X.NeuralEncoder("resnet50", str(tmp_path / "model.safetensors"), False, "cpu", amp=False)
+    np.testing.assert_allclose(emb, ref(patches), rtol=1e-4, atol=1e-4)  # the cached file's weights were loaded
+    assert digest_of(cache) == cached                   # nothing downloaded, nothing written into the cache
+
+    p = run_script("extract_features.py", "--data", data, "--encoder", "uni", "--weights", "hf-hub:MahmoodLab/UNI", check=False)
+    assert_user_error(p, "hf-hub:MahmoodLab/UNI", "pytorch_model.bin is not in the Hugging Face cache", "login",
+                      "https://huggingface.co/MahmoodLab/UNI", "pass its path")
+    p = run_script("extract_features.py", "--data", data, "--encoder", "uni", "--weights", "MahmoodLab/UNI", check=False)
+    assert_user_error(p, "MahmoodLab/UNI: weights file not found")  # without the prefix: a path, never looked up
+    assert digest_of(cache) == cached and not (data / "features" / "uni").exists()
+
+
+def digest_of(folder):
+    return {os.path.relpath(p, folder): (os.path.islink(p), open(p, "rb").read() if os.path.isfile(p) else None)
+            for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)}

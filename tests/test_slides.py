@@ -11,6 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+import extract_features as X
 import readers as R
 from common import decode
 from conftest import HER2ST, ROOT, assert_user_error, needs_shared, run_script
@@ -69,9 +70,11 @@ def test_real_tissue_tiff_is_read_through_openslide(c2_slide):
 def test_real_tissue_spots_cover_the_tissue_and_not_the_glass(c2_slide, tmp_path):
     prepare_image(tmp_path / "out", c2_slide, extra=("--spot-diameter-um", "100"))
     with h5py.File(tmp_path / "out" / "slices" / "c2_corner.h5", "r") as f:
-        pixel, patches, attrs = f["pixel"][()], f["img"], dict(f.attrs)
+        pixel, attrs = f["pixel"][()], dict(f.attrs)
         assert attrs["pixel_size_um"] == pytest.approx(0.69) and attrs["patch_px_native"] == 224
-        assert not {"counts", "expr", "genes"} & set(f)
+        assert attrs["slide"] == os.path.abspath(c2_slide) and attrs["patch_size"] == 224
+        assert not {"counts", "expr", "genes", "img"} & set(f)  # patches are cropped from the slide when embedded
+        patches = X.SlidePatches(f, "c2_corner")[:]
         slide = R.open_image(c2_slide)
         for i in [0, len(pixel) // 2, len(pixel) - 1]:     # a patch is the slide around its spot, as for training slices
             x, y = np.round(pixel[i]).astype(int)
@@ -84,6 +87,39 @@ def test_real_tissue_spots_cover_the_tissue_and_not_the_glass(c2_slide, tmp_path
     mask = R.tissue_mask(thumb, 0.69 / scale)
     expected = mask.sum() / scale ** 2 * 0.69 ** 2 / (100 ** 2 * np.sqrt(3) / 2)  # tissue area / area per hex spot
     assert 0.8 * expected < len(pixel) < 1.1 * expected
+
+
+@needs_shared
+def test_features_streamed_from_the_slide_equal_those_of_stored_patches(c2_slide, tmp_path):
+    grid = ("--spot-diameter-um", "100", "--spot-pitch-um", "250")
+    prepare_image(tmp_path / "stream", c2_slide, extra=grid)
+    prepare_image(tmp_path / "keep", c2_slide, extra=(*grid, "--keep-patches"))
+    for out in ("stream", "keep"):
+        run_script("extract_features.py", "--data", tmp_path / out, "--encoder", "stain", "--batch-size", "16")
+    with h5py.File(tmp_path / "keep" / "slices" / "c2_corner.h5", "r") as k, \
+            h5py.File(tmp_path / "stream" / "slices" / "c2_corner.h5", "r") as s:
+        stored, n = k["img"][()], len(k["barcode"])
+        np.testing.assert_array_equal(X.SlidePatches(s, "c2_corner")[:], stored)  # the same crops, pixel for pixel
+        assert n > 50 and (stored.std((1, 2, 3)) > 10).mean() > 0.9  # real, varied tissue
+    size = {out: os.path.getsize(tmp_path / out / "slices" / "c2_corner.h5") for out in ("stream", "keep")}
+    assert size["keep"] - size["stream"] >= n * 224 * 224 * 3  # the stored patches are what the default saves
+    emb = {out: h5py.File(tmp_path / out / "features" / "stain" / "c2_corner.h5", "r")["embeddings"][()]
+           for out in ("stream", "keep")}
+    assert emb["stream"].shape == (n, 74)
+    np.testing.assert_array_equal(emb["stream"], emb["keep"])  # bit-exact
+
+
+def test_moved_or_replaced_slide_is_named_before_anything_is_written(tmp_path):
+    R.write_slide_tiff(str(tmp_path / "s.tif"), paint_tissue(glass_image((800, 900)), 100, 700, 100, 800), 1.0)
+    prepare_image(tmp_path / "out", tmp_path / "s.tif")
+    os.rename(tmp_path / "s.tif", tmp_path / "moved.tif")
+    p = run_script("extract_features.py", "--data", tmp_path / "out", "--encoder", "stain", check=False)
+    assert_user_error(p, str(tmp_path / "s.tif"), "slice s", "not found", "--image")
+    assert not (tmp_path / "out" / "features").exists()
+    R.write_slide_tiff(str(tmp_path / "s.tif"), paint_tissue(glass_image((700, 900)), 100, 600, 100, 800), 1.0)
+    p = run_script("extract_features.py", "--data", tmp_path / "out", "--encoder", "stain", check=False)
+    assert_user_error(p, "s.tif", "900x700", "900x800", "prepare it again")  # another slide at the same path
+    assert not (tmp_path / "out" / "features").exists()
 
 
 # ----------------------------------------------------------------------------- grid and tissue detection
@@ -198,7 +234,7 @@ def test_anndata_has_scanpys_visium_layout_and_spots_on_tissue(predicted_slide):
         np.testing.assert_array_equal(ad.layers["std"], f["std"][()])
         assert list(ad.var_names) == decode(f["genes"]) and list(ad.obs_names) == decode(f["barcode"])
         np.testing.assert_allclose(ad.obsm["spatial"], s["pixel"][()])
-        patches = s["img"][()]
+        patches = X.SlidePatches(s, "demo1")[:]
     assert "truth" not in ad.layers and ad.uns["expression_units"] == "log2(count + 1)"
     assert {"in_tissue", "array_row", "array_col"} <= set(ad.obs.columns)
     lib = ad.uns["spatial"]["demo1"]
