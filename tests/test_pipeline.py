@@ -76,7 +76,8 @@ def test_ddp_global_batch_uneven_shares_and_one_process_equivalence(demo, tmp_pa
     assert p.returncode == 0 and "256 train" in p.stdout, p.stderr[-3000:]
     train(demo, tmp_path / "one", *fold, *even)
     w2, w1 = (torch.load(tmp_path / r / "last.pt", weights_only=False)["model"] for r in ("two", "one"))
-    assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) < 1e-5
+    # round-off: the gradients are summed in another order, and Adam's normalised steps carry that into the weights
+    assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) < 1e-4
     assert not all(torch.equal(w1[k], v) for k, v in torch.load(tmp_path / "uneven" / "last.pt", weights_only=False)["model"].items())
     v2, v1 = (pd.read_csv(tmp_path / r / "log.csv")["val_mse"][0] for r in ("two", "one"))
     assert abs(v2 - v1) < 1e-4
