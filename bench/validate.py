@@ -24,12 +24,8 @@ sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 from baselines import fit_ridge  # noqa: E402
 from common import load_fold, split_validation  # noqa: E402
+from evaluate import top_k_mean  # noqa: E402
 from scores import calibrate, calibration_scale, covered, crps_samples, pearson_per_gene  # noqa: E402
-
-
-def top_k_mean(r, k):
-    r = np.sort(r[~np.isnan(r)])[::-1]
-    return float(r[:k].mean())
 
 
 def cross_fitted(truth, mean, std, samples):
