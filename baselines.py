@@ -29,19 +29,27 @@ validation spots' MSE within --epochs / --budget-s:
 import argparse
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import peers as P
-from common import (PredictionFile, UserError, add_fold_args, atomic_h5, feature_stats, fold_context, load_fold,
-                    open_features, read_slice, run, split_validation, write_anndata)
+from common import (PredictionFile, UserError, add_fold_args, atomic_h5, feature_stats, fold_context, list_slices,
+                    load_fold, open_features, read_slice, run, split_validation, write_anndata)
 from scores import calibrate, calibration_scale
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
 KNN_GRID = [1, 2, 3, 5, 10, 20, 50, 100, 200]
 CHUNK = 1024                                             # test spots per prediction step: memory stays flat
+
+
+class Target(NamedTuple):
+    """A slice to predict: its data folder, name and prediction file."""
+    data: str
+    name: str
+    dst: str
 
 
 def mse(a, b):
@@ -152,8 +160,8 @@ METHODS = {"mean": fit_mean, "ridge": fit_ridge, "mlp": fit_mlp, "knn": fit_knn}
 #                                     Main                                      #
 #################################################################################
 
-def run_peer(a, dst, encoders):
-    """A slide-context peer: fit on the fold's whole slides, predict the test slide whole -> (chosen, train slices)."""
+def run_peer(a, targets, encoders):
+    """A slide-context peer: fit on the fold's whole slides, predict each target slide whole -> (chosen, train slices)."""
     dev = torch.device(a.device)
     slides, genes, mu, sd = P.fold_slides(a.data, encoders, a.test_slice, a.exclude.split(","), a.val_frac, a.val_seed, dev)
     predict, chosen = P.fit(a.method, slides, len(genes), a, dev)
@@ -162,34 +170,36 @@ def run_peer(a, dst, encoders):
         val = [(predict(s), s.val.cpu().numpy(), s.expr[s.val].cpu().numpy()) for s in slides if s.val.any()]
         scale = calibration_scale(np.concatenate([x for _, _, x in val]), np.concatenate([p[0][v] for p, v, _ in val]),
                                   np.concatenate([p[1][v] for p, v, _ in val]))
-    mean, std, samples = predict(P.load_slide(a.data, encoders, a.test_slice, mu, sd, dev))
-    if scale is not None:
-        std, samples = calibrate(mean, std, samples, scale)
-    N, G = mean.shape
-    with atomic_h5(dst) as f:
-        out = PredictionFile(f, N, G, CHUNK, len(samples) if a.save_samples else 0)
-        out.write(0, mean, std, samples)
-        finish(out, a, genes, [s.name for s in slides], chosen, N, scale)
+    for t in targets:
+        mean, std, samples = predict(P.load_slide(t.data, encoders, t.name, mu, sd, dev))
+        if scale is not None:
+            std, samples = calibrate(mean, std, samples, scale)
+        N, G = mean.shape
+        with atomic_h5(t.dst) as f:
+            out = PredictionFile(f, N, G, CHUNK, len(samples) if a.save_samples else 0)
+            out.write(0, mean, std, samples)
+            finish(out, a, t, genes, [s.name for s in slides], chosen, N, scale)
     spots = f"{sum(int(s.target.sum()) for s in slides)} train / {sum(int(s.val.sum()) for s in slides)} val spots"
-    return chosen, spots, len(slides), N
+    return chosen, spots, len(slides)
 
 
-def finish(out, a, genes, names, chosen, N, scale):
+def finish(out, a, target, genes, names, chosen, N, scale):
     """Spot ids, genes, the calibration and the run's settings, once every row is written."""
     secs = time.time() - a.t0
     if scale is not None:
         out.f["calibration_scale"] = scale.astype(np.float32)
-    out.finish(read_slice(a.data, a.test_slice, ("barcode",))["barcode"], [g.decode() for g in genes], method=a.method,
+    out.finish(read_slice(target.data, target.name, ("barcode",))["barcode"], [g.decode() for g in genes], method=a.method,
                calibrated=scale is not None, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names),
                **({"context": a.context} if a.context else {}), **chosen)
 
 
-def report(a, dst, chosen, spots, n_slides, N):
-    write_anndata(dst, a.data)
+def report(a, targets, chosen, spots, n_slides):
+    for t in targets:
+        write_anndata(t.dst, t.data)
     secs = time.time() - a.t0
     picked = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items())
     print(f"{a.method}: {spots} from {n_slides} slices; {picked or 'nothing to choose'}; "
-          f"{a.test_slice}: {N} spots -> {dst} ({secs:.1f}s)")
+          + "; ".join(f"{t.name} -> {t.dst}" for t in targets) + f" ({secs:.1f}s)")
     if chosen.get("on_grid_edge"):
         print("note: the chosen value lies on the edge of the search grid; the optimum may lie beyond it")
 
@@ -202,6 +212,9 @@ def main():
     p.add_argument("--method", required=True, choices=list(METHODS) + list(P.PEERS),
                    help="mean, ridge, mlp, knn, or a slide-context peer: stflow, triplex, merge (see above)")
     p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
+    p.add_argument("--predict-data", metavar="DIR", help="predict every slice of this prepared folder instead of the "
+                                                        "test slice, e.g. a slide without spatial data (prepare_data.py "
+                                                        "--dataset image, features from extract_features.py)")
     p.add_argument("--save-samples", action="store_true", help="knn: also store the k neighbours' expression as "
                                                                "`samples` float16 [k, N, G], as sample.py does; stflow: "
                                                                "its --samples draws")
@@ -225,9 +238,11 @@ def main():
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a = p.parse_args()
 
-    dst = os.path.join(a.out, f"{a.test_slice}.h5")
-    if os.path.isfile(dst) and not a.overwrite:
-        raise UserError(f"{dst} exists; pass --overwrite to replace it or choose another --out")
+    names = list_slices(a.predict_data) if a.predict_data else [a.test_slice]
+    targets = [Target(a.predict_data or a.data, n, os.path.join(a.out, f"{n}.h5")) for n in names]
+    for t in targets:
+        if os.path.isfile(t.dst) and not a.overwrite:
+            raise UserError(f"{t.dst} exists; pass --overwrite to replace it or choose another --out")
     if a.save_samples and a.method not in ("knn", "stflow"):
         raise UserError(f"--save-samples: only knn (its neighbours) and stflow (its draws) have samples; {a.method}'s "
                         "distribution is the Gaussian pred ± std it writes anyway")
@@ -240,10 +255,9 @@ def main():
     a.t0 = time.time()
     encoders = a.features.split(",")
     if a.method in P.PEERS:
-        chosen, spots, n_slides, N = run_peer(a, dst, encoders)
-        return report(a, dst, chosen, spots, n_slides, N)
+        return report(a, targets, *run_peer(a, targets, encoders))
     context = fold_context(a.data, encoders, a.test_slice, a.exclude.split(","), a.context)
-    names, genes, _, X, H, _ = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","), context)
+    train_names, genes, _, X, H, _ = load_fold(a.data, encoders, a.test_slice, a.exclude.split(","), context)
     tr, val = split_validation(len(X), a.val_frac, a.val_seed)
     if len(tr) < 2:
         raise UserError(f"only {len(X)} training spots with expression in {a.data}: too few to fit and validate")
@@ -254,18 +268,19 @@ def main():
     if a.calibrate:                                      # one rule for every method: the spread fitted to validation
         scale = calibration_scale(X[val], *predict(H[val])[:2])
 
-    feats = open_features(a.data, encoders, a.test_slice, context)
-    N, G = feats.n, X.shape[1]
-    with atomic_h5(dst) as f:
-        out = PredictionFile(f, N, G, CHUNK, chosen["k"] if a.save_samples else 0)  # knn's samples: its k neighbours
-        for s in tqdm(range(0, N, CHUNK), desc=f"predict {a.test_slice}", unit="chunk"):
-            mean, std, samples = predict(((feats.read(s, s + CHUNK) - mu) / sd).astype(np.float32))
-            if scale is not None:
-                std, samples = calibrate(mean, std, samples, scale)
-            out.write(s, mean, std, samples)
-        finish(out, a, genes, names, chosen, N, scale)
-    feats.close()
-    report(a, dst, chosen, f"{len(tr)} train / {len(val)} val spots", len(names), N)
+    for t in targets:
+        feats = open_features(t.data, encoders, t.name, context)
+        N, G = feats.n, X.shape[1]
+        with atomic_h5(t.dst) as f:
+            out = PredictionFile(f, N, G, CHUNK, chosen["k"] if a.save_samples else 0)  # knn's samples: its k neighbours
+            for s in tqdm(range(0, N, CHUNK), desc=f"predict {t.name}", unit="chunk"):
+                mean, std, samples = predict(((feats.read(s, s + CHUNK) - mu) / sd).astype(np.float32))
+                if scale is not None:
+                    std, samples = calibrate(mean, std, samples, scale)
+                out.write(s, mean, std, samples)
+            finish(out, a, t, genes, train_names, chosen, N, scale)
+        feats.close()
+    report(a, targets, chosen, f"{len(tr)} train / {len(val)} val spots", len(train_names))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import model as M
-from common import UserError, atomic_path, gene_tokens, read_gene_list, read_vocab, run
+from common import HUB_PREFIX, UserError, atomic_path, gene_tokens, read_gene_list, read_vocab, resolve_weights, run
 
 
 #################################################################################
@@ -197,10 +197,25 @@ class Backbone(NamedTuple):
     weights: dict                  # backbone tensors by our names; None: random weights
 
 
+def resolve_backbone(spec):
+    """--backbone-ckpt -> a local path. Through the Hugging Face cache only with the explicit prefix:
+    hf-hub:<owner>/<name> is an scGPT folder (its three files), hf-hub:<owner>/<name>/<file> one CellFM file."""
+    if not spec or not spec.startswith(HUB_PREFIX):
+        return spec
+    parts = spec[len(HUB_PREFIX):].split("/", 2)
+    repo = HUB_PREFIX + "/".join(parts[:2])
+    if len(parts) == 3:
+        return resolve_weights(repo, parts[2])
+    import scgpt                                         # here: scgpt imports this module
+    return os.path.dirname([resolve_weights(repo, f) for f in scgpt.FILES][0])  # one snapshot folder holds all three
+
+
 def prepare_backbone(preset, ckpt, genes, gene_ids, **kw):
     """Config, gene token ids and weights of a backbone: `ckpt` a CellFM file (the preset sets the shape) or an
-    official scGPT folder (its tensors and args.json set the shape; preset None picks scgpt); None = random weights.
-    `genes` are the selected symbols, `gene_ids` the ids the slices store; kw the remaining Config fields."""
+    official scGPT folder (its tensors and args.json set the shape; preset None picks scgpt), either by path or
+    by hf-hub: id; None = random weights. `genes` are the selected symbols, `gene_ids` the ids the slices store;
+    kw the remaining Config fields."""
+    ckpt = resolve_backbone(ckpt)
     if preset is None:
         preset = "scgpt" if ckpt and os.path.isdir(ckpt) else "small"
     if M.make_config(preset).backbone == "scgpt":

@@ -191,25 +191,27 @@ def prediction_files(pred_dir, data):
 
 
 def evaluate_dir(pred_dir, data):
-    """Every slice's metrics -> (table, per-gene table, the Pair of each slice, calibration curve per slice
-    that has a std)."""
+    """Every slice's metrics -> (table, per-gene table, the Pair of each slice, calibration curves per slice
+    that has a std: {"calibrated": {slice: curve}, "raw": {slice: curve of the spread before calibration}})."""
     files = prediction_files(pred_dir, data)[0]
     if not files:
         return None, None, [], {}
-    rows, per_gene, pairs, curves = [], [], [], {}
+    rows, per_gene, pairs, curves = [], [], [], {"calibrated": {}, "raw": {}}
     for path in files:
         p = load_pair(path, data)
         m, r, ssim = slice_metrics(p.truth, p.pred, p.array)
         with h5py.File(path, "r") as f:                  # samples stay on disk, read a block of spots at a time
             dist, dist_gene, curve = distribution_metrics(p.truth, p.pred, p.std, f.get("samples"))
             struct = structure_metrics(p.truth, p.pred, p.depth, f.get("samples"))
+            scale = f["calibration_scale"][()] if "calibration_scale" in f else None
         rows.append({"slice": p.name, **m, **dist, **struct, "K": p.attrs.get("K"), "spots_per_s": p.attrs.get("spots_per_s")})
         per_gene.append(pd.DataFrame({"slice": p.name, "gene": p.genes, "pearson": r, "ssim": ssim, **dist_gene,
                                       "var_truth": p.truth.var(0), "var_pred": p.pred.var(0)}))
         pairs.append(p)
         if curve is not None:
-            curves[p.name] = curve
-    return pd.DataFrame(rows), pd.concat(per_gene), pairs, curves
+            curves["calibrated"][p.name] = curve
+            curves["raw"][p.name] = curve if scale is None else calibration(p.truth, p.pred, p.std / scale)
+    return pd.DataFrame(rows), pd.concat(per_gene), pairs, curves if curves["calibrated"] else {}
 
 
 def summarise(df):
@@ -337,13 +339,16 @@ def fig_correlation(path, name, truth, pred, genes, m):
 
 def fig_calibration(path, curves):
     """Observed coverage of the central predictive intervals against their nominal level, per slice
-    and the mean over slices; on the diagonal the intervals are calibrated."""
+    and the mean over slices, with the raw spread dashed; on the diagonal the intervals are calibrated."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4.4, 4.4))
     ax.plot([0, 1], [0, 1], ":", color="0.5", label="calibrated")
-    for c in curves.values():
+    cal, raw = curves["calibrated"], curves["raw"]
+    for c in cal.values():
         ax.plot(LEVELS, c, color="0.75", lw=0.8)
-    ax.plot(LEVELS, np.mean(list(curves.values()), 0), "o-", color="crimson", label=f"mean over {len(curves)} slice(s)")
+    ax.plot(LEVELS, np.mean(list(cal.values()), 0), "o-", color="crimson", label=f"mean over {len(cal)} slice(s)")
+    if any(raw[n] is not cal[n] for n in cal):           # the prediction was calibrated: show what it was before
+        ax.plot(LEVELS, np.mean(list(raw.values()), 0), "o--", color="crimson", mfc="none", label="raw spread")
     ax.set_xlim(0, 1); ax.set_ylim(0, 1); ax.set_aspect("equal")
     ax.set_xlabel("nominal level of the central interval pred ± z·std"); ax.set_ylabel("observed coverage of truth")
     ax.legend(loc="upper left", fontsize=8)
@@ -435,8 +440,9 @@ def score(a, out):
     write_text(os.path.join(out, "summary.json"), json.dumps(
         {"label": a.label or a.pred, "metrics": summary, "n_slices": len(df), "excluded_genes": int(df["n_excluded"].sum()),
          "K_sweep": {str(k): v for k, v in sorted(sweep.items())},
-         "calibration": {"levels": LEVELS.tolist(), "coverage": np.mean(list(curves.values()), 0).tolist(),
-                         "per_slice": {n: c.tolist() for n, c in curves.items()}} if curves else None},
+         "calibration": {"levels": LEVELS.tolist(), "coverage": np.mean(list(curves["calibrated"].values()), 0).tolist(),
+                         "raw_coverage": np.mean(list(curves["raw"].values()), 0).tolist(),
+                         "per_slice": {n: c.tolist() for n, c in curves["calibrated"].items()}} if curves else None},
         indent=1) + "\n")
 
     first = pairs[0]

@@ -9,7 +9,7 @@
 #
 #   bash bench/choose_head.sh                     # five folds C2-C6
 #   bash bench/choose_head.sh --folds C2,C3,C4    # fewer folds
-# The runs go where bench/quality.sh looks for them (runs/quality/runs/<fold>/hinge[_<head>]), so the
+# The runs go where bench/quality.sh looks for them (runs/quality/runs/<fold>/hinge_<head>), so the
 # quality benchmark predicts its test slices with these very runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ IFS=, read -ra folds <<< "$FOLDS"
 for s in "${folds[@]}"; do
   runs=()
   for head in point gaussian bins; do
-    name=hinge$([ $head = point ] || echo "_$head") dir=$Q/runs/$s/hinge$([ $head = point ] || echo "_$head")
+    dir=$Q/runs/$s/hinge_$head
     if [ ! -f "$dir/done" ]; then
       rm -rf "$dir"
       $PY train.py --data $Q/data --features stain --test-slice "$s" --exclude B4 --preset small --epochs 10 --lr 1e-3 \

@@ -6,6 +6,7 @@
 #
 #   bash bench/quality.sh                    # every fold (about 75 minutes on 2 CPU cores)
 #   bash bench/quality.sh --folds C2         # the quick version: one within-patient fold, about 16 minutes
+#   bash bench/quality.sh --no-ablations     # without the paper's ablation rows (Gauss-Diff, scratch backbone)
 #
 # Every hyper-parameter is chosen on the fold's validation spots (10 % of the training spots)
 # or fixed in advance; each test slice is generated once per method (and seed) and only scored.
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RAW=../shared/data/her2st OUT=runs/quality FOLDS="" SEEDS=42,1,2 EPOCHS=10 LR=1e-3 PRE_EPOCHS=2 SAMPLES=10 DATA_ONLY=0
+RAW=../shared/data/her2st OUT=runs/quality FOLDS="" SEEDS=42,1,2 EPOCHS=10 LR=1e-3 PRE_EPOCHS=2 SAMPLES=10 DATA_ONLY=0 ABLATIONS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --raw) RAW="$2"; shift 2 ;;
@@ -26,9 +27,10 @@ while [ $# -gt 0 ]; do
     --pretrain-epochs) PRE_EPOCHS="$2"; shift 2 ;;
     --samples) SAMPLES="$2"; shift 2 ;;
     --data-only) DATA_ONLY=1; shift ;;
+    --no-ablations) ABLATIONS=0; shift ;;
     -h|--help) sed -n '2,13p' "$0"
                echo "options: --raw DIR --out DIR --folds C2,B4 --seeds 42,1,2 (cross-patient HINGE) --epochs N --lr LR"
-               echo "         --pretrain-epochs N --samples S (HINGE and scratch; Gauss-Diff at K = 50 draws 2) --data-only"
+               echo "         --pretrain-epochs N --samples S (HINGE and scratch; Gauss-Diff at K = 50 draws 2) --data-only --no-ablations"
                exit 0 ;;
     *) echo "error: unknown option $1 (see bash bench/quality.sh --help)" >&2; exit 2 ;;
   esac
@@ -47,8 +49,11 @@ echo "== data: Her2ST from $RAW, stain features"
 # every slice with an image is a test slice of some fold: genes are selected on the others only
 IMAGED=$(find "$RAW/ST-imgs" -mindepth 3 -maxdepth 3 -type f \( -iname '*.jp*g' -o -iname '*.png' -o -iname '*.tif*' \) \
          -exec dirname {} \; | xargs -n1 basename | sort -u | paste -sd,)
-$PY prepare_data.py --dataset her2st --raw "$RAW" --out "$DATA" --test-slices "$IMAGED"
-$PY extract_features.py --data "$DATA" --encoder stain
+if [ ! -f "$DATA/features/stain/done" ]; then  # prepared once: a second run (another folds' stream) reads it as is
+  $PY prepare_data.py --dataset her2st --raw "$RAW" --out "$DATA" --test-slices "$IMAGED"
+  $PY extract_features.py --data "$DATA" --encoder stain
+  touch "$DATA/features/stain/done"
+fi
 WITHIN=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 == "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)
 OTHERS=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 != "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)  # B4
 FOLDS=${FOLDS:-$WITHIN,$OTHERS}  # every fold trains on patient C's imaged slices other than its test slice
@@ -89,15 +94,17 @@ for s in "${folds[@]}"; do
   IFS=, read -ra seed_list <<< "$seeds"
   for seed in "${seed_list[@]}"; do
     tag=$([ "$seed" = 42 ] || echo "@$seed")  # seed 42 (the default) is the plain name
-    train "hinge$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed"
-    for K in 1 5; do sample "hinge_K$K$tag" "hinge$tag" "$s" "$K" "$SAMPLES"; done
+    for head in bins point; do               # the default head (bins, temperature 0.5) and the official one
+      train "hinge_$head$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed" --head $head
+      sample "hinge_${head}_K5$tag" "hinge_$head$tag" "$s" 5 "$SAMPLES"
+    done
+    sample "hinge_bins_K1$tag" "hinge_bins$tag" "$s" 1 "$SAMPLES"
   done
+  train hinge_gaussian "$s" --backbone-ckpt "$BACKBONE" --head gaussian  # bench/choose_head.sh trains the heads too
+  sample hinge_gaussian_K5 hinge_gaussian "$s" 5 "$SAMPLES"
   train hinge_ctx8 "$s" --backbone-ckpt "$BACKBONE" --context 8
   sample hinge_ctx8_K5 hinge_ctx8 "$s" 5 "$SAMPLES"
-  for head in gaussian bins; do                            # the distributional heads (bench/choose_head.sh trains them too)
-    train "hinge_$head" "$s" --backbone-ckpt "$BACKBONE" --head $head
-    sample "hinge_${head}_K5" "hinge_$head" "$s" 5 "$SAMPLES"
-  done
+  [ "$ABLATIONS" = 1 ] || continue
   train gaussian "$s" --backbone-ckpt "$BACKBONE" --objective gaussian
   sample gaussian_K50 gaussian "$s" 50 2                   # DDIM at the full budget: Gauss-Diff's best case
   train scratch "$s" --variant scratch
@@ -120,12 +127,13 @@ import matplotlib.pyplot as plt
 out, folds = sys.argv[1], sys.argv[2].split(",")
 times = pd.read_csv(f"{out}/times.tsv", sep="\t", names=["label", "fold", "s"])
 names = {"mean": "training mean", "ridge": "ridge", "mlp": "MLP head", "knn": "kNN", "gaussian_K50": "Gauss-Diff K=50",
-         "scratch_K5": "scratch K=5", "hinge_K1": "HINGE point K=1", "hinge_K5": "HINGE point K=5",
-         "hinge_gaussian_K5": "HINGE gaussian K=5", "hinge_bins_K5": "HINGE bins K=5", "stflow": "STFlow",
+         "scratch_K5": "scratch K=5", "hinge_bins_K1": "HINGE K=1", "hinge_bins_K5": "HINGE K=5",
+         "hinge_point_K5": "HINGE point K=5", "hinge_gaussian_K5": "HINGE gaussian K=5", "stflow": "STFlow",
          "triplex": "TRIPLEX", "merge": "MERGE", "ridge_ctx8": "ridge --context 8", "mlp_ctx8": "MLP --context 8",
-         "hinge_ctx8_K5": "HINGE point --context 8 K=5"}
-fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_K1": "train:hinge", "hinge_K5": "train:hinge",
-          "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_bins_K5": "train:hinge_bins", "hinge_ctx8_K5": "train:hinge_ctx8"}
+         "hinge_ctx8_K5": "HINGE --context 8 K=5"}
+fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_bins_K1": "train:hinge_bins",
+          "hinge_bins_K5": "train:hinge_bins", "hinge_point_K5": "train:hinge_point",
+          "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_ctx8_K5": "train:hinge_ctx8"}
 cols = ["PCC-50", "mean_r", "MSE", "bias2", "SSIM", "CRPS", "cover50", "cover90", "spread_skill", "struct_r",
         "struct_r_sample", "struct_r_partial"]
 titles = {"within": "within patient C: leave-one-slice-out, mean ± std over folds",
@@ -154,7 +162,8 @@ for t in ("within", "cross"):
                     + ["–" if fit != fit else f"{fit:.0f}", f"{tm[tm.label == m].s.mean():.1f}"])
         cal = [json.load(open(f"{d}/summary.json")).get("calibration") for d in dirs]
         if cal[0]:
-            curves[names[m]] = (cal[0]["levels"], np.mean([c["coverage"] for c in cal], 0))
+            curves[names[m]] = (cal[0]["levels"], np.mean([c["coverage"] for c in cal], 0),
+                                np.mean([c.get("raw_coverage", c["coverage"]) for c in cal], 0))
     if not rows:
         continue
     print(f"\nHer2ST, stain features, {titles[t]}")
@@ -162,13 +171,15 @@ for t in ("within", "cross"):
     print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    fig, ax = plt.subplots(figsize=(4.6, 4.6))
-    ax.plot([0, 1], [0, 1], ":", color="0.5", label="calibrated")
-    for label, (lv, cov) in curves.items():
-        ax.plot(lv, cov, "o-", ms=3, label=label)
-    ax.set_xlabel("nominal level of the central interval"); ax.set_ylabel("observed coverage of truth")
-    ax.set_xlim(0, 1); ax.set_ylim(0, 1); ax.set_aspect("equal"); ax.legend(fontsize=7, loc="upper left")
-    ax.set_title(f"Calibration, {t} patient", fontsize=10)
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 4.8))
+    for ax, k, what in ((axes[0], 2, "raw spread (--no-calibrate)"), (axes[1], 1, "calibrated on validation spots")):
+        ax.plot([0, 1], [0, 1], ":", color="0.5")
+        for label, c in curves.items():
+            ax.plot(c[0], c[k], "o-", ms=3, label=label)
+        ax.set_xlabel("nominal level of the central interval"); ax.set_ylabel("observed coverage of truth")
+        ax.set_xlim(0, 1); ax.set_ylim(0, 1); ax.set_aspect("equal")
+        ax.set_title(f"{what}, {t} patient", fontsize=9)
+    axes[0].legend(fontsize=6, loc="upper left")
     fig.tight_layout(); fig.savefig(f"{out}/calibration_{t}.png", dpi=120); plt.close(fig)
     print(f"(calibration curves: {out}/calibration_{t}.png)")
 pre = times[times.label == "pretrain"].s

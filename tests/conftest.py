@@ -1,6 +1,8 @@
 """Shared fixtures: paths to ../shared, a runner for the stage scripts, small generated datasets."""
 import gzip
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +18,21 @@ FIXTURES = os.path.join(SHARED, "fixtures")
 sys.path.insert(0, ROOT)
 
 needs_shared = pytest.mark.skipif(not os.path.isdir(HER2ST), reason=f"shared data not found at {SHARED}")
+
+
+def lay_out_hub_cache(cache, repo, files):
+    """A Hugging Face cache folder as huggingface_hub writes it: each file ({name: source}) a blob named by
+    its sha256, a snapshot of one commit linking to them, refs/main naming that commit -> {name: sha256}."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit, digests = "0123456789abcdef0123456789abcdef01234567", {}
+    for sub in ("blobs", f"snapshots/{commit}", "refs"):
+        os.makedirs(folder / sub, exist_ok=True)
+    for name, src in files.items():
+        digests[name] = hashlib.sha256(open(src, "rb").read()).hexdigest()
+        shutil.copy(src, folder / "blobs" / digests[name])
+        os.symlink(f"../../blobs/{digests[name]}", folder / "snapshots" / commit / name)
+    (folder / "refs" / "main").write_text(commit)
+    return digests
 
 
 def run_script(script, *args, check=True):

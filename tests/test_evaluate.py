@@ -146,6 +146,22 @@ def test_evaluate_writes_distribution_and_structure_metrics(folders):
     assert old_rows[0].count("±") == len(E.GROUPS[0]) and "–" in old_rows[1] and "±" not in old_rows[1]
 
 
+def test_calibrated_prediction_also_reports_its_raw_spread(folders):
+    """A prediction whose std was scaled by calibration_scale: the raw curve is that of std / scale, so
+    halving the raw spread lowers its coverage at every level, and summary.json keeps both curves."""
+    with h5py.File(folders / "pred" / "s2.h5", "a") as f:
+        f["calibration_scale"] = np.full(30, 2.0, np.float32)
+    _, _, _, curves = E.evaluate_dir(str(folders / "pred"), str(folders / "data"))
+    assert set(curves) == {"calibrated", "raw"}
+    assert curves["raw"]["s1"] is curves["calibrated"]["s1"]          # no scale stored: raw is the calibrated curve
+    assert (curves["raw"]["s2"] < curves["calibrated"]["s2"]).all()
+    s2 = E.load_pair(str(folders / "pred" / "s2.h5"), str(folders / "data"))
+    np.testing.assert_allclose(curves["raw"]["s2"], E.calibration(s2.truth, s2.pred, s2.std / 2))
+    run_script("evaluate.py", "--pred", folders / "pred", "--data", folders / "data", "--out", folders / "eval")
+    cal = json.load(open(folders / "eval" / "summary.json"))["calibration"]
+    np.testing.assert_allclose(cal["raw_coverage"], (curves["raw"]["s1"] + curves["raw"]["s2"]) / 2, atol=1e-9)
+
+
 @pytest.mark.parametrize("bad, words", [(lambda std: std[:, :5], ["std has shape", "(120, 5)"]),
                                         (lambda std: -std, ["negative", "std"])], ids=["wrong shape", "negative"])
 def test_bad_std_is_refused_and_nothing_written(folders, bad, words):

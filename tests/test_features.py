@@ -14,7 +14,7 @@ from PIL import Image
 
 import extract_features as X
 from common import UserError
-from conftest import HER2ST, ROOT, assert_user_error, make_her2st, needs_shared, run_script
+from conftest import HER2ST, ROOT, assert_user_error, lay_out_hub_cache, make_her2st, needs_shared, run_script
 
 Image.MAX_IMAGE_PIXELS = None
 
@@ -135,26 +135,13 @@ def test_stain_features_on_real_c2_separate_tissue_and_vary(tmp_path):
 
 # ----------------------------------------------------------------------------- weights by hub id
 
-def lay_out_hub_cache(cache, repo, filename, src):
-    """A Hugging Face cache folder as huggingface_hub writes it: the file as a blob named by its sha256,
-    a snapshot of one commit linking to it, refs/main naming that commit."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    commit, digest = "0123456789abcdef0123456789abcdef01234567", X.sha256(src)
-    for sub in ("blobs", f"snapshots/{commit}", "refs"):
-        os.makedirs(folder / sub)
-    shutil.copy(src, folder / "blobs" / digest)
-    os.symlink(f"../../blobs/{digest}", folder / "snapshots" / commit / filename)
-    (folder / "refs" / "main").write_text(commit)
-    return digest
-
-
 def test_weights_by_hub_id_come_from_the_cache_offline_and_only_with_the_prefix(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     torch.manual_seed(0)
     net, *_ = X.build_encoder("resnet50")
     save_file(net.state_dict(), tmp_path / "model.safetensors")
     cache = tmp_path / "hub"
-    digest = lay_out_hub_cache(cache, "timm/resnet50.a1_in1k", "model.safetensors", tmp_path / "model.safetensors")
+    digest = lay_out_hub_cache(cache, "timm/resnet50.a1_in1k", {"model.safetensors": tmp_path / "model.safetensors"})["model.safetensors"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     make_her2st(tmp_path / "raw", n_slices=1, n_spots=6)

@@ -185,7 +185,7 @@ def test_heads_through_the_cli(demo, backbone, tmp_path):
     out = tmp_path / "pred"
     run_script("sample.py", "--run", run, "--data", demo / "data", "--samples", "3", "--out", out)
     with h5py.File(out / "demo1.h5") as f:
-        assert f.attrs["head"] == "gaussian" and f.attrs["temperature"] == 1 and f.attrs["calibrated"]
+        assert f.attrs["head"] == "gaussian" and f.attrs["temperature"] == 0.5 and f.attrs["calibrated"]
         assert f["calibration_scale"].shape == (ck["config"]["n_genes"],) and (f["std"][()] > 0).all()
     import anndata
     ad = anndata.read_h5ad(out / "demo1.h5ad")
@@ -203,7 +203,7 @@ def test_heads_through_the_cli(demo, backbone, tmp_path):
         p = run_script("sample.py", "--run", target, "--data", demo / "data", "--out", bad, *flags, check=False)
         assert_user_error(p, *words)
     point = tmp_path / "p"
-    train(demo, point, "--backbone-ckpt", backbone, "--epochs", "1")
+    train(demo, point, "--backbone-ckpt", backbone, "--epochs", "1", "--head", "point")
     p = run_script("sample.py", "--run", point, "--data", demo / "data", "--out", bad, "--temperature", "0.5", check=False)
     assert_user_error(p, "--temperature 0.5", "point")
     assert not bad.exists()

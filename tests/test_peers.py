@@ -368,3 +368,43 @@ def test_train_and_sample_with_context_on_a_virtual_st_grid(demo, tmp_path):
     n_inside = (cKDTree(geom.xy).query_ball_point(geom.xy, ck["context"]["radius_um"], return_length=True) - 1)
     assert np.median(n_inside) >= 12                     # 2x finer hexagonal grid: the same area holds ~3x the spots
     assert not np.allclose(H[:, 74:], H[:, :74])
+
+
+@pytest.fixture(scope="module")
+def grid_slide(demo, tmp_path_factory):
+    """demo1's image alone, as a slide without spatial data, gridded at half the training pitch."""
+    out = tmp_path_factory.mktemp("grid") / "slide"
+    run_script("prepare_data.py", "--dataset", "image", "--image", demo / "data" / "images" / "demo1.tif",
+               "--spot-pitch-um", "100", "--out", out)
+    run_script("extract_features.py", "--data", out, "--encoder", "stain")
+    return out
+
+
+@pytest.mark.parametrize("method, extra", [("ridge", ["--context", "4"]), ("stflow", ["--epochs", "2", "--budget-s", "0"])])
+def test_baselines_predict_a_virtual_st_grid_as_they_predict_spots(demo, grid_slide, tmp_path, method, extra):
+    """baselines.py --predict-data: the fold's model predicts every slice of a slide without spatial data; at the
+    grid point nearest each measured spot it agrees with its spot-mode prediction of that spot."""
+    fold = ["--data", demo / "data", "--features", "stain", "--test-slice", "demo1", "--method", method, *extra]
+    run_script("baselines.py", *fold, "--out", tmp_path / "spots")
+    run_script("baselines.py", *fold, "--predict-data", grid_slide, "--out", tmp_path / "grid")
+    assert sorted(os.listdir(tmp_path / "grid")) == ["demo1.h5", "demo1.h5ad"]
+    with h5py.File(tmp_path / "grid" / "demo1.h5", "r") as g, h5py.File(grid_slide / "slices" / "demo1.h5", "r") as s, \
+            h5py.File(tmp_path / "spots" / "demo1.h5", "r") as p:
+        assert list(g["barcode"]) == list(s["barcode"]) and g["pred"].shape == (len(s["barcode"]), p["pred"].shape[1])
+        grid_pred, spot_pred = g["pred"][()], p["pred"][()]
+        assert g.attrs["calibrated"] and np.isfinite(grid_pred).all()
+    spots, grid = slice_geometry(str(demo / "data"), "demo1"), slice_geometry(str(grid_slide), "demo1")
+    dist, nearest = cKDTree(grid.xy).query(spots.xy)
+    on = dist < 60                                          # spots on detected tissue: a grid point within 100 / √3 µm
+    assert on.mean() > 0.8
+    r = [np.corrcoef(a, b)[0, 1] for a, b in zip(spot_pred[on].T, grid_pred[nearest[on]].T) if a.std() > 0 and b.std() > 0]
+    assert np.median(r) > 0.5, np.median(r)
+
+
+def test_predict_data_without_features_is_one_line_error(demo, tmp_path):
+    run_script("prepare_data.py", "--dataset", "image", "--image", demo / "data" / "images" / "demo1.tif",
+               "--spot-pitch-um", "100", "--out", tmp_path / "slide")
+    p = run_script("baselines.py", "--data", demo / "data", "--features", "stain", "--test-slice", "demo1", "--method",
+                   "ridge", "--predict-data", tmp_path / "slide", "--out", tmp_path / "grid", check=False)
+    assert_user_error(p, "stain")
+    assert not (tmp_path / "grid").exists()

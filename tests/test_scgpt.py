@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import checkpoints as C
 import model as M
 import scgpt
-from conftest import assert_user_error, make_her2st, run_script
+from conftest import assert_user_error, lay_out_hub_cache, make_her2st, run_script
 from common import decode
 
 D, HEADS, FFN, LAYERS, NB = 32, 4, 48, 2, 51             # FFN != D so that a transposed feed-forward shows
@@ -320,6 +320,30 @@ def test_train_reads_an_official_folder_without_a_preset(demo, official, tmp_pat
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert (ck["config"]["dim"], ck["config"]["ffn"], ck["config"]["values"]) == (D, FFN, "binned")
     assert ck["gene_tokens"] == list(range(5, 5 + len(ck["genes"])))
+
+
+def test_backbone_by_hub_id_from_the_cache_offline(demo, official, backbone, tmp_path, monkeypatch):
+    """--backbone-ckpt hf-hub:<owner>/<name> is an scGPT folder, hf-hub:<owner>/<name>/<file> a CellFM file,
+    read from the Hugging Face cache offline; uncached, a one-line error and nothing written."""
+    cache = tmp_path / "hub"
+    lay_out_hub_cache(cache, "lab/scgpt-demo", {f: official / f for f in scgpt.FILES})
+    lay_out_hub_cache(cache, "lab/cellfm-demo", {"weights/backbone.safetensors": backbone})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    folder = C.resolve_backbone("hf-hub:lab/scgpt-demo")
+    assert sorted(os.listdir(folder)) == sorted(scgpt.FILES)
+    assert open(C.resolve_backbone("hf-hub:lab/cellfm-demo/weights/backbone.safetensors"), "rb").read() == \
+        open(backbone, "rb").read()
+    assert C.resolve_backbone(str(backbone)) == str(backbone)   # a path without the prefix is never looked up
+
+    train_scgpt(demo, tmp_path / "run", "--backbone-ckpt", "hf-hub:lab/scgpt-demo", "--epochs", "1", "--batch-size", "64")
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ck["backbone_ckpt"] == "hf-hub:lab/scgpt-demo"
+    saved = scgpt.read_checkpoint(str(official)).state
+    assert all(torch.equal(ck["model"][k], v) for k, v in saved.items() if k in ck["model"])
+    p = train_scgpt(demo, tmp_path / "bad", "--backbone-ckpt", "hf-hub:lab/absent", check=False)
+    assert_user_error(p, "hf-hub:lab/absent", "is not in the Hugging Face cache", "login")
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("damage, words", [
