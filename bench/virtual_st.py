@@ -10,7 +10,9 @@ has a grid point within 50/√3 = 29 µm, and the ST spot diameter of 100 µm). 
 nearest each measured spot it reports how far the two predictions agree (per-gene r across spots)
 and how both score against C2's measured expression. With --context K a second HINGE sees each spot's
 K-neighbour mean features too: on the grid its neighbourhood is the same radius in µm, not K grid
-points, and it is compared the same way. Re-running reuses finished steps.
+points, and it is compared the same way, as are the --baselines (baselines.py --predict-data on the
+grid; ridge with the same --context; the slide-context peers with a fixed epoch count). Re-running
+reuses finished steps.
 """
 import argparse
 import glob
@@ -43,7 +45,11 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "virtual_st"), help="output folder")
     p.add_argument("--pitch", type=float, default=50.0, help="grid pitch in µm (default 50)")
     p.add_argument("--samples", type=int, default=5, help="samples per spot in both modes (default 5)")
-    p.add_argument("--context", type=int, default=8, help="also a HINGE with --context K (default 8; 0: none)")
+    p.add_argument("--context", type=int, default=8, help="also a HINGE with --context K, and the spot-level "
+                                                          "--baselines with it (default 8; 0: none)")
+    p.add_argument("--baselines", default="ridge,stflow,triplex,merge",
+                   help="baselines.py methods fitted on the same fold and predicted both ways (default "
+                        "ridge,stflow,triplex,merge; empty: none)")
     a = p.parse_args()
     out = os.path.abspath(a.out)
 
@@ -66,25 +72,39 @@ def main():
     on_grid = dist * um <= 35.0                          # measured spots with a grid point within 35 µm
     print(f"\nC2: {len(grid_px)} grid points ({a.pitch:g} µm hexagonal); {on_grid.sum()} of {len(spot_px)} measured spots "
           f"have one within 35 µm (farthest {dist.max() * um:.1f} µm)")
-    print(f"{'against C2 truth':<34}{'PCC-50':>9}{'mean r':>9}{'MSE':>9}{'agreement':>11}{'grid spots/s':>14}")
+    fold = ["--data", data, "--features", "stain", "--test-slice", "C2", "--exclude", "B4"]
+    rows = []                                            # (label, spot-mode file, grid file)
     for k in sorted({0, a.context}):
         tag = f"context{k}" if k else "plain"
         run = os.path.join(quality, "runs", "C2", f"hinge_ctx{k}" if k else "hinge_bins")  # bench/quality.sh's names
-        step(f"train on C3-C6 ({tag})", os.path.join(run, "done"), "train.py", "--data", data, "--features", "stain",
-             "--test-slice", "C2", "--exclude", "B4", "--preset", "small", "--epochs", "10", "--lr", "1e-3",
-             "--backbone-ckpt", backbone, "--context", str(k), "--out", run)
+        step(f"train on C3-C6 ({tag})", os.path.join(run, "done"), "train.py", *fold, "--preset", "small", "--epochs", "10",
+             "--lr", "1e-3", "--backbone-ckpt", backbone, "--context", str(k), "--out", run)
         open(os.path.join(run, "done"), "w").close()
         sampling = ["--run", run, "--steps", "5", "--samples", str(a.samples)]
         spots, grid_out = os.path.join(out, f"spots_{tag}"), os.path.join(out, f"grid_pred_{tag}")
         step(f"sample C2 spots ({tag})", os.path.join(spots, "C2.h5"), "sample.py", "--data", data, *sampling, "--out", spots)
         step(f"sample grid ({tag})", os.path.join(grid_out, f"{name}.h5"), "sample.py", "--data", grid, "--slices", name,
              *sampling, "--out", grid_out)
-        with h5py.File(os.path.join(spots, "C2.h5"), "r") as f:
+        rows.append((f"HINGE{f' --context {k}' if k else ''}", os.path.join(spots, "C2.h5"), os.path.join(grid_out, f"{name}.h5")))
+    for method in a.baselines.split(",") if a.baselines else []:
+        extra = ["--context", str(a.context)] if method in ("ridge", "mlp", "knn") and a.context else \
+            ["--epochs", "20", "--budget-s", "0"] if method in ("stflow", "triplex", "merge") else []
+        # a fixed epoch count, not a time budget: the spot-mode and the grid call fit the very same model
+        spots, grid_out = os.path.join(out, f"spots_{method}"), os.path.join(out, f"grid_pred_{method}")
+        step(f"{method} on C2 spots", os.path.join(spots, "C2.h5"), "baselines.py", *fold, "--method", method, *extra,
+             "--out", spots)
+        step(f"{method} on the grid", os.path.join(grid_out, f"{name}.h5"), "baselines.py", *fold, "--method", method,
+             *extra, "--predict-data", grid, "--out", grid_out)
+        rows.append((f"{method}{' --context ' + str(a.context) if '--context' in extra else ''}",
+                     os.path.join(spots, "C2.h5"), os.path.join(grid_out, f"{name}.h5")))
+
+    print(f"{'against C2 truth':<34}{'PCC-50':>9}{'mean r':>9}{'MSE':>9}{'agreement':>11}{'grid spots/s':>14}")
+    for label, spot_file, grid_file in rows:
+        with h5py.File(spot_file, "r") as f:
             spot_pred = f["pred"][()][on_grid]
-        with h5py.File(os.path.join(grid_out, f"{name}.h5"), "r") as f:
+        with h5py.File(grid_file, "r") as f:
             grid_pred, secs = f["pred"][()][nearest[on_grid]], f.attrs["seconds"]
         agree = np.nanmedian(pearson_per_gene(spot_pred, grid_pred))  # per-gene r across spots, grid vs spot mode
-        label = f"HINGE{f' --context {k}' if k else ''}"
         for mode, pred in (("spot mode", spot_pred), ("image path (grid)", grid_pred)):
             r = pearson_per_gene(truth[on_grid], pred)
             print(f"{label + ', ' + mode:<34}{top_k_mean(r, 50):>9.3f}{np.nanmean(r):>9.3f}"
@@ -94,7 +114,7 @@ def main():
                                  for s in ("C3", "C4", "C5", "C6")]).mean(0)
     print(f"{'training mean':<34}{'–':>9}{'–':>9}{((truth[on_grid] - train_mean) ** 2).mean():>9.3f}")
     print("(agreement: median over genes of the per-gene r across those spots between the grid point's and the spot "
-          "mode's prediction)")
+          "mode's prediction; grid spots/s: sample.py's sampling, baselines.py's fit and prediction together)")
 
 
 if __name__ == "__main__":
