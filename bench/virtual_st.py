@@ -5,9 +5,9 @@
 Trains HINGE on C3-C6 (stain features; the data, backbone and runs of bench/quality.sh's fold C2, reused
 when that has run), then predicts C2 twice:
 in spot mode (sample.py on C2's measured spots) and through the image path, as for a slide without
-spatial data (C2's H&E alone, a dense hexagonal grid of 50 µm pitch, so that every measured spot
-has a grid point within 50/√3 = 29 µm, and the ST spot diameter of 100 µm). At the grid point
-nearest each measured spot it reports how far the two predictions agree (per-gene r across spots)
+spatial data (C2's H&E alone, a hexagonal grid of --pitch µm, default 50, so that every measured
+spot on tissue has a grid point within pitch/√3, and the ST spot diameter of 100 µm). At the grid
+point nearest each measured spot it reports how far the two predictions agree (per-gene r across spots)
 and how both score against C2's measured expression. With --context K a second HINGE sees each spot's
 K-neighbour mean features too: on the grid its neighbourhood is the same radius in µm, not K grid
 points, and it is compared the same way, as are the --baselines (baselines.py --predict-data on the
@@ -69,9 +69,10 @@ def main():
     with h5py.File(os.path.join(grid, "slices", f"{name}.h5"), "r") as f:
         grid_px = f["pixel"][()]
     dist, nearest = cKDTree(grid_px).query(spot_px)
-    on_grid = dist * um <= 35.0                          # measured spots with a grid point within 35 µm
+    reach = a.pitch / np.sqrt(3) + 5                     # a hexagonal grid's farthest point from tissue it covers, + 5 µm
+    on_grid = dist * um <= reach                         # measured spots on detected tissue
     print(f"\nC2: {len(grid_px)} grid points ({a.pitch:g} µm hexagonal); {on_grid.sum()} of {len(spot_px)} measured spots "
-          f"have one within 35 µm (farthest {dist.max() * um:.1f} µm)")
+          f"have one within {reach:.0f} µm (farthest {dist.max() * um:.1f} µm)")
     fold = ["--data", data, "--features", "stain", "--test-slice", "C2", "--exclude", "B4"]
     rows = []                                            # (label, spot-mode file, grid file)
     for k in sorted({0, a.context}):
