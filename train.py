@@ -46,8 +46,8 @@ def parse_args():
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for --variant backbone-lora (default 8)")
     p.add_argument("--objective", default="masked", choices=["masked", "gaussian"], help="masked diffusion or Gauss-Diff ablation")
     p.add_argument("--head", choices=["point", "gaussian", "bins"],
-                   help="the value of a revealed gene: bins (default: a categorical over bins of log2(count + 1), "
-                        "cross-entropy), gaussian (a mean and a variance per gene, NLL) or point (the official decoder, "
+                   help="the value of a revealed gene: gaussian (default: a mean and a variance per gene, NLL), bins "
+                        "(a categorical over bins of log2(count + 1), cross-entropy) or point (the official decoder, "
                         "MSE; Gauss-Diff's only head); sample.py draws from it")
     p.add_argument("--cond", default="softadaln", choices=["softadaln", "hist-affine-ln"], help="how histology enters the blocks")
     p.add_argument("--gate", default="sigmoid", choices=["sigmoid", "residual"],
@@ -88,8 +88,8 @@ def main():
     if a.variant == "hinge" and not a.backbone_ckpt:
         raise UserError("--variant hinge freezes the backbone, so it needs --backbone-ckpt (official CellFM or scGPT "
                         "weights, or pretrain.py output); or use --variant scratch")
-    # bins: the lowest validation CRPS at no loss of PCC-50 or MSE (docs/benchmarks.md "Choosing the head")
-    a.head = a.head or ("point" if a.objective == "gaussian" else "bins")
+    # gaussian: the lowest validation CRPS at no loss of PCC-50 or MSE (docs/benchmarks.md "Choosing the head")
+    a.head = a.head or ("point" if a.objective == "gaussian" else "gaussian")
     if a.objective == "gaussian" and a.head != "point":
         raise UserError(f"--head {a.head}: Gauss-Diff (--objective gaussian) denoises values with the point head")
     if a.variant == "scratch" and a.backbone_ckpt:

@@ -92,19 +92,19 @@ for s in "${folds[@]}"; do
   done
   seeds=42; [ "$(table_of "$s")" = cross ] && seeds=$SEEDS
   IFS=, read -ra seed_list <<< "$seeds"
-  for seed in "${seed_list[@]}"; do          # HINGE as it ships: the bins head, temperature 0.5
+  for seed in "${seed_list[@]}"; do          # HINGE as it ships: the gaussian head, temperature 0.5
     tag=$([ "$seed" = 42 ] || echo "@$seed")  # seed 42 (the default) is the plain name
-    train "hinge_bins$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed" --head bins
-    sample "hinge_bins_K5$tag" "hinge_bins$tag" "$s" 5 "$SAMPLES"
+    train "hinge_gaussian$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed" --head gaussian
+    sample "hinge_gaussian_K5$tag" "hinge_gaussian$tag" "$s" 5 "$SAMPLES"
   done
   train hinge_point "$s" --backbone-ckpt "$BACKBONE" --head point  # the official head: the change shows
   sample hinge_point_K5 hinge_point "$s" 5 "$SAMPLES"
   train hinge_ctx8 "$s" --backbone-ckpt "$BACKBONE" --context 8
   sample hinge_ctx8_K5 hinge_ctx8 "$s" 5 "$SAMPLES"
   [ "$ABLATIONS" = 1 ] || continue          # the other head, the step budget and the paper's ablations
-  train hinge_gaussian "$s" --backbone-ckpt "$BACKBONE" --head gaussian  # bench/choose_head.sh trains the heads too
-  sample hinge_gaussian_K5 hinge_gaussian "$s" 5 "$SAMPLES"
-  sample hinge_bins_K1 hinge_bins "$s" 1 "$SAMPLES"
+  train hinge_bins "$s" --backbone-ckpt "$BACKBONE" --head bins  # bench/choose_head.sh trains the heads too
+  sample hinge_bins_K5 hinge_bins "$s" 5 "$SAMPLES"
+  sample hinge_gaussian_K1 hinge_gaussian "$s" 1 "$SAMPLES"
   train gaussian "$s" --backbone-ckpt "$BACKBONE" --objective gaussian
   sample gaussian_K50 gaussian "$s" 50 2                   # DDIM at the full budget: Gauss-Diff's best case
   train scratch "$s" --variant scratch
@@ -127,11 +127,11 @@ import matplotlib.pyplot as plt
 out, folds = sys.argv[1], sys.argv[2].split(",")
 times = pd.read_csv(f"{out}/times.tsv", sep="\t", names=["label", "fold", "s"])
 names = {"mean": "training mean", "ridge": "ridge", "mlp": "MLP head", "knn": "kNN", "gaussian_K50": "Gauss-Diff K=50",
-         "scratch_K5": "scratch K=5", "hinge_bins_K1": "HINGE K=1", "hinge_bins_K5": "HINGE K=5",
-         "hinge_point_K5": "HINGE point K=5", "hinge_gaussian_K5": "HINGE gaussian K=5", "stflow": "STFlow",
+         "scratch_K5": "scratch K=5", "hinge_gaussian_K1": "HINGE K=1", "hinge_gaussian_K5": "HINGE K=5",
+         "hinge_point_K5": "HINGE point K=5", "hinge_bins_K5": "HINGE bins K=5", "stflow": "STFlow",
          "triplex": "TRIPLEX", "merge": "MERGE", "ridge_ctx8": "ridge --context 8", "mlp_ctx8": "MLP --context 8",
          "hinge_ctx8_K5": "HINGE --context 8 K=5"}
-fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_bins_K1": "train:hinge_bins",
+fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_gaussian_K1": "train:hinge_gaussian",
           "hinge_bins_K5": "train:hinge_bins", "hinge_point_K5": "train:hinge_point",
           "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_ctx8_K5": "train:hinge_ctx8"}
 cols = ["PCC-50", "mean_r", "MSE", "bias2", "SSIM", "CRPS", "cover50", "cover90", "spread_skill", "struct_r",

@@ -77,7 +77,7 @@ def main():
     rows = []                                            # (label, spot-mode file, grid file)
     for k in sorted({0, a.context}):
         tag = f"context{k}" if k else "plain"
-        run = os.path.join(quality, "runs", "C2", f"hinge_ctx{k}" if k else "hinge_bins")  # bench/quality.sh's names
+        run = os.path.join(quality, "runs", "C2", f"hinge_ctx{k}" if k else "hinge_gaussian")  # bench/quality.sh's names
         step(f"train on C3-C6 ({tag})", os.path.join(run, "done"), "train.py", *fold, "--preset", "small", "--epochs", "10",
              "--lr", "1e-3", "--backbone-ckpt", backbone, "--context", str(k), "--out", run)
         open(os.path.join(run, "done"), "w").close()
