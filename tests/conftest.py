@@ -30,7 +30,9 @@ def lay_out_hub_cache(cache, repo, files):
     for name, src in files.items():
         digests[name] = hashlib.sha256(open(src, "rb").read()).hexdigest()
         shutil.copy(src, folder / "blobs" / digests[name])
-        os.symlink(f"../../blobs/{digests[name]}", folder / "snapshots" / commit / name)
+        link = folder / "snapshots" / commit / name          # a file in a subfolder of the repository: a deeper link
+        os.makedirs(link.parent, exist_ok=True)
+        os.symlink(os.path.relpath(folder / "blobs" / digests[name], link.parent), link)
     (folder / "refs" / "main").write_text(commit)
     return digests
 

@@ -328,8 +328,11 @@ def test_backbone_by_hub_id_from_the_cache_offline(demo, official, backbone, tmp
     cache = tmp_path / "hub"
     lay_out_hub_cache(cache, "lab/scgpt-demo", {f: official / f for f in scgpt.FILES})
     lay_out_hub_cache(cache, "lab/cellfm-demo", {"weights/backbone.safetensors": backbone})
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")               # for the scripts run below
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: for this process
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     folder = C.resolve_backbone("hf-hub:lab/scgpt-demo")
     assert sorted(os.listdir(folder)) == sorted(scgpt.FILES)
     assert open(C.resolve_backbone("hf-hub:lab/cellfm-demo/weights/backbone.safetensors"), "rb").read() == \
