@@ -92,13 +92,13 @@ for s in "${folds[@]}"; do
   done
   seeds=42; [ "$(table_of "$s")" = cross ] && seeds=$SEEDS
   IFS=, read -ra seed_list <<< "$seeds"
-  for seed in "${seed_list[@]}"; do          # HINGE as it ships: the gaussian head, temperature 0.5
+  for seed in "${seed_list[@]}"; do
     tag=$([ "$seed" = 42 ] || echo "@$seed")  # seed 42 (the default) is the plain name
-    train "hinge_gaussian$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed" --head gaussian
-    sample "hinge_gaussian_K5$tag" "hinge_gaussian$tag" "$s" 5 "$SAMPLES"
+    for head in gaussian point; do           # HINGE as it ships (gaussian, temperature 0.5) and the official head
+      train "hinge_$head$tag" "$s" --backbone-ckpt "$BACKBONE" --seed "$seed" --head $head
+      sample "hinge_${head}_K5$tag" "hinge_$head$tag" "$s" 5 "$SAMPLES"
+    done
   done
-  train hinge_point "$s" --backbone-ckpt "$BACKBONE" --head point  # the official head: the change shows
-  sample hinge_point_K5 hinge_point "$s" 5 "$SAMPLES"
   train hinge_ctx8 "$s" --backbone-ckpt "$BACKBONE" --context 8
   sample hinge_ctx8_K5 hinge_ctx8 "$s" 5 "$SAMPLES"
   [ "$ABLATIONS" = 1 ] || continue          # the other head, the step budget and the paper's ablations
@@ -156,6 +156,8 @@ for t in ("within", "cross"):
             continue
         df = pd.concat([pd.read_csv(f"{d}/metrics.csv") for d in dirs])
         df = df[df.slice.isin(folds)]
+        if not len(df):                                  # predicted only for folds not asked for
+            continue
         tm = times[times.fold.isin(df.slice)]
         fit = tm[tm.label == fit_of[m]].s.mean() if m in fit_of else float("nan")
         rows.append([names[m]] + [cell(df[c]) if c in df else "–" for c in cols]
