@@ -99,7 +99,7 @@ def main():
         rows.append((f"{method}{' --context ' + str(a.context) if '--context' in extra else ''}",
                      os.path.join(spots, "C2.h5"), os.path.join(grid_out, f"{name}.h5")))
 
-    print(f"{'against C2 truth':<34}{'PCC-50':>9}{'mean r':>9}{'MSE':>9}{'agreement':>11}{'grid spots/s':>14}")
+    print(f"{'against C2 truth':<38}{'PCC-50':>9}{'mean r':>9}{'MSE':>9}{'agreement':>11}{'grid spots/s':>14}")
     for label, spot_file, grid_file in rows:
         with h5py.File(spot_file, "r") as f:
             spot_pred = f["pred"][()][on_grid]
@@ -108,12 +108,12 @@ def main():
         agree = np.nanmedian(pearson_per_gene(spot_pred, grid_pred))  # per-gene r across spots, grid vs spot mode
         for mode, pred in (("spot mode", spot_pred), ("image path (grid)", grid_pred)):
             r = pearson_per_gene(truth[on_grid], pred)
-            print(f"{label + ', ' + mode:<34}{top_k_mean(r, 50):>9.3f}{np.nanmean(r):>9.3f}"
+            print(f"{label + ', ' + mode:<38}{top_k_mean(r, 50):>9.3f}{np.nanmean(r):>9.3f}"
                   f"{((truth[on_grid] - pred) ** 2).mean():>9.3f}"
                   + (f"{agree:>11.3f}{len(grid_px) / secs:>14.1f}" if mode != "spot mode" else ""))
     train_mean = np.concatenate([h5py.File(os.path.join(data, "slices", f"{s}.h5"), "r")["expr"][()]
                                  for s in ("C3", "C4", "C5", "C6")]).mean(0)
-    print(f"{'training mean':<34}{'–':>9}{'–':>9}{((truth[on_grid] - train_mean) ** 2).mean():>9.3f}")
+    print(f"{'training mean':<38}{'–':>9}{'–':>9}{((truth[on_grid] - train_mean) ** 2).mean():>9.3f}")
     print("(agreement: median over genes of the per-gene r across those spots between the grid point's and the spot "
           "mode's prediction; grid spots/s: sample.py's sampling, baselines.py's fit and prediction together)")
 
