@@ -210,6 +210,20 @@ def init_distributed(device):
     return rank, world, device
 
 
+def synced_seconds(dev, f):
+    """Wall seconds of f() on `dev`; on a GPU the queued work is finished before and after, since CUDA
+    runs asynchronously and the clock would otherwise stop before the kernels do."""
+    import time
+    import torch
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    f()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def add_fold_args(p):
     """The arguments that define a leave-one-slice-out fold and its validation split, shared by
     train.py and baselines.py so that both see the same training and validation spots."""

@@ -6,7 +6,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from typing import NamedTuple
 
 import h5py
@@ -17,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import extract_features as X  # noqa: E402
 import model as M  # noqa: E402
-from common import str_array  # noqa: E402
+from common import str_array, synced_seconds  # noqa: E402
 
 HIST_DIM = 1536                # UNI 1024 + CONCH 512, the paper's histology vector
 
@@ -40,16 +39,6 @@ SMOKE = Sizes(batch=1, batches=1, warmup=False, genes=40, spots=48, sample_batch
 #                                 Throughput                                    #
 #################################################################################
 
-def seconds(dev, f):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    f()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def peak_gib(dev):
     return torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
 
@@ -71,7 +60,7 @@ def sampler_rate(preset, sz, dev, amp):
     with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
         if sz.warmup:
             M.generate(net, diffusion, hist, 5, 1, gen)
-        secs = sum(seconds(dev, lambda: M.generate(net, diffusion, hist, 5, 1, gen)) for _ in range(sz.batches))
+        secs = sum(synced_seconds(dev, lambda: M.generate(net, diffusion, hist, 5, 1, gen)) for _ in range(sz.batches))
     return sz.batch * sz.batches / secs
 
 
@@ -81,7 +70,7 @@ def encoder_rate(name, sz, dev, amp):
     patches = np.random.default_rng(0).integers(0, 256, (sz.batch, 224, 224, 3), dtype=np.uint8)
     if sz.warmup:
         enc(patches)
-    return sz.batch * sz.batches / sum(seconds(dev, lambda: enc(patches)) for _ in range(sz.batches))
+    return sz.batch * sz.batches / sum(synced_seconds(dev, lambda: enc(patches)) for _ in range(sz.batches))
 
 
 #################################################################################

@@ -17,7 +17,6 @@ as warm-up), each model built once; then the ratios of the second preset to the 
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+from common import synced_seconds  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--presets", help="presets to compare (default small,cellfm-80m; --cost: scgpt,cellfm-800m)")
@@ -44,19 +44,9 @@ a.spots = a.spots or ("8,1" if a.cost else "64,4")
 dev = torch.device(a.device)
 
 
-def seconds(f):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    f()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def spots_per_s(net, diffusion, hist, K):
     gen = torch.Generator(dev).manual_seed(0)
-    return len(hist) / seconds(lambda: M.generate(net, diffusion, hist, K, 1, gen))
+    return len(hist) / synced_seconds(dev, lambda: M.generate(net, diffusion, hist, K, 1, gen))
 
 
 @torch.no_grad()
@@ -66,8 +56,8 @@ def histology_share(net, diffusion, hist, repeats=20):
     ranks = diffusion.gene_ranks(len(hist), dev)
     t = torch.full((len(hist),), diffusion.T // 2, device=dev)
     x, vis = torch.randn(len(hist), diffusion.G, device=dev), diffusion.visible(ranks, t)
-    embed = min(seconds(lambda: net.embed_histology(hist)) for _ in range(repeats))
-    step = min(seconds(lambda: net(x, vis, t, diffusion.visible(ranks, t - 1), h)) for _ in range(repeats))
+    embed = min(synced_seconds(dev, lambda: net.embed_histology(hist)) for _ in range(repeats))
+    step = min(synced_seconds(dev, lambda: net(x, vis, t, diffusion.visible(ranks, t - 1), h)) for _ in range(repeats))
     return embed, step
 
 
@@ -84,7 +74,7 @@ def per_spot_cost(preset, n, K):
     gen = torch.Generator(dev).manual_seed(0)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         M.generate(net, diffusion, hist[:1], K, 1, gen)
-    secs = seconds(lambda: M.generate(net, diffusion, hist, K, 1, gen)) / n
+    secs = synced_seconds(dev, lambda: M.generate(net, diffusion, hist, K, 1, gen)) / n
     return sum(p.numel() for p in net.parameters()), counter.get_total_flops(), secs
 
 
