@@ -30,6 +30,7 @@ from common import (Features, UserError, feature_stats, read_slice, slice_geomet
 from model import timestep_embedding
 
 CHUNK = 1024                                             # centre spots (16x as many edges) per block: memory stays flat
+BLOCK = 4096                                             # feature rows read from disk at a time for a slide to predict
 
 
 #################################################################################
@@ -41,7 +42,8 @@ class Slide:
     """One slide, whole: every spot's features, and for a training slide its expression with the
     spots a model may learn from (`target`) and the validation spots (`val`) marked."""
     name: str
-    feats: torch.Tensor                                  # [N, D] standardised with the training statistics
+    feats: object                                        # [N, D] standardised with the training statistics: a tensor,
+                                                         # or SlideFeatures (on disk) for a slide to predict
     geom: object                                         # common.Geometry: centres, unit, pitch, patch side
     array: np.ndarray                                    # [N, 2] grid position (col, row)
     expr: torch.Tensor = None                            # [N, G] log2(count + 1); None on a slide to predict
@@ -83,13 +85,38 @@ def fold_slides(data_dir, encoders, test_slice, exclude, val_frac, seed, dev):
     return slides, s["genes"], mu, sd
 
 
+class SlideFeatures:
+    """A slide's features left on disk, standardised as in training when read, block by block: a 50k-spot slide's
+    1536-d features are 300 MB, so a peer keeps only its narrow projections of them (by_rows)."""
+    def __init__(self, data_dir, encoders, name, mu, sd, dev):
+        f = Features(data_dir, encoders, name)
+        self.n, self.dim = f.n, f.dim
+        f.close()
+        self.source, self.mu, self.sd, self.dev = (data_dir, encoders, name), mu, sd, dev
+
+    def __len__(self):
+        return self.n
+
+    def blocks(self):                                    # -> float32 tensors [≤ BLOCK, D], in row order
+        f = Features(*self.source)
+        try:
+            for s in range(0, self.n, BLOCK):
+                yield torch.from_numpy((f.read(s, s + BLOCK) - self.mu) / self.sd).float().to(self.dev)
+        finally:
+            f.close()
+
+
+def by_rows(feats, fn):
+    """fn of every spot's features -> [N, ·]: a training slide's tensor at once, a slide on disk block by block."""
+    if torch.is_tensor(feats):
+        return fn(feats)
+    return torch.cat([fn(b) for b in feats.blocks()])
+
+
 def load_slide(data_dir, encoders, name, mu, sd, dev):
-    """A slide to predict: its features (standardised as in training) and geometry; no expression is read."""
-    f = Features(data_dir, encoders, name)
-    h = f.read()
-    f.close()
+    """A slide to predict: its features (on disk, standardised as in training) and geometry; no expression is read."""
     array = read_slice(data_dir, name, ("array",))["array"]
-    return Slide(name, torch.from_numpy((h - mu) / sd).float().to(dev), slice_geometry(data_dir, name), array)
+    return Slide(name, SlideFeatures(data_dir, encoders, name, mu, sd, dev), slice_geometry(data_dir, name), array)
 
 
 def training_pitch_um(slides):
@@ -292,14 +319,14 @@ class STFlowNet(nn.Module):
         self.time = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.layers = nn.ModuleList([STFlowLayer(dim, heads, genes, dropout) for _ in range(layers)])
 
-    def forward(self, feats, g, t, graph):              # feats [N, D], g [N, G], t scalar -> x̂1 [N, G]
+    def forward(self, emb, g, t, graph):                # emb [N, W] = embed(features), g [N, G], t scalar -> x̂1 [N, G]
         # t x 1000: the 256-d sinusoid then spans [0, 1] as DiT's spans 1000 steps (the scale is not stated)
-        h = self.embed(feats) + self.time(timestep_embedding(torch.tensor([1000.0 * t], device=feats.device)))
-        outs = []
+        h = emb + self.time(timestep_embedding(torch.tensor([1000.0 * t], device=emb.device)))
+        total = 0
         for layer in self.layers:
             h, x1 = layer(h, g, graph)
-            outs.append(x1)
-        return torch.stack(outs).mean(0)                 # the mean of the per-layer gene heads
+            total = total + x1
+        return total / len(self.layers)                  # the mean of the per-layer gene heads
 
 
 def zinb_prior(shape, gen, dev):
@@ -360,7 +387,7 @@ class STFlow(Peer):
                 x1 = s.expr[rows]
                 t = float(torch.rand((), generator=self.gen, device=self.dev))  # one t per chunk
                 xt = (1 - t) * zinb_prior(x1.shape, self.gen, self.dev) + t * x1
-                pred = self.net(s.feats[rows], xt, t, spatial_graph(xy, self.K, self.dev))
+                pred = self.net(self.net.embed(s.feats[rows]), xt, t, spatial_graph(xy, self.K, self.dev))
                 sq, n = sq + ((pred - x1) ** 2).sum(), n + x1.numel()
             loss = sq / n                                # MSE over every spot of the batch's chunks
             loss.backward()
@@ -372,12 +399,13 @@ class STFlow(Peer):
     def predict(self, slide, n_samples=1, seed=0):
         """Whole slide, S samples from different priors -> (mean [N, G], samples [S, N, G])."""
         graph, gen = self.graph(slide), torch.Generator(self.dev).manual_seed(seed)
+        emb = by_rows(slide.feats, self.net.embed)       # once for every step and sample
         ts = torch.linspace(0.01, 1, 5).tolist()
         samples = []
         for _ in range(n_samples):
             x = zinb_prior((len(slide), self.G), gen, self.dev)
             for i in range(4):
-                x1 = self.net(slide.feats, x, ts[i], graph)
+                x1 = self.net(emb, x, ts[i], graph)
                 if i < 3:
                     x = x + (ts[i + 1] - ts[i]) * (x1 - x) / (1 - ts[i])
             samples.append(x1)
@@ -495,20 +523,22 @@ class TriplexNet(nn.Module):
         self.fusion_norm = nn.LayerNorm(dim)
         self.fc, self.fc_target, self.fc_neigh, self.fc_global = (nn.Linear(dim, genes) for _ in range(4))
 
-    def encode_global(self, feats, cells):               # feats [N, D] -> [N, W]: every spot of the slide attends to every other
-        x = self.global1(self.global_in(feats)[None])[0]
+    def project(self, feats):                            # feats [N, D] -> [N, 3, W]: each branch's token of every spot
+        return torch.stack([self.target_in(feats), self.neigh_in(feats), self.global_in(feats)], 1)
+
+    def encode_global(self, x, cells):                   # x [N, W] global tokens -> [N, W]: every spot attends to every other
+        x = self.global1(x[None])[0]
         x = self.apeg(x, cells)[None]
         for blk in self.global2:
             x = blk(x)
         return self.global_norm(x[0])
 
-    def forward(self, feats, tiles, valid, g):           # feats [B, D], tiles [B, 25, D], valid [B, 25], g [B, W] -> 4 x [B, G]
-        mask = torch.zeros(valid.shape, device=feats.device).masked_fill(~valid, -1e4)[:, None, None]  # [B, 1, 1, 25]
-        n = self.neigh_in(tiles)
+    def forward(self, t, n, valid, g):                   # tokens t [B, W], n [B, 25, W], valid [B, 25], g [B, W] -> 4 x [B, G]
+        mask = torch.zeros(valid.shape, device=t.device).masked_fill(~valid, -1e4)[:, None, None]  # [B, 1, 1, 25]
         for blk, table in zip(self.neigh, self.neigh_bias):
             n = blk(n, bias=table[:, self.bias_idx][None] + mask)   # learned bias per head and (|Δrow|, |Δcol|)
         n = self.neigh_norm(n)
-        t = self.target_in(feats)[:, None]               # [B, 1, W]: one token from the spot's features (TRIPLEX: a ResNet-18's 7 x 7 on pixels)
+        t = t[:, None]                                   # [B, 1, W]: one token from the spot's features (TRIPLEX: a ResNet-18's 7 x 7 on pixels)
         f1, f2 = g[:, None], g[:, None]                  # the global token queries both, one weight-shared encoder
         for blk in self.fusion:
             f1, f2 = blk(f1, t), blk(f2, n, mask)
@@ -543,10 +573,11 @@ class Triplex(Peer):
             return to(idx), to(valid), (to(inverse), to(nb), C)
         return per_slide(self.prep, slide, build)
 
-    def outputs(self, slide, rows, g):
+    def outputs(self, slide, tokens, rows, g):           # tokens [N, 3, W] of the slide's spots, g [N, W]
         idx, valid, _ = self.prepare(slide)
-        tiles = slide.feats[idx[rows]] * valid[rows, :, None]   # a tile without a spot: zeros, masked
-        return self.net(slide.feats[rows], tiles, valid[rows], g[rows])
+        v = valid[rows, :, None]                          # a tile without a spot: the token of zero features, masked
+        tiles = torch.where(v, tokens[idx[rows], 1], self.net.neigh_in.bias)
+        return self.net(tokens[rows, 0], tiles, valid[rows], g[rows])
 
     @property
     def n_steps(self):
@@ -561,8 +592,9 @@ class Triplex(Peer):
                 self.rng.permutation(rows), -(-len(rows) // self.BATCH)) if len(b)]
         self.rng.shuffle(batches)
         for s, rows in batches:
-            g = self.net.encode_global(s.feats, self.prepare(s)[2])
-            fused, *branches = self.outputs(s, rows, g)
+            tokens = self.net.project(s.feats)
+            g = self.net.encode_global(tokens[:, 2], self.prepare(s)[2])
+            fused, *branches = self.outputs(s, tokens, rows, g)
             y = s.expr[rows]
             loss = F.mse_loss(fused, y) + sum((1 - self.ALPHA) * F.mse_loss(b, y) + self.ALPHA * F.mse_loss(fused, b)
                                               for b in branches)
@@ -576,9 +608,10 @@ class Triplex(Peer):
 
     @torch.no_grad()
     def predict(self, slide, n_samples=1, seed=0):
-        g = self.net.encode_global(slide.feats, self.prepare(slide)[2])
+        tokens = by_rows(slide.feats, self.net.project)
+        g = self.net.encode_global(tokens[:, 2], self.prepare(slide)[2])
         rows = torch.arange(len(slide), device=self.dev)
-        return torch.cat([self.outputs(slide, r, g)[0] for r in rows.split(CHUNK // 2)]), None
+        return torch.cat([self.outputs(slide, tokens, r, g)[0] for r in rows.split(CHUNK // 2)]), None
 
 
 #################################################################################
@@ -724,7 +757,7 @@ class Merge(Peer):
     def prepare(self, slide):
         def build():
             with torch.no_grad():
-                z = self.bottleneck.proj(slide.feats)
+                z = by_rows(slide.feats, self.bottleneck.proj)
             return z, torch.from_numpy(merge_edges(slide.geom.xy, z.cpu().numpy(), self.seed)).to(self.dev)
         return per_slide(self.graphs, slide, build)
 

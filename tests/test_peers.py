@@ -408,3 +408,15 @@ def test_predict_data_without_features_is_one_line_error(demo, tmp_path):
                    "ridge", "--predict-data", tmp_path / "slide", "--out", tmp_path / "grid", check=False)
     assert_user_error(p, "stain")
     assert not (tmp_path / "grid").exists()
+
+
+def test_a_slide_read_from_disk_block_by_block_predicts_as_one_held_whole(demo, fitted, monkeypatch):
+    """A slide to predict stays on disk (a 50k-spot slide's features are 300 MB): each peer projects it a block of
+    rows at a time and predicts what it predicts from the whole feature matrix in memory."""
+    predictors, mu, sd = fitted
+    slide = P.load_slide(str(demo / "data"), ["stain"], "demo1", mu, sd, CPU)
+    whole = P.Slide(slide.name, torch.cat(list(slide.feats.blocks())), slide.geom, slide.array)
+    monkeypatch.setattr(P, "BLOCK", 7)                  # the demo slide in many blocks, the last one short
+    assert len(list(slide.feats.blocks())) == -(-len(slide) // 7)
+    for m, f in predictors.items():
+        np.testing.assert_allclose(f(slide)[0], f(whole)[0], atol=1e-5, err_msg=m)
