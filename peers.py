@@ -295,21 +295,23 @@ class STFlowLayer(nn.Module):
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Dropout(dropout),
                                   nn.Linear(dim, genes), nn.ReLU())
 
-    def forward(self, h, g, graph):                      # h [N, W], g [N, G] -> (h [N, W], x̂1 [N, G])
+    def forward(self, h, g, graph, x1_sum):              # h [N, W], g [N, G] -> h [N, W]; adds its x̂1 [N, G] to x1_sum
         N, W = h.shape
         q, k, v = self.qkv(self.norm1(h)).chunk(3, -1)
-        msgs = []
-        for s in range(0, N, CHUNK):                     # blocks of centre spots: edge tensors stay [CHUNK, k, ·]
+        hs = h.new_empty(N, W)
+        for s in range(0, N, CHUNK):                     # blocks of centre spots: edge and FFN tensors stay [CHUNK, ·]
             nbr, valid = graph.nbr[s:s + CHUNK], graph.valid[s:s + CHUNK]
             n, kk = nbr.shape
             e = self.edge(graph.frames[:, s:s + CHUNK]).mean(0)   # [n, k, W], averaged over the 4 frames
             z = torch.cat([q[s:s + CHUNK, None].expand(-1, kk, -1), k[nbr], e, g[nbr] - g[s:s + CHUNK, None]], -1)
             att = torch.softmax(self.logit(z).masked_fill(~valid[..., None], -1e9), 1) * valid[..., None]  # [n, k, H]
             att = self.attn_drop(att)
-            msgs.append(torch.einsum("nkh,nkhd->nhd", att, v[nbr].view(n, kk, self.heads, -1)).reshape(n, W))
-        h = h + self.drop(self.proj(torch.cat(msgs)))
-        h = h + self.ffn(self.norm2(h))
-        return h, self.head(h)
+            msg = torch.einsum("nkh,nkhd->nhd", att, v[nbr].view(n, kk, self.heads, -1)).reshape(n, W)
+            hc = h[s:s + CHUNK] + self.drop(self.proj(msg))
+            hc = hc + self.ffn(self.norm2(hc))
+            hs[s:s + CHUNK] = hc
+            x1_sum[s:s + CHUNK] += self.head(hc)
+        return hs
 
 
 class STFlowNet(nn.Module):
@@ -322,19 +324,19 @@ class STFlowNet(nn.Module):
     def forward(self, emb, g, t, graph):                # emb [N, W] = embed(features), g [N, G], t scalar -> x̂1 [N, G]
         # t x 1000: the 256-d sinusoid then spans [0, 1] as DiT's spans 1000 steps (the scale is not stated)
         h = emb + self.time(timestep_embedding(torch.tensor([1000.0 * t], device=emb.device)))
-        total = 0
+        total = torch.zeros_like(g)                      # summed in place: a whole slide's [N, G] is the largest tensor
         for layer in self.layers:
-            h, x1 = layer(h, g, graph)
-            total = total + x1
-        return total / len(self.layers)                  # the mean of the per-layer gene heads
+            h = layer(h, g, graph, total)
+        return total.div_(len(self.layers))              # the mean of the per-layer gene heads
 
 
 def zinb_prior(shape, gen, dev):
     """STFlow's prior: counts ~ ZINB(total count 1, logits 0.1, zero-inflation logit 0), in log2(count + 1) units
     (STFlow takes log1p; our targets are log2(count + 1)). NB(1, logits l) = Poisson(e^l · Exp(1))."""
-    rate = math.exp(0.1) * torch.empty(shape, device=dev).exponential_(generator=gen)
-    counts = torch.poisson(rate, generator=gen) * (torch.rand(shape, device=dev, generator=gen) >= 0.5)
-    return torch.log2(1 + counts)
+    rate = torch.empty(shape, device=dev).exponential_(generator=gen).mul_(math.exp(0.1))
+    counts = torch.poisson(rate, generator=gen)
+    del rate                                             # in place from here: a whole slide's [N, G] is the largest tensor
+    return counts.mul_(torch.rand(shape, device=dev, generator=gen) >= 0.5).add_(1).log2_()
 
 
 class STFlow(Peer):
@@ -407,7 +409,7 @@ class STFlow(Peer):
             for i in range(4):
                 x1 = self.net(emb, x, ts[i], graph)
                 if i < 3:
-                    x = x + (ts[i + 1] - ts[i]) * (x1 - x) / (1 - ts[i])
+                    x += (ts[i + 1] - ts[i]) * (x1 - x) / (1 - ts[i])
             samples.append(x1)
         samples = torch.stack(samples)
         return samples.mean(0), samples
@@ -663,15 +665,17 @@ class GATLayer(nn.Module):
         h = self.lin(x).view(N, H, C)
         a_src, a_dst = (h * self.att_src).sum(-1), (h * self.att_dst).sum(-1)   # [N, H]
         src, dst = edges
-        e = F.leaky_relu(a_src[src] + a_dst[dst], 0.2)   # [E, H]
+        e = F.leaky_relu(a_src[src].add_(a_dst[dst]), 0.2)   # [E, H]
         top = torch.full((N, H), -1e9, device=x.device).scatter_reduce(0, dst[:, None].expand(-1, H), e, "amax")
         w = (e - top[dst]).exp()
+        del e                                            # [E, H] each: when predicting, only alpha outlives this line
         alpha = w / torch.zeros(N, H, device=x.device).index_add(0, dst, w)[dst]
+        del w
         out = torch.zeros(N, H, C, device=x.device)
-        for s in range(0, len(src), 16 * CHUNK):        # blocks of edges: the [E, H, C] messages never exist at once
-            sl = slice(s, s + 16 * CHUNK)
-            out = out.index_add(0, dst[sl], alpha[sl, :, None] * h[src[sl]])
-        return (out.reshape(N, H * C) if self.concat else out.mean(1)) + self.bias
+        for s in range(0, len(src), 4 * CHUNK):         # blocks of edges: the [E, H, C] messages never exist at once
+            sl = slice(s, s + 4 * CHUNK)
+            out.index_add_(0, dst[sl], alpha[sl, :, None] * h[src[sl]])
+        return (out.reshape(N, H * C) if self.concat else out.mean(1)).add_(self.bias)   # in place: [N, H·C] is the largest
 
 
 class GraphNorm(nn.Module):
@@ -681,9 +685,9 @@ class GraphNorm(nn.Module):
         super().__init__()
         self.weight, self.bias, self.eps = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim)), eps
 
-    def forward(self, x):
-        x = x - x.mean()
-        return x / (x.std(correction=0) + self.eps) * self.weight + self.bias
+    def forward(self, x):                                # (x − mean) / (std + eps) · w + b in one pass: no [N, C] temporaries
+        scale = self.weight / (x.std(correction=0) + self.eps)
+        return torch.addcmul(self.bias - x.mean() * scale, x, scale)
 
 
 class MergeNet(nn.Module):
