@@ -2,7 +2,8 @@
 # The quality benchmark (README "Quality benchmark"): Her2ST with the stain encoder, HINGE against the
 # baselines, Gauss-Diff and a scratch backbone, on the same folds and metrics, in two tables:
 #   within patient C: leave-one-slice-out over C2-C6 (the other four C slices train);
-#   across patients:  train on C2-C6, test on B4 (patient B), HINGE (the default head) over three training seeds.
+#   across patients:  train on C2-C6, test on B4 (patient B), HINGE (the default head) over three training seeds,
+#                     and HINGE on an scGPT backbone of the same size (the paper's fast variant), pre-trained alike.
 #
 #   bash bench/quality.sh                    # every fold (about 75 minutes on 2 CPU cores)
 #   bash bench/quality.sh --folds C2         # the quick version: one within-patient fold, about 16 minutes
@@ -61,6 +62,7 @@ FOLDS=${FOLDS:-$WITHIN,$OTHERS}  # every fold trains on patient C's imaged slice
 BACKBONE=$OUT/backbone.safetensors  # pre-trained once on the 30 slices without images: no fold's test slice is in it
 [ -f "$BACKBONE" ] || timed pretrain all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" --preset small \
                                          --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$BACKBONE"
+SCGPT=$OUT/backbone_scgpt          # the same for the scGPT row: a checkpoint folder in scGPT's layout
 [ "$DATA_ONLY" = 1 ] && exit 0  # data, features and backbone only (bench/choose_gate.sh)
 
 table_of() { [[ ",$WITHIN," == *",$1,"* ]] && echo within || echo cross; }
@@ -101,6 +103,12 @@ for s in "${folds[@]}"; do
   done
   train hinge_ctx8 "$s" --backbone-ckpt "$BACKBONE" --context 8
   sample hinge_ctx8_K5 hinge_ctx8 "$s" 5 "$SAMPLES"
+  if [ "$(table_of "$s")" = cross ]; then   # the paper's fast variant: an scGPT backbone of the same size, pre-trained alike
+    [ -f "$SCGPT/best_model.pt" ] || timed pretrain:scgpt all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" \
+                                         --preset scgpt-small --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$SCGPT"
+    train hinge_scgpt "$s" --preset scgpt-small --backbone-ckpt "$SCGPT"
+    sample hinge_scgpt_K5 hinge_scgpt "$s" 5 "$SAMPLES"
+  fi
   [ "$ABLATIONS" = 1 ] || continue          # the other head, the step budget and the paper's ablations
   train hinge_bins "$s" --backbone-ckpt "$BACKBONE" --head bins  # bench/choose_head.sh trains the heads too
   sample hinge_bins_K5 hinge_bins "$s" 5 "$SAMPLES"
@@ -130,10 +138,11 @@ names = {"mean": "training mean", "ridge": "ridge", "mlp": "MLP head", "knn": "k
          "scratch_K5": "scratch K=5", "hinge_gaussian_K1": "HINGE K=1", "hinge_gaussian_K5": "HINGE K=5",
          "hinge_point_K5": "HINGE point K=5", "hinge_bins_K5": "HINGE bins K=5", "stflow": "STFlow",
          "triplex": "TRIPLEX", "merge": "MERGE", "ridge_ctx8": "ridge --context 8", "mlp_ctx8": "MLP --context 8",
-         "hinge_ctx8_K5": "HINGE --context 8 K=5"}
+         "hinge_ctx8_K5": "HINGE --context 8 K=5", "hinge_scgpt_K5": "HINGE scGPT-small K=5"}
 fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_gaussian_K1": "train:hinge_gaussian",
           "hinge_bins_K5": "train:hinge_bins", "hinge_point_K5": "train:hinge_point",
-          "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_ctx8_K5": "train:hinge_ctx8"}
+          "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_ctx8_K5": "train:hinge_ctx8",
+          "hinge_scgpt_K5": "train:hinge_scgpt"}
 cols = ["PCC-50", "mean_r", "MSE", "bias2", "SSIM", "CRPS", "cover50", "cover90", "spread_skill", "struct_r",
         "struct_r_sample", "struct_r_partial"]
 titles = {"within": "within patient C: leave-one-slice-out, mean ± std over folds",
@@ -187,6 +196,9 @@ for t in ("within", "cross"):
 pre = times[times.label == "pretrain"].s
 if len(pre):
     print(f"(HINGE and Gauss-Diff share one pretrain.py backbone: {pre.iloc[0]:.0f} s once, for all folds)")
+pre = times[times.label == "pretrain:scgpt"].s
+if len(pre):
+    print(f"(the scGPT-small backbone of HINGE scGPT-small: pretrain.py, {pre.iloc[0]:.0f} s once)")
 print("(the training mean is one value per gene: its r and structure are undefined; ridge's and the MLP's std is one "
       "value per gene, so their spread_skill is undefined; Gauss-Diff at K = 50 draws S = 2 samples, the others 10)")
 EOF
