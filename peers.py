@@ -343,6 +343,8 @@ class STFlow(Peer):
     """Flow matching over whole slides (STFlow): x_t = (1 − t)·x0 + t·x1 with the ZINB prior x0; the network
     predicts x1 (MSE); sampling = Euler on t = linspace(0.01, 1, 5), the fourth prediction is the output."""
     K, CHUNKS_PER_SLIDE, BATCH = 8, 10, 2
+    MAX_CHUNK = 5000                                     # ours: a Visium slide (4,992 spots) trains as published; a larger
+                                                         # slide in chunks of at most this many, or a step's autograd outgrows 24 GiB
 
     def __init__(self, slides, G, a, dev):
         self.dev, self.G, self.pitch_um = dev, G, training_pitch_um(slides)
@@ -367,9 +369,9 @@ class STFlow(Peer):
         return per_slide(self.graphs, slide, lambda: spatial_graph(positions(slide, self.pitch_um), self.K, self.dev))
 
     def chunk(self, pool):
-        """A random centre and its ⌊N·u⌋ nearest training spots (at least 2), u ~ U(0, 1) (STFlow)."""
+        """A random centre and its ⌊N·u⌋ nearest training spots (at least 2, at most MAX_CHUNK), u ~ U(0, 1) (STFlow)."""
         s, rows, xy, tree = pool
-        n = min(len(rows), max(2, int(len(rows) * self.rng.random())))
+        n = min(len(rows), self.MAX_CHUNK, max(2, int(len(rows) * self.rng.random())))
         idx = np.sort(tree.query(xy[self.rng.integers(len(rows))], k=n)[1])
         return s, rows[idx], xy[idx]
 

@@ -420,3 +420,14 @@ def test_a_slide_read_from_disk_block_by_block_predicts_as_one_held_whole(demo, 
     assert len(list(slide.feats.blocks())) == -(-len(slide) // 7)
     for m, f in predictors.items():
         np.testing.assert_allclose(f(slide)[0], f(whole)[0], atol=1e-5, err_msg=m)
+
+
+def test_stflow_chunks_stop_at_max_chunk(demo, monkeypatch):
+    """STFlow trains on a random centre and its ⌊N·u⌋ nearest training spots; on a slide larger than a Visium
+    slide a chunk stops at MAX_CHUNK spots, so that a training step's memory does not grow with the slide."""
+    slides, genes, _, _ = P.fold_slides(str(demo / "data"), ["stain"], "demo1", [], 0.1, 42, CPU)
+    peer = P.STFlow(slides, len(genes), settings(1), CPU)
+    free = [len(peer.chunk(peer.pools[0])[1]) for _ in range(40)]
+    monkeypatch.setattr(P.STFlow, "MAX_CHUNK", 5)
+    capped = [len(peer.chunk(peer.pools[0])[1]) for _ in range(40)]
+    assert max(free) > 5 and 2 <= min(capped) and max(capped) == 5
