@@ -343,8 +343,8 @@ class STFlow(Peer):
     """Flow matching over whole slides (STFlow): x_t = (1 − t)·x0 + t·x1 with the ZINB prior x0; the network
     predicts x1 (MSE); sampling = Euler on t = linspace(0.01, 1, 5), the fourth prediction is the output."""
     K, CHUNKS_PER_SLIDE, BATCH = 8, 10, 2
-    MAX_CHUNK = 5000                                     # ours: a Visium slide (4,992 spots) trains as published; a larger
-                                                         # slide in chunks of at most this many (uncapped, one step on 50k spots outgrew 16 GiB)
+    MAX_CHUNK = 5000                                     # ours: a Visium slide (4,992 spots) trains as published, a larger
+                                                         # one in chunks this size (uncapped, a 50k-spot step outgrew 16 GiB)
 
     def __init__(self, slides, G, a, dev):
         self.dev, self.G, self.pitch_um = dev, G, training_pitch_um(slides)
