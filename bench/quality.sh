@@ -59,10 +59,13 @@ WITHIN=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 == "C" {print $1}' "$DATA/slices.ts
 OTHERS=$(awk -F'\t' 'NR > 1 && $4 == 1 && $2 != "C" {print $1}' "$DATA/slices.tsv" | paste -sd,)  # B4
 FOLDS=${FOLDS:-$WITHIN,$OTHERS}  # every fold trains on patient C's imaged slices other than its test slice
 
-BACKBONE=$OUT/backbone.safetensors  # pre-trained once on the 30 slices without images: no fold's test slice is in it
-[ -f "$BACKBONE" ] || timed pretrain all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" --preset small \
-                                         --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$BACKBONE"
-SCGPT=$OUT/backbone_scgpt          # the same for the scGPT row: a checkpoint folder in scGPT's layout
+pretrain() {  # pretrain LABEL PRESET OUT: once, on the 30 slices without images (no fold's test slice is in it)
+  [ -e "$3" ] || timed "$1" all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" --preset "$2" \
+                                  --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$3"   # written whole, then renamed
+}
+BACKBONE=$OUT/backbone.safetensors
+pretrain pretrain small "$BACKBONE"
+SCGPT=$OUT/backbone_scgpt          # the scGPT row's, pre-trained alike: a checkpoint folder in scGPT's layout
 [ "$DATA_ONLY" = 1 ] && exit 0  # data, features and backbone only (bench/choose_gate.sh)
 
 table_of() { [[ ",$WITHIN," == *",$1,"* ]] && echo within || echo cross; }
@@ -104,8 +107,7 @@ for s in "${folds[@]}"; do
   train hinge_ctx8 "$s" --backbone-ckpt "$BACKBONE" --context 8
   sample hinge_ctx8_K5 hinge_ctx8 "$s" 5 "$SAMPLES"
   if [ "$(table_of "$s")" = cross ]; then   # the paper's fast variant: an scGPT backbone of the same size, pre-trained alike
-    [ -f "$SCGPT/best_model.pt" ] || timed pretrain:scgpt all $PY pretrain.py --data "$DATA" --exclude "$IMAGED" \
-                                         --preset scgpt-small --epochs "$PRE_EPOCHS" --lr 3e-3 --out "$SCGPT"
+    pretrain pretrain:scgpt scgpt-small "$SCGPT"
     train hinge_scgpt "$s" --preset scgpt-small --backbone-ckpt "$SCGPT"
     sample hinge_scgpt_K5 hinge_scgpt "$s" 5 "$SAMPLES"
   fi
