@@ -89,8 +89,8 @@ class SlideFeatures:
     """A slide's features left on disk, standardised as in training when read, block by block: a 50k-spot slide's
     1536-d features are 300 MB, so a peer keeps only its narrow projections of them (by_rows)."""
     def __init__(self, data_dir, encoders, name, mu, sd, dev):
-        f = Features(data_dir, encoders, name)
-        self.n, self.dim = f.n, f.dim
+        f = Features(data_dir, encoders, name)         # opened here too: a missing or mismatched file fails before any work
+        self.n = f.n
         f.close()
         self.source, self.mu, self.sd, self.dev = (data_dir, encoders, name), mu, sd, dev
 
