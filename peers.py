@@ -29,8 +29,8 @@ from common import (Features, UserError, feature_stats, read_slice, slice_geomet
                     training_slices)
 from model import timestep_embedding
 
-CHUNK = 1024                                             # centre spots (16x as many edges) per block: memory stays flat
-BLOCK = 4096                                             # feature rows read from disk at a time for a slide to predict
+CHUNK = 512                                              # centre spots (16x as many edges) per block: memory stays flat
+BLOCK = 1024                                             # feature rows read from disk at a time for a slide to predict
 
 
 #################################################################################
@@ -110,7 +110,13 @@ def by_rows(feats, fn):
     """fn of every spot's features -> [N, ·]: a training slide's tensor at once, a slide on disk block by block."""
     if torch.is_tensor(feats):
         return fn(feats)
-    return torch.cat([fn(b) for b in feats.blocks()])
+    out = None
+    for s, b in zip(range(0, len(feats), BLOCK), feats.blocks()):
+        y = fn(b)
+        if out is None:                                  # filled in place: no list of blocks beside the result
+            out = y.new_empty(len(feats), *y.shape[1:])
+        out[s:s + len(y)] = y
+    return out
 
 
 def load_slide(data_dir, encoders, name, mu, sd, dev):
@@ -405,15 +411,13 @@ class STFlow(Peer):
         graph, gen = self.graph(slide), torch.Generator(self.dev).manual_seed(seed)
         emb = by_rows(slide.feats, self.net.embed)       # once for every step and sample
         ts = torch.linspace(0.01, 1, 5).tolist()
-        samples = []
-        for _ in range(n_samples):
+        samples = torch.empty(n_samples, len(slide), self.G, device=self.dev)
+        for s in range(n_samples):
             x = zinb_prior((len(slide), self.G), gen, self.dev)
-            for i in range(4):
-                x1 = self.net(emb, x, ts[i], graph)
-                if i < 3:
-                    x += (ts[i + 1] - ts[i]) * (x1 - x) / (1 - ts[i])
-            samples.append(x1)
-        samples = torch.stack(samples)
+            for i in range(3):                           # x += dt·(x̂1 − x)/(1 − t), in place: one [N, G] besides x
+                x.add_(self.net(emb, x, ts[i], graph).sub_(x), alpha=(ts[i + 1] - ts[i]) / (1 - ts[i]))
+            samples[s] = self.net(emb, x, ts[3], graph)
+            del x
         return samples.mean(0), samples
 
 
@@ -663,20 +667,28 @@ class GATLayer(nn.Module):
             nn.init.xavier_uniform_(w)                   # PyG's glorot
 
     def forward(self, x, edges):                         # x [N, d_in], edges [2, E] (source, destination) -> [N, ·]
-        N, H, C = len(x), self.heads, self.d_out
-        h = self.lin(x).view(N, H, C)
+        return self.propagate(self.lin(x), edges)
+
+    def propagate(self, h, edges):                       # h = lin(x) [N, H·C]: a caller may drop x before the messages
+        N, H, C = len(h), self.heads, self.d_out
+        h = h.view(N, H, C)
         a_src, a_dst = (h * self.att_src).sum(-1), (h * self.att_dst).sum(-1)   # [N, H]
-        src, dst = edges
-        e = F.leaky_relu(a_src[src].add_(a_dst[dst]), 0.2)   # [E, H]
-        top = torch.full((N, H), -1e9, device=x.device).scatter_reduce(0, dst[:, None].expand(-1, H), e, "amax")
-        w = (e - top[dst]).exp()
-        del e                                            # [E, H] each: when predicting, only alpha outlives this line
-        alpha = w / torch.zeros(N, H, device=x.device).index_add(0, dst, w)[dst]
-        del w
-        out = torch.zeros(N, H, C, device=x.device)
-        for s in range(0, len(src), 4 * CHUNK):         # blocks of edges: the [E, H, C] messages never exist at once
-            sl = slice(s, s + 4 * CHUNK)
-            out.index_add_(0, dst[sl], alpha[sl, :, None] * h[src[sl]])
+        blocks = edges.split(4 * CHUNK, 1)               # three passes over blocks of edges: no [E, ·] tensor is ever made
+
+        def logit(src, dst):                             # [e, H]
+            return F.leaky_relu(a_src[src] + a_dst[dst], 0.2)
+
+        top = h.new_full((N, H), -1e9)
+        with torch.no_grad():                            # a constant per node: the softmax and its gradient are unchanged
+            for src, dst in blocks:
+                top.scatter_reduce_(0, dst[:, None].expand(-1, H), logit(src, dst), "amax")
+        total = h.new_zeros(N, H)
+        for src, dst in blocks:
+            total.index_add_(0, dst, (logit(src, dst) - top[dst]).exp())
+        out = h.new_zeros(N, H, C)
+        for src, dst in blocks:
+            alpha = (logit(src, dst) - top[dst]).exp() / total[dst]
+            out.index_add_(0, dst, alpha[..., None] * h[src])
         return (out.reshape(N, H * C) if self.concat else out.mean(1)).add_(self.bias)   # in place: [N, H·C] is the largest
 
 
@@ -706,8 +718,10 @@ class MergeNet(nn.Module):
             edges = edges[:, torch.rand(edges.shape[1], device=z.device) >= self.drop_edge]
         loops = torch.arange(len(z), device=z.device)
         edges = torch.cat([edges, torch.stack([loops, loops])], 1)   # as GATConv: a self-loop for every node
-        for gat, norm in zip(self.gats, self.norms):
-            z = norm(F.relu(gat(z, edges)))
+        for gat, norm in zip(self.gats, self.norms):     # one statement each: a whole slide holds two [N, H·C] at most
+            z = gat.lin(z)
+            z = gat.propagate(z, edges).relu_()
+            z = norm(z)
         return self.out(z, edges)
 
 
