@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 class PointHead(nn.Module):
     """The official value decoder's value, trained with MSE: a point, its own mean and its only draw."""
-    def forward(self, h, point):                         # h [B, G, D], point [B, G] -> [B, G]
+    def forward(self, h, point, only=None):              # h [B, G, D], point [B, G] -> [B, G]; only: h's genes (model.py)
         return point
 
     def nll(self, out, x):
@@ -30,8 +30,8 @@ class GaussianHead(PointHead):
         self.proj = nn.Linear(dim, 2)
         self.bias = nn.Parameter(torch.zeros(n_genes, 2))
 
-    def forward(self, h, point):                         # -> [B, G, 2]: mean, log σ²
-        d = self.proj(h) + self.bias
+    def forward(self, h, point, only=None):              # -> [B, G, 2]: mean, log σ²
+        d = self.proj(h) + (self.bias if only is None else self.bias[only])
         return torch.stack([point + d[..., 0], d[..., 1].clamp(-9, 5)], -1)
 
     def nll(self, out, x):
@@ -73,8 +73,8 @@ class BinsHead(PointHead):
     def bin_of(self, x):
         return torch.bucketize(x, self.edges[1:-1], right=True) * (x > 0)
 
-    def forward(self, h, point):                         # -> [B, G, n_bins] logits
-        return self.proj(h) + self.bias
+    def forward(self, h, point, only=None):              # -> [B, G, n_bins] logits
+        return self.proj(h) + (self.bias if only is None else self.bias[only])
 
     def nll(self, out, x):
         return F.cross_entropy(out.flatten(0, 1), self.bin_of(x).flatten(), reduction="none").view(x.shape)

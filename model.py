@@ -16,7 +16,12 @@ from heads import make_head
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)            # x·(1 + scale) + shift in one pass
+
+
+def pick(x, idx):
+    """x [B, L, ...] at positions idx [B, R] -> [B, R, ...]; idx None: x."""
+    return x if idx is None else x.gather(1, idx.view(*idx.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
 
 
 GATE_CHUNKS = [2, 5]  # gate_a, gate_f among the six SoftAdaLN outputs (shift_a, scale_a, gate_a, shift_f, scale_f, gate_f)
@@ -106,20 +111,21 @@ class Retention(nn.Module):
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj, self.u_proj, self.o_proj = (LoRALinear(dim, dim, rank) for _ in range(5))
 
-    def forward(self, x, key_mask=None):                 # x [B, L, D], key_mask [B, L]
+    def forward(self, x, key_mask=None, only=None):      # x [B, L, D], key_mask [B, L], only [B, R]: these queries alone
         B, L, D = x.shape
         h, dh = self.heads, D // self.heads
-        q = F.relu(self.q_proj(x)).view(B, L, h, dh) / math.sqrt(dh)    # [B, L, h, dh]
-        k = F.relu(self.k_proj(x)).view(B, L, h, dh) / math.sqrt(dh)    # [B, L, h, dh]
-        v = self.v_proj(x).view(B, L, h, dh) / math.sqrt(L - 1)         # len_scale = rsqrt(#genes)
-        if key_mask is not None:                         # hidden genes are neither keys nor values
-            k = k * key_mask[:, :, None, None]
-            v = v * key_mask[:, :, None, None]
-        kv = torch.einsum("blhd,blhe->bhde", k, v)       # [B, h, dh, dh]
-        o = torch.einsum("blhd,bhde->blhe", q, kv)       # [B, L, h, dh]
+        xq = pick(x, only)                               # [B, R, D] (R = L without `only`)
+        q = F.relu(self.q_proj(xq)).view(B, -1, h, dh)  # [B, R, h, dh]
+        k = F.relu(self.k_proj(x))                       # [B, L, D]
+        if key_mask is not None:                         # hidden genes are neither keys nor values (a zero key suffices)
+            k = k * key_mask[:, :, None]
+        v = self.v_proj(x)                               # [B, L, D]
+        kv = torch.einsum("blhd,blhe->bhde", k.view(B, L, h, dh), v.view(B, L, h, dh))  # [B, h, dh, dh]
+        kv = kv / (dh * math.sqrt(L - 1))                # q, k by rsqrt(dh), v by len_scale rsqrt(#genes): on kv, once
+        o = torch.einsum("brhd,bhde->brhe", q, kv)       # [B, R, h, dh]
         o32 = o.float()                                  # SRMSNorm per head, in float32 under autocast (official HINGE)
         o = (o32 / (o32.norm(dim=-1, keepdim=True) / math.sqrt(dh)).clamp_min(1e-12)).to(o.dtype)
-        o = o.reshape(B, L, D) * F.silu(self.u_proj(x))  # [B, L, D]
+        o = o.reshape(B, -1, D) * F.silu(self.u_proj(xq))  # [B, R, D]
         return self.o_proj(o)
 
 
@@ -144,8 +150,7 @@ class SoftNorm(nn.Module):
         n = F.layer_norm(h, h.shape[-1:], eps=1e-6)
         if not self.enabled:                             # --no-soft-norm: plain LayerNorm
             return n
-        lam = torch.sigmoid(self.lambda_bias)
-        return (1 - lam) * h + lam * n
+        return torch.lerp(h, n, torch.sigmoid(self.lambda_bias))
 
 
 class RetentionBlock(nn.Module):
@@ -168,19 +173,19 @@ class RetentionBlock(nn.Module):
         elif cfg.cond == "hist-affine-ln":                # ablation: c only modulates the post-LNs
             self.adaln = nn.Linear(dim, 4 * dim)
 
-    def forward(self, h, key_mask=None, c=None):         # h [B, L, D], c [B, D] or None (bare CellFM)
+    def forward(self, h, key_mask=None, c=None, only=None):  # h [B, L, D], c [B, D] or None (bare CellFM) -> [B, R, D]
         if c is None:
-            h = self.post_norm1(self.alpha * h + self.dropout(self.attn(h, key_mask)))
+            h = self.post_norm1(self.alpha * pick(h, only) + self.dropout(self.attn(h, key_mask, only)))
             return self.post_norm2(self.alpha * h + self.dropout(self.ffn(h)))
         if self.cond == "hist-affine-ln":
             s1, k1, s2, k2 = self.adaln(F.silu(c)).unsqueeze(1).chunk(4, dim=-1)
-            h = modulate(self.post_norm1(self.alpha * h + self.dropout(self.attn(h, key_mask))), s1, k1)
+            h = modulate(self.post_norm1(self.alpha * pick(h, only) + self.dropout(self.attn(h, key_mask, only))), s1, k1)
             return modulate(self.post_norm2(self.alpha * h + self.dropout(self.ffn(h))), s2, k2)
         sa, ka, ga, sf, kf, gf = self.adaln(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each [B, 1, D]
-        a = self.attn(modulate(self.soft_norm1(h), sa, ka), key_mask)
-        h = self.post_norm1(self.alpha * h + gate(ga, self.gate) * self.dropout(a))
+        a = self.attn(modulate(self.soft_norm1(h), sa, ka), key_mask, only)
+        h = self.post_norm1(torch.addcmul(self.alpha * pick(h, only), gate(ga, self.gate), self.dropout(a)))
         f = self.ffn(modulate(self.soft_norm2(h), sf, kf))
-        return self.post_norm2(self.alpha * h + gate(gf, self.gate) * self.dropout(f))
+        return self.post_norm2(torch.addcmul(self.alpha * h, gate(gf, self.gate), self.dropout(f)))
 
 
 class ValueDecoder(nn.Module):
@@ -305,10 +310,11 @@ class Hinge(nn.Module):
                              f"{self.cfg.hist_dim}; use the same --features as in training")
         return self.cond_net.hist_embedder(hist)
 
-    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None):
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):
         """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
-        genes visible after this step, hist_emb [B, D]. Returns the head's output: x̂0 [B, G] for the point
-        head, the parameters of each gene's distribution otherwise (self.head.mean gives x̂0)."""
+        genes visible after this step, hist_emb [B, D], only [B, R] gene positions (default all G). Returns the
+        head's output for those genes: x̂0 [B, R] for the point head, the parameters of each gene's distribution
+        otherwise (self.head.mean gives x̂0). With `only`, the last layer computes the other genes' keys alone."""
         B, G = x.shape
         vis = visible.to(x.dtype)
         tok = self.gene_emb[self.gene_ids][None] + self.value_enc(x) + self.zero_emb * (1 - vis)[..., None]  # [B, G, D]
@@ -316,12 +322,13 @@ class Hinge(nn.Module):
         key_mask = torch.cat([vis.new_ones(B, 1), vis], dim=1)                   # [B, 1+G]
         c = None if hist_emb is None else self.cond_net(t, hist_emb, target_visible)  # [B, D]
         for i, blk in enumerate(self.encoder):           # first half: hidden genes are not keys (CellFM)
-            h = blk(h, key_mask if i < len(self.encoder) // 2 else None, c)
-        h = h[:, 1:]                                     # [B, G, D]
+            last = only is not None and i == len(self.encoder) - 1      # <cls> is token 0
+            h = blk(h, key_mask if i < len(self.encoder) // 2 else None, c, only + 1 if last else None)
+        h = h[:, 1:] if only is None else h              # [B, R, D]
         if c is not None and self.cfg.cond == "softadaln":
             shift, scale = self.dec_adaln(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
             h = modulate(self.dec_norm(h), shift, scale)
-        return self.head(h, self.value_dec(h))           # [B, G] or [B, G, params]
+        return self.head(h, self.value_dec(h), only)     # [B, R] or [B, R, params]
 
     def backbone_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if is_backbone_key(k)}
@@ -510,19 +517,24 @@ def reveal(model, diffusion, h, K, generator=None, record=(), temperature=0.0):
     """The masked-diffusion steps T = τ0 > ... > τK = 0 for [S·B] rows -> (values [S·B, G], {k: x̂0})."""
     dev, n = h.device, h.shape[0]
     ranks = diffusion.gene_ranks(n, dev, generator)
+    order = ranks.argsort(1)                             # [n, G]: each row's genes by rank, hidden ones first
     x = diffusion.fill_like(torch.empty(n, diffusion.G, device=dev), generator)
     steps = {}
     taus = step_times(diffusion.T, K)
     for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
         tt = torch.full((n,), t, device=dev)
-        vis, nxt = diffusion.visible(ranks, tt), diffusion.visible(ranks, tt.new_full((n,), t_next))
+        vis = diffusion.visible(ranks, tt)
+        # the genes revealed now: hidden at t, visible at t_next; only their outputs are computed unless recorded
+        new = order[:, int(diffusion.n_hidden[t_next]):int(diffusion.n_hidden[t])]      # [n, R]
+        if new.shape[1] == 0 and k not in record:
+            continue
         # condition on m_{t-1} as in training even when jumping to t_next: an unseen, larger target mask
         # biased the predictions (validation, Her2ST fold C2, K=1: mean r 0.491 -> 0.504, MSE 1.19 -> 1.08)
-        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h).float()
-        pred, draw = model.head.mean(out), model.head.sample(out, temperature, generator)
-        x = torch.where(nxt & ~vis, draw, x)              # reveal the scheduled genes, keep revealed ones fixed
+        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h, None if k in record else new).float()
+        draw = model.head.sample(out, temperature, generator)   # [n, R], or [n, G] when recorded
+        x = x.scatter(1, new, draw if k not in record else draw.gather(1, new))   # revealed genes stay fixed
         if k in record:
-            steps[k] = torch.where(vis, x, pred)
+            steps[k] = torch.where(vis, x, model.head.mean(out))
     return x, steps
 
 

@@ -93,14 +93,19 @@ class SelfAttention(nn.Module):
             self.in_proj_lora_A = nn.Parameter(torch.empty(rank, dim))
             self.in_proj_lora_B = nn.Parameter(torch.empty(3 * dim, rank))
 
-    def forward(self, x, allowed=None, predicted=None):  # x [B, L, D], allowed [B, 1, L, L], predicted [B, L, 1]
-        B, L, D = x.shape
+    def forward(self, x, allowed=None, predicted=None, only=None):  # x [B, L, D], allowed [B, 1, L, L], predicted [B, L, 1]
+        B, L, D = x.shape                                                              # only [B, R]: these queries alone
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)                       # [B, L, 3D]
         if self.rank:
             qkv = qkv + F.linear(F.linear(x, self.in_proj_lora_A), self.in_proj_lora_B) / self.rank
-        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each [B, h, L, dh]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.p if self.training else 0.0)
-        o = o.transpose(1, 2).reshape(B, L, D)                                         # [B, L, D]
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).unbind(2)             # each [B, L, h, dh]
+        if only is not None:
+            q = M.pick(q, only)                                                        # [B, R, h, dh]
+            if allowed is not None:                      # (set with `predicted`: some gene is hidden)
+                allowed, predicted = M.pick(allowed.squeeze(1), only).unsqueeze(1), M.pick(predicted, only)  # [B, 1, R, L]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
+                                           dropout_p=self.p if self.training else 0.0)  # [B, h, R, dh]
+        o = o.transpose(1, 2).reshape(B, -1, D)                                        # [B, R, D]
         if predicted is None:
             return self.out_proj(o)
         # scGPT's generative pre-training (FlashscGPTMHA) returns the predicted genes' attention without out_proj
@@ -130,18 +135,18 @@ class ScGPTLayer(nn.Module):
     def ffn(self, h):
         return self.linear2(self.dropout(F.relu(self.linear1(h))))
 
-    def forward(self, h, allowed=None, predicted=None, c=None):  # h [B, L, D], c [B, D] or None (bare scGPT)
-        def attn(z):
-            return self.dropout(self.self_attn(z, allowed, predicted))
+    def forward(self, h, allowed=None, predicted=None, c=None, only=None):  # h [B, L, D], c [B, D] or None (bare
+        def attn(z):                                                            # scGPT), only [B, R] -> [B, R, D]
+            return self.dropout(self.self_attn(z, allowed, predicted, only))
         if c is None:
-            h = self.norm1(h + attn(h))
+            h = self.norm1(M.pick(h, only) + attn(h))
             return self.norm2(h + self.dropout(self.ffn(h)))
         if self.cond == "hist-affine-ln":
             s1, k1, s2, k2 = self.adaln(F.silu(c)).unsqueeze(1).chunk(4, dim=-1)
-            h = M.modulate(self.norm1(h + attn(h)), s1, k1)
+            h = M.modulate(self.norm1(M.pick(h, only) + attn(h)), s1, k1)
             return M.modulate(self.norm2(h + self.dropout(self.ffn(h))), s2, k2)
         sa, ka, ga, sf, kf, gf = self.adaln(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each [B, 1, D]
-        h = self.norm1(h + M.gate(ga, self.gate) * attn(M.modulate(self.soft_norm1(h), sa, ka)))
+        h = self.norm1(M.pick(h, only) + M.gate(ga, self.gate) * attn(M.modulate(self.soft_norm1(h), sa, ka)))
         f = self.ffn(M.modulate(self.soft_norm2(h), sf, kf))
         return self.norm2(h + M.gate(gf, self.gate) * self.dropout(f))
 
@@ -236,9 +241,9 @@ class ScGPT(nn.Module):
         cls = self.encoder(cls_id) + self.value_encoder(cls_value)                  # [1, D]
         return torch.cat([cls.expand(len(x), 1, -1).to(tok.dtype), tok], dim=1)
 
-    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None):
+    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):
         """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
-        genes visible after this step, hist_emb [B, D] -> the decoder's input h [B, G, D]."""
+        genes visible after this step, hist_emb [B, D], only [B, R] -> the decoder's input h [B, R, D]."""
         B, G = x.shape
         vis = visible.bool()
         h = self.tokens(x, vis)                          # [B, 1+G, D]
@@ -250,17 +255,19 @@ class ScGPT(nn.Module):
             allowed = keys[:, None, None, :] | torch.eye(G + 1, dtype=torch.bool, device=x.device)  # [B, 1, 1+G, 1+G]
             predicted = ~keys[..., None]                 # [B, 1+G, 1]
         c = None if hist_emb is None else self.cond_net(t, hist_emb, target_visible)  # [B, D]
-        for blk in self.transformer_encoder["layers"]:
-            h = blk(h, allowed, predicted, c)
-        h = h[:, 1:]                                     # [B, G, D]
+        layers = self.transformer_encoder["layers"]
+        for i, blk in enumerate(layers):
+            last = only is not None and i == len(layers) - 1            # <cls> is token 0
+            h = blk(h, allowed, predicted, c, only + 1 if last else None)
+        h = h[:, 1:] if only is None else h              # [B, R, D]
         if c is not None and self.cfg.cond == "softadaln":
             shift, scale = self.dec_adaln(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
             h = M.modulate(self.dec_norm(h), shift, scale)
         return h
 
-    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None):
-        h = self.hidden(x, visible, t, target_visible, hist_emb)                  # [B, G, D]
-        return self.head(h, self.decoder(h))                                       # [B, G] or [B, G, params]
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):  # as model.Hinge.forward
+        h = self.hidden(x, visible, t, target_visible, hist_emb, only)            # [B, R, D]
+        return self.head(h, self.decoder(h), only)                                 # [B, R] or [B, R, params]
 
     def backbone_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if M.is_backbone_key(k)}
