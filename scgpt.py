@@ -429,7 +429,8 @@ def write_checkpoint(folder, net, genes, extra):
     cfg = net.cfg
     args = {"embsize": cfg.dim, "nheads": cfg.heads, "d_hid": cfg.ffn, "nlayers": cfg.layers, "dropout": cfg.dropout,
             "input_emb_style": "category" if cfg.values == "category" else "continuous",
-            "input_style": "log1p" if cfg.values == "raw" else "binned", "n_bins": cfg.n_bins, "pad_token": "<pad>",
+            # our raw values are log2(count + 1), not scGPT's log1p: named for what they are, read back as raw
+            "input_style": "log2p" if cfg.values == "raw" else "binned", "n_bins": cfg.n_bins, "pad_token": "<pad>",
             "pad_value": cfg.pad_value, "mask_value": -1, "fast_transformer": False, **extra}
     vocab = {**{g: int(t) for g, t in zip(genes, net.gene_ids.tolist())}, "<cls>": cfg.cls_token}
     check_writable(folder)

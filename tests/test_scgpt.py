@@ -292,7 +292,7 @@ def test_pretrain_writes_the_official_layout(scgpt_backbone, demo_genes):
     args = json.load(open(scgpt_backbone / "args.json"))
     meta = args["pretrain"]
     assert float(meta["val_mse_after"]) < 0.8 * float(meta["val_mse_before"]) and "demo1" not in meta["slices"]
-    assert (args["embsize"], args["nlayers"], args["input_style"]) == (32, 2, "log1p")
+    assert (args["embsize"], args["nlayers"], args["input_style"]) == (32, 2, "log2p")   # log2(count + 1)
     ck = scgpt.read_checkpoint(str(scgpt_backbone))
     assert ck.vocab == {**{g: i for i, g in enumerate(demo_genes)}, "<cls>": len(demo_genes) + 1}
     assert "flag_encoder.weight" in ck.state and not any(k.startswith(("cond_net", "dec_")) for k in ck.state)
