@@ -108,11 +108,11 @@ class Correlated(torch.nn.Module):
     def embed_histology(self, hist):
         return hist
 
-    def forward(self, x, visible, t, target, h):
+    def forward(self, x, visible, t, target, h, only=None):
         other = x.flip(1) - 2.5
         mean = 2.5 + 0.8 * other * visible.flip(1)
         var = torch.where(visible.flip(1), 0.4 ** 2 * (1 - 0.8 ** 2), 0.4 ** 2)
-        return torch.stack([mean, var.log()], -1)
+        return M.pick(torch.stack([mean, var.log()], -1), only)   # only: the genes the sampler reveals
 
 
 def test_one_sample_is_a_joint_draw_with_the_noise_correlation():
