@@ -288,7 +288,9 @@ def main():
     p.add_argument("--batch-size", type=int, help="HINGE spots per batch (sample.py's default: 32 CPU, 256 GPU)")
     p.add_argument("--train-steps", type=int, default=3, help="optimiser steps timed per training measurement (default 3)")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training column")
-    p.add_argument("--limit-s", type=float, default=300, help="seconds per measurement before it is a timeout (default 300)")
+    p.add_argument("--limit-s", type=float, default=1800, help="seconds per measurement before it is a timeout (default "
+                                                               "1800: TRIPLEX's 50k-spot build, prediction and training "
+                                                               "steps take 5-20 min on 2 CPU cores)")
     p.add_argument("--sample-s", type=float, default=20, help="HINGE predictions stop after this many seconds; the slide "
                                                               "time is extrapolated from their spots/s (default 20)")
     p.add_argument("--mem-gb", type=float, default=16, help="address-space cap per measurement on a CPU, GiB (default 16; "
