@@ -526,14 +526,15 @@ def reveal(model, diffusion, h, K, generator=None, record=(), temperature=0.0):
         vis = diffusion.visible(ranks, tt)
         # the genes revealed now: hidden at t, visible at t_next; only their outputs are computed unless recorded
         new = order[:, int(diffusion.n_hidden[t_next]):int(diffusion.n_hidden[t])]      # [n, R]
-        if new.shape[1] == 0 and k not in record:
+        recorded = k in record
+        if new.shape[1] == 0 and not recorded:
             continue
         # condition on m_{t-1} as in training even when jumping to t_next: an unseen, larger target mask
         # biased the predictions (validation, Her2ST fold C2, K=1: mean r 0.491 -> 0.504, MSE 1.19 -> 1.08)
-        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h, None if k in record else new).float()
+        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h, None if recorded else new).float()
         draw = model.head.sample(out, temperature, generator)   # [n, R], or [n, G] when recorded
-        x = x.scatter(1, new, draw if k not in record else draw.gather(1, new))   # revealed genes stay fixed
-        if k in record:
+        x = x.scatter(1, new, draw.gather(1, new) if recorded else draw)   # revealed genes stay fixed
+        if recorded:
             steps[k] = torch.where(vis, x, model.head.mean(out))
     return x, steps
 

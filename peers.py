@@ -110,12 +110,13 @@ def by_rows(feats, fn):
     """fn of every spot's features -> [N, ·]: a training slide's tensor at once, a slide on disk block by block."""
     if torch.is_tensor(feats):
         return fn(feats)
-    out = None
-    for s, b in zip(range(0, len(feats), BLOCK), feats.blocks()):
+    out, s = None, 0
+    for b in feats.blocks():
         y = fn(b)
         if out is None:                                  # filled in place: no list of blocks beside the result
             out = y.new_empty(len(feats), *y.shape[1:])
         out[s:s + len(y)] = y
+        s += len(y)
     return out
 
 
@@ -673,7 +674,7 @@ class GATLayer(nn.Module):
         N, H, C = len(h), self.heads, self.d_out
         h = h.view(N, H, C)
         a_src, a_dst = (h * self.att_src).sum(-1), (h * self.att_dst).sum(-1)   # [N, H]
-        # predicting: three passes over blocks of edges, so no [E, ·] tensor exists; training: one block, as autograd
+        # predicting: two passes over blocks of edges, so no [E, ·] tensor exists; training: one block, as autograd
         # keeps every edge's values for the backward pass anyway (a chain of blocks made a 50k-spot epoch 3x slower)
         blocks = edges.split(edges.shape[1] if torch.is_grad_enabled() else 4 * CHUNK, 1)
 
@@ -684,13 +685,12 @@ class GATLayer(nn.Module):
         with torch.no_grad():                            # a constant per node: the softmax and its gradient are unchanged
             for src, dst in blocks:
                 top.scatter_reduce_(0, dst[:, None].expand(-1, H), logit(src, dst), "amax")
-        total = h.new_zeros(N, H)
-        for src, dst in blocks:
-            total.index_add_(0, dst, (logit(src, dst) - top[dst]).exp())
-        out = h.new_zeros(N, H, C)
-        for src, dst in blocks:
-            alpha = (logit(src, dst) - top[dst]).exp() / total[dst]
-            out.index_add_(0, dst, alpha[..., None] * h[src])
+        total, out = h.new_zeros(N, H), h.new_zeros(N, H, C)
+        for src, dst in blocks:                          # Σ_j w_ij and Σ_j w_ij·h_j together; α_ij = w_ij / Σ_j w_ij after
+            w = (logit(src, dst) - top[dst]).exp()       # [e, H]
+            total.index_add_(0, dst, w)
+            out.index_add_(0, dst, w[..., None] * h[src])
+        out.div_(total[..., None])                       # every node has its self-loop: no sum is zero
         return (out.reshape(N, H * C) if self.concat else out.mean(1)).add_(self.bias)   # in place: [N, H·C] is the largest
 
 
