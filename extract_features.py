@@ -14,6 +14,7 @@ Weights are only ever read from --weights; nothing is downloaded unless it names
 import argparse
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -224,6 +225,18 @@ class SlidePatches:
         return crop_patches(self.slide, self.pixel[rows], self.side, self.size)
 
 
+def read_ahead(img, N, batch_size):
+    """(first row, patches) batch by batch, the next batch read in a thread while this one is embedded: OpenSlide's
+    decoding, PIL's resizing and numpy release the GIL, so reading and embedding share the cores."""
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(img.__getitem__, slice(0, batch_size))
+        for s in range(0, N, batch_size):
+            patches = nxt.result()
+            if s + batch_size < N:
+                nxt = pool.submit(img.__getitem__, slice(s + batch_size, s + 2 * batch_size))
+            yield s, patches
+
+
 def embed_slice(src, dst, enc, batch_size, augment, weights_attr):
     """Embed a slice's patches batch by batch, each batch written as it is done: memory holds one
     batch, whatever the number of spots. Patches come from the slice file, or from the slide itself."""
@@ -233,8 +246,8 @@ def embed_slice(src, dst, enc, batch_size, augment, weights_attr):
         with atomic_h5(dst) as out:
             emb = out.create_dataset("embeddings", (N, enc.dim), np.float32)
             aug = out.create_dataset("embeddings_aug", (N, 8, enc.dim), np.float32) if augment else None
-            for s in tqdm(range(0, N, batch_size), desc=os.path.basename(src), unit="batch", leave=False):
-                patches = img[s:s + batch_size]
+            for s, patches in tqdm(read_ahead(img, N, batch_size), total=-(-N // batch_size),
+                                   desc=os.path.basename(src), unit="batch", leave=False):
                 if augment:
                     views = [enc(np.ascontiguousarray(v)) for v in dihedral(patches)]
                     aug[s:s + len(patches)] = np.stack(views, 1)

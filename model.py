@@ -111,17 +111,19 @@ class Retention(nn.Module):
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj, self.u_proj, self.o_proj = (LoRALinear(dim, dim, rank) for _ in range(5))
 
-    def forward(self, x, key_mask=None, only=None):      # x [B, L, D], key_mask [B, L], only [B, R]: these queries alone
-        B, L, D = x.shape
+    def forward(self, x, keys=None, only=None):          # x [B, L, D], only [B, R]: these queries alone; keys: all
+        B, L, D = x.shape                                # tokens (None), a 0/1 mask [B, L] or positions [B, V] (long)
         h, dh = self.heads, D // self.heads
         xq = pick(x, only)                               # [B, R, D] (R = L without `only`)
         q = F.relu(self.q_proj(xq)).view(B, -1, h, dh)  # [B, R, h, dh]
-        k = F.relu(self.k_proj(x))                       # [B, L, D]
-        if key_mask is not None:                         # hidden genes are neither keys nor values (a zero key suffices)
-            k = k * key_mask[:, :, None]
-        v = self.v_proj(x)                               # [B, L, D]
-        kv = torch.einsum("blhd,blhe->bhde", k.view(B, L, h, dh), v.view(B, L, h, dh))  # [B, h, dh, dh]
-        kv = kv / (dh * math.sqrt(L - 1))                # q, k by rsqrt(dh), v by len_scale rsqrt(#genes): on kv, once
+        masked = keys is not None and keys.is_floating_point()
+        xk = pick(x, None if masked else keys)           # [B, V, D]: positions compute the keys' k, v alone
+        k = F.relu(self.k_proj(xk))                      # [B, V, D]
+        if masked:                                       # hidden genes are neither keys nor values (a zero key suffices)
+            k = k * keys[:, :, None]
+        v = self.v_proj(xk)                              # [B, V, D]
+        kv = torch.einsum("blhd,blhe->bhde", k.view(B, -1, h, dh), v.view(B, -1, h, dh))  # [B, h, dh, dh]
+        kv = kv / (dh * math.sqrt(L - 1))                # q, k by rsqrt(dh), v by len_scale rsqrt(#genes, all): on kv, once
         o = torch.einsum("brhd,bhde->brhe", q, kv)       # [B, R, h, dh]
         o32 = o.float()                                  # SRMSNorm per head, in float32 under autocast (official HINGE)
         o = (o32 / (o32.norm(dim=-1, keepdim=True) / math.sqrt(dh)).clamp_min(1e-12)).to(o.dtype)
@@ -173,16 +175,16 @@ class RetentionBlock(nn.Module):
         elif cfg.cond == "hist-affine-ln":                # ablation: c only modulates the post-LNs
             self.adaln = nn.Linear(dim, 4 * dim)
 
-    def forward(self, h, key_mask=None, c=None, only=None):  # h [B, L, D], c [B, D] or None (bare CellFM) -> [B, R, D]
+    def forward(self, h, keys=None, c=None, only=None):  # h [B, L, D], c [B, D] or None (bare CellFM) -> [B, R, D]
         if c is None:
-            h = self.post_norm1(self.alpha * pick(h, only) + self.dropout(self.attn(h, key_mask, only)))
+            h = self.post_norm1(self.alpha * pick(h, only) + self.dropout(self.attn(h, keys, only)))
             return self.post_norm2(self.alpha * h + self.dropout(self.ffn(h)))
         if self.cond == "hist-affine-ln":
             s1, k1, s2, k2 = self.adaln(F.silu(c)).unsqueeze(1).chunk(4, dim=-1)
-            h = modulate(self.post_norm1(self.alpha * pick(h, only) + self.dropout(self.attn(h, key_mask, only))), s1, k1)
+            h = modulate(self.post_norm1(self.alpha * pick(h, only) + self.dropout(self.attn(h, keys, only))), s1, k1)
             return modulate(self.post_norm2(self.alpha * h + self.dropout(self.ffn(h))), s2, k2)
         sa, ka, ga, sf, kf, gf = self.adaln(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each [B, 1, D]
-        a = self.attn(modulate(self.soft_norm1(h), sa, ka), key_mask, only)
+        a = self.attn(modulate(self.soft_norm1(h), sa, ka), keys, only)
         h = self.post_norm1(torch.addcmul(self.alpha * pick(h, only), gate(ga, self.gate), self.dropout(a)))
         f = self.ffn(modulate(self.soft_norm2(h), sf, kf))
         return self.post_norm2(torch.addcmul(self.alpha * h, gate(gf, self.gate), self.dropout(f)))
@@ -310,20 +312,30 @@ class Hinge(nn.Module):
                              f"{self.cfg.hist_dim}; use the same --features as in training")
         return self.cond_net.hist_embedder(hist)
 
-    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):
+    def encode_values(self, x):                          # x [B, G] -> [B, G, D]
+        """Each gene's value token, a function of its own value alone: the sampler computes it once, then for the
+        genes it reveals (scgpt.ScGPT's returns None for binned values, which depend on the whole spot)."""
+        return self.value_enc(x)
+
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, enc=None):
         """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
-        genes visible after this step, hist_emb [B, D], only [B, R] gene positions (default all G). Returns the
-        head's output for those genes: x̂0 [B, R] for the point head, the parameters of each gene's distribution
-        otherwise (self.head.mean gives x̂0). With `only`, the last layer computes the other genes' keys alone."""
+        genes visible after this step, hist_emb [B, D], only [B, R] gene positions (default all G), enc [B, G, D]
+        encode_values(x) when the caller keeps it. Returns the head's output for those genes: x̂0 [B, R] for the
+        point head, the parameters of each gene's distribution otherwise (self.head.mean gives x̂0). With `only`,
+        the last layer computes the other genes' keys alone."""
         B, G = x.shape
         vis = visible.to(x.dtype)
-        tok = self.gene_emb[self.gene_ids][None] + self.value_enc(x) + self.zero_emb * (1 - vis)[..., None]  # [B, G, D]
+        enc = self.encode_values(x) if enc is None else enc
+        tok = self.gene_emb[self.gene_ids][None] + enc + self.zero_emb * (1 - vis)[..., None]  # [B, G, D]
         h = torch.cat([self.cls_token.expand(B, -1, -1), tok], dim=1)            # [B, 1+G, D]
-        key_mask = torch.cat([vis.new_ones(B, 1), vis], dim=1)                   # [B, 1+G]
+        keys = torch.cat([vis.new_ones(B, 1), vis], dim=1)                       # [B, 1+G] 0/1
+        n_vis = visible.sum(1)
+        if n_vis.min() == n_vis.max():                   # as many visible genes in every row (the sampler): positions
+            keys = None if n_vis[0] == G else keys.nonzero()[:, 1].view(B, -1)  # [B, 1+V], so that only their k, v
         c = None if hist_emb is None else self.cond_net(t, hist_emb, target_visible)  # [B, D]
         for i, blk in enumerate(self.encoder):           # first half: hidden genes are not keys (CellFM)
             last = only is not None and i == len(self.encoder) - 1      # <cls> is token 0
-            h = blk(h, key_mask if i < len(self.encoder) // 2 else None, c, only + 1 if last else None)
+            h = blk(h, keys if i < len(self.encoder) // 2 else None, c, only + 1 if last else None)
         h = h[:, 1:] if only is None else h              # [B, R, D]
         if c is not None and self.cfg.cond == "softadaln":
             shift, scale = self.dec_adaln(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
@@ -519,6 +531,7 @@ def reveal(model, diffusion, h, K, generator=None, record=(), temperature=0.0):
     ranks = diffusion.gene_ranks(n, dev, generator)
     order = ranks.argsort(1)                             # [n, G]: each row's genes by rank, hidden ones first
     x = diffusion.fill_like(torch.empty(n, diffusion.G, device=dev), generator)
+    enc = model.encode_values(x)                         # [n, G, D] value tokens, or None (binned values)
     steps = {}
     taus = step_times(diffusion.T, K)
     for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
@@ -531,9 +544,12 @@ def reveal(model, diffusion, h, K, generator=None, record=(), temperature=0.0):
             continue
         # condition on m_{t-1} as in training even when jumping to t_next: an unseen, larger target mask
         # biased the predictions (validation, Her2ST fold C2, K=1: mean r 0.491 -> 0.504, MSE 1.19 -> 1.08)
-        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h, None if recorded else new).float()
+        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h, None if recorded else new, enc).float()
         draw = model.head.sample(out, temperature, generator)   # [n, R], or [n, G] when recorded
-        x = x.scatter(1, new, draw.gather(1, new) if recorded else draw)   # revealed genes stay fixed
+        value = draw.gather(1, new) if recorded else draw        # [n, R]
+        x = x.scatter(1, new, value)                             # revealed genes stay fixed
+        if enc is not None and t_next > 0:                       # the value tokens that changed
+            enc.scatter_(1, new[..., None].expand(-1, -1, enc.shape[-1]), model.encode_values(value))
         if recorded:
             steps[k] = torch.where(vis, x, model.head.mean(out))
     return x, steps

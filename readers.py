@@ -110,6 +110,8 @@ class SlideImage:
 
     def read(self, x0, y0, x1, y1):
         rgba = np.asarray(self.slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0)))
+        if (rgba[..., 3] == 255).all():                  # opaque (all scanned): the blend below is the identity
+            return rgba[..., :3]
         alpha = rgba[..., 3:].astype(np.uint16)          # unscanned areas come back transparent: paint them glass-white
         return ((rgba[..., :3] * alpha + WHITE * (255 - alpha)) // 255).astype(np.uint8)
 

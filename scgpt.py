@@ -229,24 +229,29 @@ class ScGPT(nn.Module):
                              f"{self.cfg.hist_dim}; use the same --features as in training")
         return self.cond_net.hist_embedder(hist)
 
-    def tokens(self, x, vis):                            # x [B, G], vis [B, G] bool -> [B, 1+G, D]
+    def encode_values(self, x):                          # x [B, G] -> [B, G, D], or None
+        """As model.Hinge.encode_values for raw values; binned ones depend on the whole spot: None."""
+        return self.value_encoder(x) if self.cfg.values == "raw" else None
+
+    def tokens(self, x, vis, enc=None):                  # x [B, G], vis [B, G] bool, enc [B, G, D] -> [B, 1+G, D]
         cfg = self.cfg
-        values = x if cfg.values == "raw" else bin_values(x, vis, cfg.n_bins)
+        if enc is None:
+            enc = self.value_encoder(x if cfg.values == "raw" else bin_values(x, vis, cfg.n_bins))
         genes = self.encoder(self.gene_ids)              # [G, D]
         # hidden genes enter as scGPT's generative pre-training feeds the genes it predicts (gene + flag_encoder
         # row 1, no value): the representation its weights learnt to decode, where the MLM mask value -1 is never
         # seen when generative training is on (the whole-human model's); their filled values are never read
-        tok = genes + torch.where(vis[..., None], self.value_encoder(values), self.flag_encoder.weight[1])  # [B, G, D]
+        tok = genes + torch.where(vis[..., None], enc, self.flag_encoder.weight[1])  # [B, G, D]
         cls_id, cls_value = self.gene_ids.new_full((1,), cfg.cls_token), x.new_full((1,), cfg.pad_value)
         cls = self.encoder(cls_id) + self.value_encoder(cls_value)                  # [1, D]
         return torch.cat([cls.expand(len(x), 1, -1).to(tok.dtype), tok], dim=1)
 
-    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):
+    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, enc=None):
         """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
-        genes visible after this step, hist_emb [B, D], only [B, R] -> the decoder's input h [B, R, D]."""
+        genes visible after this step, hist_emb [B, D], only [B, R], enc [B, G, D] -> the decoder's input h [B, R, D]."""
         B, G = x.shape
         vis = visible.bool()
-        h = self.tokens(x, vis)                          # [B, 1+G, D]
+        h = self.tokens(x, vis, enc)                     # [B, 1+G, D]
         allowed = predicted = None
         # keys as in scGPT's generative pre-training, which its weights learnt: <cls> and the visible genes for all,
         # and each hidden gene for itself, so known genes never see hidden ones and hidden ones never see each other
@@ -265,8 +270,8 @@ class ScGPT(nn.Module):
             h = M.modulate(self.dec_norm(h), shift, scale)
         return h
 
-    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):  # as model.Hinge.forward
-        h = self.hidden(x, visible, t, target_visible, hist_emb, only)            # [B, R, D]
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, enc=None):  # as Hinge's
+        h = self.hidden(x, visible, t, target_visible, hist_emb, only, enc)       # [B, R, D]
         return self.head(h, self.decoder(h), only)                                 # [B, R] or [B, R, params]
 
     def backbone_state_dict(self):

@@ -108,7 +108,10 @@ class Correlated(torch.nn.Module):
     def embed_histology(self, hist):
         return hist
 
-    def forward(self, x, visible, t, target, h, only=None):
+    def encode_values(self, x):
+        return None
+
+    def forward(self, x, visible, t, target, h, only=None, enc=None):
         other = x.flip(1) - 2.5
         mean = 2.5 + 0.8 * other * visible.flip(1)
         var = torch.where(visible.flip(1), 0.4 ** 2 * (1 - 0.8 ** 2), 0.4 ** 2)
@@ -134,6 +137,9 @@ class MeanOnly(torch.nn.Module):
 
     def embed_histology(self, hist):
         return self.net.embed_histology(hist)
+
+    def encode_values(self, x):
+        return self.net.encode_values(x)
 
     def forward(self, *args):
         return self.net.head.mean(self.net(*args))

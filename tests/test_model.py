@@ -229,7 +229,10 @@ class Recorder(torch.nn.Module):
     def embed_histology(self, hist):
         return hist
 
-    def forward(self, x, vis, t, target, h, only=None):
+    def encode_values(self, x):
+        return None
+
+    def forward(self, x, vis, t, target, h, only=None, enc=None):
         self.calls.append((x.clone(), vis.clone(), t.clone(), target.clone()))
         return M.pick(self.pred.expand(x.shape[0], -1) + 0 * h[:, :1] + t[:, None] * 1e-3, only)
 
@@ -277,9 +280,10 @@ def test_sampler_reveals_every_gene_once_with_no_fill_left():
 @pytest.mark.parametrize("preset", ["tiny", "scgpt-tiny"])
 @pytest.mark.parametrize("head", ["gaussian", "bins"])
 @pytest.mark.parametrize("cond", ["softadaln", "hist-affine-ln"])
-def test_only_the_revealed_genes_output_what_the_whole_model_outputs(preset, head, cond):
-    """`only`: the last layer computes the other genes' keys alone; the outputs of the genes asked for, and
-    so the sampler's draws, are the whole forward's, bare backbone included."""
+def test_the_sampler_s_shortcuts_output_what_the_whole_model_outputs(preset, head, cond):
+    """`only` (the last layer computes the other genes' keys alone), keys as positions when every row shows as
+    many genes, and value tokens kept between steps: the outputs of the genes asked for, and so the sampler's
+    draws, are the whole forward's, bare backbone included."""
     torch.manual_seed(0)
     extra = {} if preset == "tiny" else {"cls_token": 60, "vocab": 61}
     cfg = M.make_config(preset, n_genes=G, hist_dim=48, head=head, cond=cond, id_init=False, **extra)
@@ -294,10 +298,31 @@ def test_only_the_revealed_genes_output_what_the_whole_model_outputs(preset, hea
         full, part = net(x, vis, t, vis, h), net(x, vis, t, vis, h, only)
         assert part.shape[:2] == (len(x), 7) and torch.allclose(M.pick(full, only), part, atol=1e-5)
         assert torch.allclose(M.pick(net(x, vis), only), net(x, vis, only=only), atol=1e-5)
+        same = torch.rand(len(x), G).argsort(1) < 9      # 9 visible genes in every row: positions, not a mask
+        mixed = torch.cat([same, vis[:1]])               # beside a row with another count: the mask
+        assert torch.allclose(net(x, same, t, same, h), net(x[[*range(len(x)), 0]], mixed, t[[*range(len(x)), 0]],
+                                                            mixed, h[[*range(len(x)), 0]])[:len(x)], atol=1e-5)
         d = M.MaskedDiffusion(G, T=50)
-        fast, whole = (M.generate(net, d, hist, 5, 2, torch.Generator().manual_seed(1), record)[1]
-                       for record in ((), tuple(range(5))))   # a recorded step runs the whole model
-    assert torch.allclose(fast, whole, atol=1e-5)
+        fast, whole, fresh = (M.generate(m, d, hist, 5, 2, torch.Generator().manual_seed(1), record)[1]
+                              for m, record in ((net, ()), (net, tuple(range(5))), (Fresh(net), ())))
+    assert torch.allclose(fast, whole, atol=1e-5)        # a recorded step runs the whole model
+    assert torch.allclose(fast, fresh, atol=1e-5)        # every value token encoded afresh at every step
+
+
+class Fresh(torch.nn.Module):
+    """The model with no value tokens kept: every step encodes every gene's value again."""
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.head = net, net.head
+
+    def embed_histology(self, hist):
+        return self.net.embed_histology(hist)
+
+    def encode_values(self, x):
+        return None
+
+    def forward(self, *args):
+        return self.net(*args)
 
 
 def test_sampler_step_budget_and_samples():
