@@ -300,6 +300,7 @@ def test_the_sampler_s_shortcuts_output_what_the_whole_model_outputs(preset, hea
         assert torch.allclose(M.pick(net(x, vis), only), net(x, vis, only=only), atol=1e-5)
         same = torch.rand(len(x), G).argsort(1) < 9      # 9 visible genes in every row: positions, not a mask
         mixed = torch.cat([same, vis[:1]])               # beside a row with another count: the mask
+        assert vis[0].sum() != 9
         assert torch.allclose(net(x, same, t, same, h), net(x[[*range(len(x)), 0]], mixed, t[[*range(len(x)), 0]],
                                                             mixed, h[[*range(len(x)), 0]])[:len(x)], atol=1e-5)
         d = M.MaskedDiffusion(G, T=50)
