@@ -18,7 +18,7 @@ sample.py writes them, so that evaluate.py scores its uncertainty as the generat
 With --context K each spot-level method above sees its spot's features followed by the mean
 features of its K nearest spots (the same neighbourhood train.py builds).
 
-The paper's slide-context peers (peers.py) see whole slides, trained with early stopping on the
+The paper's slide-context peers (peers/) see whole slides, trained with early stopping on the
 validation spots' MSE within --epochs / --budget-s:
   stflow   flow matching over the spatial graph of each slide (ICML 2025); generative: --samples
            draws from different priors give std (and samples)
@@ -36,8 +36,9 @@ import torch
 from tqdm import tqdm
 
 import peers as P
-from common import (PredictionFile, UserError, add_fold_args, atomic_h5, feature_stats, fold_context, list_slices,
-                    load_fold, open_features, read_slice, run, split_validation, write_anndata)
+from common import UserError, atomic_h5, list_slices, read_slice, run
+from folds import add_fold_args, feature_stats, fold_context, load_fold, open_features, split_validation
+from predictions import PredictionFile, write_anndata
 from scores import calibrate, calibration_scale
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
@@ -101,7 +102,7 @@ def fit_knn(H, X, Hv, Xv, seed):
         return A / np.linalg.norm(A, axis=1, keepdims=True).clip(1e-8)
     ref = unit(H)
 
-    def neighbours(Q, k):                                # -> [k, n, G]: the expression of the k most similar training spots
+    def neighbours(Q, k):                                # -> [k, n, G]: expression of the k most similar training spots
         nn_idx = np.argpartition(-(unit(Q) @ ref.T), k - 1, axis=1)[:, :k]
         return X[nn_idx.T]
 
@@ -161,10 +162,12 @@ METHODS = {"mean": fit_mean, "ridge": fit_ridge, "mlp": fit_mlp, "knn": fit_knn}
 #################################################################################
 
 def run_peer(a, targets, encoders):
-    """A slide-context peer: fit on the fold's whole slides, predict each target slide whole -> (chosen, train slices)."""
+    """A slide-context peer: fit on the fold's whole slides, predict each target slide whole
+    -> (chosen, train slices)."""
     dev = torch.device(a.device)
-    slides, genes, mu, sd = P.fold_slides(a.data, encoders, a.test_slice, a.exclude.split(","), a.val_frac, a.val_seed, dev)
-    predict, chosen = P.fit(a.method, slides, len(genes), a, dev)
+    slides, genes, mu, sd = P.fold_slides(a.data, encoders, a.test_slice, a.exclude.split(","), a.val_frac, a.val_seed,
+                                          dev)
+    predict, chosen = P.fit(P.PEERS[a.method], slides, len(genes), a, dev)
     scale = None
     if a.calibrate:                                      # the validation spots of the training slides, predicted whole
         val = [(predict(s), s.val.cpu().numpy(), s.expr[s.val].cpu().numpy()) for s in slides if s.val.any()]
@@ -188,9 +191,9 @@ def finish(out, a, target, genes, names, chosen, N, scale):
     secs = time.time() - a.t0
     if scale is not None:
         out.f["calibration_scale"] = scale.astype(np.float32)
-    out.finish(read_slice(target.data, target.name, ("barcode",))["barcode"], [g.decode() for g in genes], method=a.method,
-               calibrated=scale is not None, seconds=secs, spots_per_s=N / secs, train_slices=",".join(names),
-               **({"context": a.context} if a.context else {}), **chosen)
+    out.finish(read_slice(target.data, target.name, ("barcode",))["barcode"], [g.decode() for g in genes],
+               method=a.method, calibrated=scale is not None, seconds=secs, spots_per_s=N / secs,
+               train_slices=",".join(names), **({"context": a.context} if a.context else {}), **chosen)
 
 
 def report(a, targets, chosen, spots, n_slides):
@@ -205,36 +208,39 @@ def report(a, targets, chosen, spots, n_slides):
 
 
 def main():
+    peers = ", ".join(P.PEERS)                           # help from the registry: a new peer edits nothing here
+    drawn = ", ".join(m for m, c in P.PEERS.items() if c.GENERATIVE)
+    epochs, patience = (", ".join(f"{m} {getattr(c, k)}" for m, c in P.PEERS.items()) for k in ("EPOCHS", "PATIENCE"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fold_args(p)                                     # the same fold and validation split as train.py
-    p.add_argument("--seed", type=int, default=42, help="seed of the MLP's and the peers' initialisation and batch order "
-                                                        "(default 42)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the MLP's and the peers' initialisation and batch "
+                                                        "order (default 42)")
     p.add_argument("--method", required=True, choices=list(METHODS) + list(P.PEERS),
-                   help="mean, ridge, mlp, knn, or a slide-context peer: stflow, triplex, merge (see above)")
+                   help=f"mean, ridge, mlp, knn, or a slide-context peer: {peers} (see above)")
     p.add_argument("--out", required=True, help="prediction folder: writes <out>/<test slice>.h5")
     p.add_argument("--predict-data", metavar="DIR", help="predict every slice of this prepared folder instead of the "
-                                                        "test slice, e.g. a slide without spatial data (prepare_data.py "
-                                                        "--dataset image, features from extract_features.py)")
+                                                        "test slice, e.g. a slide without spatial data "
+                                                        "(prepare_data.py --dataset image, features from "
+                                                        "extract_features.py)")
     p.add_argument("--save-samples", action="store_true", help="knn: also store the k neighbours' expression as "
-                                                               "`samples` float16 [k, N, G], as sample.py does; stflow: "
-                                                               "its --samples draws")
+                                                               "`samples` float16 [k, N, G], as sample.py does; "
+                                                               f"{drawn}: its --samples draws")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="keep the raw spread (default: scaled per gene so that the 50 %% and 90 %% intervals cover their "
-                        "share of the validation spots, the rule sample.py applies)")
+                   help="keep the raw spread (default: scaled per gene so that the 50 %% and 90 %% intervals cover "
+                        "their share of the validation spots, the rule sample.py applies)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction file")
-    g = p.add_argument_group("slide-context peers (stflow, triplex, merge)")
-    g.add_argument("--epochs", type=int, help="at most this many epochs (default each paper's: stflow 100, triplex "
-                                              "200, merge 400)")
+    g = p.add_argument_group(f"slide-context peers ({peers})")
+    g.add_argument("--epochs", type=int, help=f"at most this many epochs (default each paper's: {epochs})")
     g.add_argument("--patience", type=int, help="early stop after this many epochs without a lower validation MSE "
-                                                "(default stflow 20, triplex 20, merge 40)")
+                                                f"(default {patience})")
     g.add_argument("--budget-s", type=float, default=120.0,
                    help="stop training after the epoch that passes this many seconds, keeping the best epoch "
                         "(default 120: a Her2ST fold on a CPU; 0 = no limit). A budget that binds makes the result "
                         "depend on the machine's speed: give --epochs and --budget-s 0 for a reproducible run")
     g.add_argument("--size", choices=["paper", "cpu"], help="model widths: each paper's (default on a GPU) or reduced "
                                                             "for CPUs (default on a CPU; TRIPLEX and MERGE only)")
-    g.add_argument("--samples", type=int, default=5, help="stflow: samples per spot (different priors); their mean is "
-                                                          "the prediction, their spread its std (default 5)")
+    g.add_argument("--samples", type=int, default=5, help=f"{drawn}: samples per spot (different priors); their mean "
+                                                          "is the prediction, their spread its std (default 5)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a = p.parse_args()
 
@@ -243,8 +249,8 @@ def main():
     for t in targets:
         if os.path.isfile(t.dst) and not a.overwrite:
             raise UserError(f"{t.dst} exists; pass --overwrite to replace it or choose another --out")
-    if a.save_samples and a.method not in ("knn", "stflow"):
-        raise UserError(f"--save-samples: only knn (its neighbours) and stflow (its draws) have samples; {a.method}'s "
+    if a.save_samples and not (a.method == "knn" or a.method in P.PEERS and P.PEERS[a.method].GENERATIVE):
+        raise UserError(f"--save-samples: only knn (its neighbours) and {drawn} (its draws) have samples; {a.method}'s "
                         "distribution is the Gaussian pred ± std it writes anyway")
     if a.method in P.PEERS and a.context:
         raise UserError(f"--context: {a.method} sees each spot's neighbourhood itself; --context is for the spot-level "
@@ -272,7 +278,7 @@ def main():
         feats = open_features(t.data, encoders, t.name, context)
         N, G = feats.n, X.shape[1]
         with atomic_h5(t.dst) as f:
-            out = PredictionFile(f, N, G, CHUNK, chosen["k"] if a.save_samples else 0)  # knn's samples: its k neighbours
+            out = PredictionFile(f, N, G, CHUNK, chosen["k"] if a.save_samples else 0)  # knn's samples: k neighbours
             for s in tqdm(range(0, N, CHUNK), desc=f"predict {t.name}", unit="chunk"):
                 mean, std, samples = predict(((feats.read(s, s + CHUNK) - mu) / sd).astype(np.float32))
                 if scale is not None:

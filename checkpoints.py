@@ -1,31 +1,86 @@
-"""Checkpoint plumbing beside model.py (as DiT keeps download.py beside its models): CellFM's released
-weights read without MindSpore, their conversion to .safetensors, and checkpoints of the official HINGE
-training code imported as runs that sample.py and evaluate.py use as they are.
-
-    python checkpoints.py --convert base_weight.ckpt cellfm_800m.safetensors
-    python checkpoints.py --import-hinge best_weight.pt --genes used_selected_gene_list.txt \
-        --vocab gene_info.csv --out runs/official/best.pt
-"""
+"""Checkpoints, beside model.py (as DiT keeps download.py beside its models): run files, the backbones'
+weights (CellFM's released files read without MindSpore, scGPT's official folder read and written by key
+name) and weights taken from a path or the Hugging Face cache. convert.py turns files made elsewhere into them."""
+import json
 import os
-import re
+import socket
+from dataclasses import asdict
 from typing import NamedTuple
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError)
+from safetensors.torch import load_file
 
 import model as M
-from common import HUB_PREFIX, UserError, atomic_path, gene_tokens, read_gene_list, read_vocab, resolve_weights, run
+from common import UserError, atomic_path
+from scgpt import ScGPT
 
-
-#################################################################################
-#                 CellFM checkpoints (MindSpore .ckpt, .pt, .safetensors)       #
-#################################################################################
 
 class CheckpointError(UserError):
     """A checkpoint that does not fit: printed as one line naming the tensor or file."""
 
 
-# CellFM weights HINGE does not use: the 80M read-depth tokens and the cell-level head (unused by the official HINGE code)
+#################################################################################
+#                                Weights from the hub                           #
+#################################################################################
+
+HUB_PREFIX = "hf-hub:"          # timm's form of a Hugging Face model id: hf-hub:<owner>/<name>
+
+
+def hub_reachable(timeout=3):
+    """Whether the hub's host answers one TCP connection (offline mode: no; behind a proxy: assumed yes)."""
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_weights(spec, filename):
+    """A weights argument -> a local file. `hf-hub:<owner>/<name>` (as timm users write it) is `filename`
+    of that Hugging Face repository, taken from the hub's cache or downloaded into it; anything else
+    is a path, returned as given: nothing is fetched without the explicit prefix."""
+    if not spec.startswith(HUB_PREFIX):
+        return spec
+    repo = spec[len(HUB_PREFIX):]
+    login = (f"accept the model's terms at https://huggingface.co/{repo} (gated models) and log in with "
+             "`hf auth login` "
+             "(`huggingface-cli login` before huggingface_hub 1.0)")
+    try:
+        try:
+            return hf_hub_download(repo, filename, local_files_only=True)  # the cache first, without the network
+        except LocalEntryNotFoundError:
+            if not hub_reachable():                      # else hf_hub_download retries for half a minute
+                raise
+        return hf_hub_download(repo, filename)
+    except GatedRepoError as e:                          # before its parent class RepositoryNotFoundError
+        raise UserError(f"{spec}: gated model, access refused; {login}") from e
+    except RepositoryNotFoundError as e:
+        raise UserError(f"{spec}: no such repository on the Hugging Face hub, or a private/gated one; {login}") from e
+    except LocalEntryNotFoundError as e:                 # offline (HF_HUB_OFFLINE=1) or no connection, and not cached
+        raise UserError(f"{spec}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+                        f"cannot be reached; online, {login}, then run again; or download {filename} yourself "
+                        "and pass its path instead") from e
+    except EntryNotFoundError as e:
+        raise UserError(f"{spec}: the repository has no file {filename}; is it the right model?") from e
+    except HFValidationError as e:
+        raise UserError(f"{spec}: not a hub id; write hf-hub:<owner>/<name>, e.g. hf-hub:MahmoodLab/UNI") from e
+
+
+#################################################################################
+#                  CellFM checkpoints (MindSpore .ckpt, .pt, .safetensors)      #
+#################################################################################
+
+# CellFM weights HINGE does not use (nor does the official HINGE code): the 80M read-depth tokens, the cell-level head
 UNUSED_CELLFM = ("ST_emb", "ST_enc.", "cellwise_dec.")
 
 
@@ -33,6 +88,8 @@ UNUSED_CELLFM = ("ST_emb", "ST_enc.", "cellwise_dec.")
 _MS_DTYPES = {"Float32": np.float32, "Float16": np.float16, "Float64": np.float64,
               "Int8": np.int8, "Int16": np.int16, "Int32": np.int32, "Int64": np.int64,
               "UInt8": np.uint8, "Bool": np.bool_, "BFloat16": np.int16}
+
+
 # Optimiser state and training scalars stored beside the weights in MindSpore checkpoints
 _IGNORED_PREFIXES = ("moment1.", "moment2.", "global_step", "learning_rate", "beta1_power", "beta2_power",
                      "current_iterator_step", "last_overflow_iterator_step", "scale_sense")
@@ -138,7 +195,6 @@ def load_cellfm(path):
     if ext == ".ckpt":
         sd = _read_mindspore(path)
     elif ext == ".safetensors":
-        from safetensors.torch import load_file
         sd = load_file(path)
     elif ext in (".pt", ".pth", ".bin"):
         try:
@@ -166,9 +222,12 @@ def shape_hint(sd, cfg):
     width = sd["gene_emb"].shape[1] if "gene_emb" in sd else None
     layers = len({k.split(".")[1] for k in sd if k.startswith("encoder.")})
     if (width, layers) == (cfg.dim, cfg.layers):
-        return "; the checkpoint is for another gene vocabulary (prepare the data with the vocabulary it was trained on)"
-    fits = [p for p, make in M.PRESETS.items() if (make().backbone, make().dim, make().layers) == ("cellfm", width, layers)]
-    return (f"; the checkpoint is a {width}-wide, {layers}-layer backbone and this model {cfg.dim}-wide, {cfg.layers}-layer: "
+        return ("; the checkpoint is for another gene vocabulary (prepare the data with the vocabulary it was "
+                "trained on)")
+    fits = [p for p, make in M.PRESETS.items()
+            if (make().backbone, make().dim, make().layers) == ("cellfm", width, layers)]
+    return (f"; the checkpoint is a {width}-wide, {layers}-layer backbone and this model {cfg.dim}-wide, "
+            f"{cfg.layers}-layer: "
             + (f"pass --preset {' or '.join(fits)}" if fits else "no preset has that shape"))
 
 
@@ -191,10 +250,211 @@ def load_backbone(model, sd, path="checkpoint"):
     return [k for k in extra if k.startswith(UNUSED_CELLFM)], [k for k in extra if not k.startswith(UNUSED_CELLFM)]
 
 
+#################################################################################
+#         scGPT's checkpoint folder (best_model.pt, args.json, vocab.json)      #
+#################################################################################
+
+FILES = ("best_model.pt", "args.json", "vocab.json")
+
+
+# scGPT heads HINGE does not use: gene-expression-from-cell-embedding (MVC), cell-type classifier, zero-probability head
+IGNORED = ("mvc_decoder.", "cls_decoder.", "decoder.zero_logit.")
+
+
+class ScGPTCheckpoint(NamedTuple):
+    path: str
+    state: dict                    # tensors by our (torch's) names, the IGNORED heads left out
+    shape: dict                    # Config fields the checkpoint sets
+    vocab: dict                    # token -> row of encoder.embedding
+
+
+def is_special(token):
+    """scGPT's special tokens (<pad>, <cls>, <eoc>, ...): no gene symbol is written in angle brackets."""
+    return token.startswith("<") and token.endswith(">")
+
+
+def our_name(key):
+    """An official key -> ours: DDP's `module.` and the flash-attention wrapper's `_impl.` dropped, flash-attention's
+    packed `self_attn.Wqkv.{weight,bias}` -> torch's `self_attn.in_proj_{weight,bias}` (same q, k, v row order)."""
+    key = key[len("module."):] if key.startswith("module.") else key
+    return key.replace("._impl.", ".").replace(".Wqkv.weight", ".in_proj_weight").replace(".Wqkv.bias", ".in_proj_bias")
+
+
+def read_json(path, kind):
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({kind})")
+    return obj
+
+
+def checkpoint_shape(folder, state, args, vocab):
+    """The Config fields an official checkpoint sets: widths, layers and vocabulary rows from its tensors,
+    heads, value input and dropout from args.json, the <cls> row from vocab.json."""
+    if "encoder.embedding.weight" not in state:
+        raise CheckpointError(f"{folder}/best_model.pt: no encoder.embedding.weight; not an scGPT state dict")
+    rows, dim = state["encoder.embedding.weight"].shape
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer_encoder.layers.")})
+    if not layers or layers != list(range(len(layers))) or "transformer_encoder.layers.0.linear1.weight" not in state:
+        raise CheckpointError(f"{folder}/best_model.pt: transformer layers {layers[:5]} are incomplete; "
+                              "not an scGPT state dict")
+    heads, style = args.get("nheads"), args.get("input_emb_style", "continuous")
+    if not isinstance(heads, int) or heads < 1 or dim % heads:
+        raise CheckpointError(f"{folder}/args.json: nheads {heads!r} does not divide the width {dim}")
+    if style not in ("continuous", "category"):
+        raise CheckpointError(f"{folder}/args.json: input_emb_style {style!r} is not supported "
+                              "(continuous or category)")
+    if "<cls>" not in vocab:
+        raise CheckpointError(f"{folder}/vocab.json: no <cls> token")
+    # input_style: scGPT's pre-training default is binned (the values the whole-human model saw)
+    values = "category" if style == "category" else "binned" if args.get("input_style", "binned") == "binned" else "raw"
+    n_bins = int(args.get("n_bins", 51))
+    return {"dim": dim, "layers": len(layers), "heads": heads, "vocab": rows, "cls_token": int(vocab["<cls>"]),
+            "ffn": state["transformer_encoder.layers.0.linear1.weight"].shape[0], "values": values, "n_bins": n_bins,
+            "pad_value": int(args.get("pad_value", n_bins if style == "category" else -2)),
+            "dropout": float(args.get("dropout", 0.2))}
+
+
+def read_checkpoint(folder):
+    """An official scGPT folder -> ScGPTCheckpoint; flash-attention and torch names alike. Raises CheckpointError."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a folder; an scGPT checkpoint is the folder that holds "
+                              f"{', '.join(FILES)}")
+    absent = [f for f in FILES if not os.path.isfile(os.path.join(folder, f))]
+    if absent:
+        raise CheckpointError(f"{folder}: no {', '.join(absent)}; an scGPT checkpoint folder holds {', '.join(FILES)}")
+    args = read_json(os.path.join(folder, "args.json"), "the model's arguments")
+    vocab = read_json(os.path.join(folder, "vocab.json"), "token -> id")
+    if not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
+        raise CheckpointError(f"{folder}/vocab.json: ids must be non-negative integers")
+    pt = os.path.join(folder, "best_model.pt")
+    try:
+        raw = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:                               # torch reports truncation as a zip error
+        raise CheckpointError(f"{pt}: cannot be read as a torch state dict ({str(e).splitlines()[0]}); "
+                              "is it truncated? download it again") from e
+    if not isinstance(raw, dict) or not all(torch.is_tensor(v) for v in raw.values()):
+        raise CheckpointError(f"{pt}: not a state dict of tensors")
+    state = {}
+    for k, v in raw.items():
+        k = our_name(k)
+        if not k.startswith(IGNORED):
+            state[k] = v
+    return ScGPTCheckpoint(folder, state, checkpoint_shape(folder, state, args, vocab), vocab)
+
+
+def check_tensors(ck, cfg, tokens):
+    """Every tensor of the checkpoint is a backbone tensor of the model, every backbone tensor is in the
+    checkpoint, shapes agree: else CheckpointError naming them (the model is built on the meta device)."""
+    with torch.device("meta"):
+        own = ScGPT(cfg, tokens).backbone_state_dict()
+    missing = sorted(set(own) - set(ck.state))
+    unexpected = sorted(set(ck.state) - set(own))
+    bad = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in ck.state.items()
+           if k in own and v.shape != own[k].shape]
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
+        if keys:
+            raise CheckpointError(f"{ck.path}/best_model.pt: {what} tensors: {', '.join(keys[:5])}"
+                                  f"{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)")
+
+
+def checkpoint_tokens(ck, genes, gene_ids):
+    """The selected genes' rows in vocab.json, by symbol; slices prepared with a vocabulary must store the same ids."""
+    where = os.path.join(ck.path, "vocab.json")
+    unknown = [g for g in genes if g not in ck.vocab or is_special(g)]
+    if unknown:
+        raise CheckpointError(f"{where}: {len(unknown)} of the {len(genes)} selected genes are not in it "
+                              f"({', '.join(unknown[:5])}); prepare the data with --vocab {where}")
+    tokens = np.array([ck.vocab[g] for g in genes], dtype=np.int64)
+    gene_ids = np.asarray(gene_ids)
+    if gene_ids.any() and not np.array_equal(gene_ids, tokens):  # all 0: prepared without a vocabulary
+        i = int(np.flatnonzero(gene_ids != tokens)[0])
+        raise CheckpointError(f"{where} gives {genes[i]} the id {tokens[i]} but the slices store {gene_ids[i]}: "
+                              "the data "
+                              f"was prepared with another vocabulary; prepare it with --vocab {where}")
+    return tokens
+
+
+def prepare_scgpt(preset, path, genes, gene_ids, **kw):
+    """prepare_backbone for scGPT: with a checkpoint folder its shape and vocabulary, checked tensor by
+    tensor; without one the preset, genes keeping the slices' ids (0..G-1 and <cls> at G + 1 without a vocabulary,
+    as scGPT appends <pad>, <cls>, <eoc> after the genes)."""
+    if path is None:
+        gene_ids = np.asarray(gene_ids, dtype=np.int64)
+        if not gene_ids.any():                           # scGPT ids start at 0, so [0] (one gene) reads the same
+            G = len(gene_ids)
+            return Backbone(M.make_config(preset, vocab=G + 3, cls_token=G + 1, **kw), np.arange(G), None)
+        cfg = M.make_config(preset, **kw)
+        if gene_ids.max() >= cfg.vocab or cfg.cls_token in gene_ids:
+            raise CheckpointError(f"the slices' gene ids (up to {gene_ids.max()}) do not fit --preset {preset} "
+                                  f"({cfg.vocab} rows, <cls> at {cfg.cls_token}); prepare the data with scGPT's "
+                                  "vocab.json")
+        return Backbone(cfg, gene_ids, None)
+    ck = read_checkpoint(path)
+    cfg = M.make_config(preset, **ck.shape, **kw)
+    tokens = checkpoint_tokens(ck, genes, gene_ids)
+    check_tensors(ck, cfg, tokens)
+    return Backbone(cfg, tokens, ck.state)
+
+
+def check_writable(folder):
+    """A checkpoint folder may replace nothing but a previous one (its files only)."""
+    if os.path.exists(folder) and not (os.path.isdir(folder) and set(os.listdir(folder)) <= set(FILES)):
+        raise CheckpointError(f"{folder} exists and is not an scGPT checkpoint folder; choose another --out")
+
+
+def write_checkpoint(folder, net, genes, extra):
+    """A backbone in the official layout (best_model.pt with torch's names, args.json, vocab.json with the
+    genes and <cls>), so that train.py reads pretrain.py's backbones as it reads scGPT's own. Written to a
+    temporary folder and renamed; a previous checkpoint folder in its place is replaced."""
+    cfg = net.cfg
+    args = {"embsize": cfg.dim, "nheads": cfg.heads, "d_hid": cfg.ffn, "nlayers": cfg.layers, "dropout": cfg.dropout,
+            "input_emb_style": "category" if cfg.values == "category" else "continuous",
+            # our raw values are log2(count + 1), not scGPT's log1p: named for what they are, read back as raw
+            "input_style": "log2p" if cfg.values == "raw" else "binned", "n_bins": cfg.n_bins, "pad_token": "<pad>",
+            "pad_value": cfg.pad_value, "mask_value": -1, "fast_transformer": False, **extra}
+    vocab = {**{g: int(t) for g, t in zip(genes, net.gene_ids.tolist())}, "<cls>": cfg.cls_token}
+    check_writable(folder)
+    tmp = f"{folder}.tmp{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()},
+                   os.path.join(tmp, "best_model.pt"))
+        for name, obj in (("args.json", args), ("vocab.json", vocab)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        if os.path.isdir(folder):                        # only the files a checkpoint holds, checked above
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
+            os.rmdir(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.isdir(tmp):
+            for name in os.listdir(tmp):
+                os.remove(os.path.join(tmp, name))
+            os.rmdir(tmp)
+
+
+#################################################################################
+#                                    Backbones                                  #
+#################################################################################
+
 class Backbone(NamedTuple):
     cfg: M.Config
     tokens: np.ndarray             # token id of each selected gene
     weights: dict                  # backbone tensors by our names; None: random weights
+
+
+def gene_tokens(gene_ids, vocab):
+    """CellFM token ids of the selected genes and the vocabulary size they index. Without a
+    vocabulary (ids all 0) genes get their own ids 1..G, so the model can still tell them apart."""
+    gene_ids = np.asarray(gene_ids)
+    if (gene_ids == 0).all():
+        return np.arange(1, len(gene_ids) + 1), len(gene_ids)
+    return gene_ids, vocab
 
 
 def resolve_backbone(spec):
@@ -206,8 +466,7 @@ def resolve_backbone(spec):
     repo = HUB_PREFIX + "/".join(parts[:2])
     if len(parts) == 3:
         return resolve_weights(repo, parts[2])
-    import scgpt                                         # here: scgpt imports this module
-    return os.path.dirname([resolve_weights(repo, f) for f in scgpt.FILES][0])  # one snapshot folder holds all three
+    return os.path.dirname([resolve_weights(repo, f) for f in FILES][0])  # one snapshot: all three
 
 
 def prepare_backbone(preset, ckpt, genes, gene_ids, **kw):
@@ -219,8 +478,7 @@ def prepare_backbone(preset, ckpt, genes, gene_ids, **kw):
     if preset is None:
         preset = "scgpt" if ckpt and os.path.isdir(ckpt) else "small"
     if M.make_config(preset).backbone == "scgpt":
-        import scgpt
-        return scgpt.prepare(preset, ckpt, genes, gene_ids, **kw)
+        return prepare_scgpt(preset, ckpt, genes, gene_ids, **kw)
     if ckpt and os.path.isdir(ckpt):
         raise CheckpointError(f"{ckpt} is a folder (an scGPT checkpoint?) but --preset {preset} is a CellFM backbone; "
                               "pass --preset scgpt, or leave --preset out")
@@ -229,142 +487,54 @@ def prepare_backbone(preset, ckpt, genes, gene_ids, **kw):
 
 
 #################################################################################
-#                 Checkpoints of the official HINGE code (donghaifang/HINGE)    #
+#                                    Run files                                  #
 #################################################################################
 
-# our name -> the official one (its models.py, retentionlayer.py); the first rule that matches applies
-OFFICIAL_NAMES = [
-    (r"^encoder\.(\d+)\.adaln\.", r"retentionblocks.\1.adaln.proj."),
-    (r"^encoder\.(\d+)\.soft_norm(\d)\.lambda_bias$", r"retentionblocks.\1.pre_norm\2._lambda_bias"),
-    (r"^encoder\.(\d+)\.(attn|ffn)\.(\w)_proj\.lora_(A|B)$", r"retentionblocks.\1.\2.lora_\3.\4.weight"),
-    (r"^encoder\.", "retentionblocks."),
-    (r"^cond_net\.t_embedder\.", "cond_embed.time."),
-    (r"^cond_net\.hist_embedder\.", "cond_embed.label."),
-    (r"^cond_net\.mask_embedder\.", "cond_embed.mask."),
-    (r"^dec_norm\.lambda_bias$", "final_layer.pre_norm._lambda_bias"),
-    (r"^dec_adaln\.", "final_layer.proj."),
-    (r"^value_dec\.", "final_layer."),
-]
-OURS_ONLY = ("value_enc.mask_emb",)                     # CellFM's pre-training mask token: the official model drops it
+# What a run holds beside its weights: every writer goes through save_run and every reader through load_run
+RUN_DEFAULTS = {"val_features": None, "val_expr": None, "test_slice": None, "train_slices": [], "objective": "masked",
+                "schedule": "poly-auto", "fill": "gauss", "T": 50, "variant": "hinge", "backbone_ckpt": None,
+                "pixel_size_um": None, "context": None, "args": {}}
 
 
-def official_name(name):
-    for pattern, repl in OFFICIAL_NAMES:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
+TRAINING_STATE = ("opt", "sched", "state", "rng", "epoch", "imported_from")  # train.py's state, an import's origin
 
 
-def official_config(sd, heads=None, gate="sigmoid"):
-    """The shape of an official HINGE model, read off its tensors: width and layers from the blocks,
-    vocabulary rows from gene_emb, genes from the mask MLP, heads = width / 32 as in CellFM."""
-    need = ["gene_emb", "cond_embed.label.0.weight", "cond_embed.mask.0.weight", "gg"]
-    absent = [k for k in need if k not in sd]
-    if absent:
-        raise CheckpointError(f"not an official HINGE checkpoint: no {', '.join(absent)}")
-    rows, dim = sd["gene_emb"].shape
-    lora = sd.get("retentionblocks.0.attn.lora_q.A.weight")
-    return M.Config(dim=dim, layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("retentionblocks.")),
-                  heads=heads or dim // 32, vocab=rows - 1, n_genes=sd["cond_embed.mask.0.weight"].shape[1],
-                  hist_dim=sd["cond_embed.label.0.weight"].shape[1], gate=gate, init="official",
-                  lora_rank=0 if lora is None else lora.shape[0])
+def build_model(cfg, gene_ids):
+    """The model a config describes: HINGE on CellFM (model.Hinge) or on scGPT (scgpt.ScGPT), the same interface."""
+    return ScGPT(cfg, gene_ids) if cfg.backbone == "scgpt" else M.Hinge(cfg, gene_ids)
 
 
-def import_official(sd, cfg):
-    """An official HINGE state dict -> our model, every tensor mapped by name; a missing, unexpected
-    or mis-shaped tensor is an error that names it."""
-    net = M.Hinge(cfg, sd["gg"])
-    own = {k: v for k, v in net.state_dict().items() if k not in OURS_ONLY}
-    names = {official_name(k): k for k in own}
-    missing = sorted(set(names) - set(sd))
-    unexpected = sorted(set(sd) - set(names) - {"gg"})
-    bad = [f"{o} {tuple(sd[o].shape)} (expected {tuple(own[k].shape)})" for o, k in names.items()
-           if o in sd and sd[o].numel() != own[k].numel()]
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
-        if keys:
-            raise CheckpointError(f"{what} tensors: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} "
-                                  f"({len(keys)} in all)")
-    with torch.no_grad():
-        for o, k in names.items():
-            own[k].copy_(sd[o].reshape(own[k].shape))   # the official λ biases are scalars, ours [1]
-        if cfg.gate == "residual":                       # official use_sigmoid=False gates with g, ours with 1 + g
-            for blk in net.encoder:
-                blk.adaln.bias.view(6, cfg.dim)[M.GATE_CHUNKS] -= 1
-        net.value_enc.mask_emb.zero_()
-    return net
+def save_run(path, net, genes, features, feat_mean, feat_std, **meta):
+    """Write a run: config, weights, genes, features and their standardisation, and RUN_DEFAULTS' keys."""
+    if unknown := set(meta) - set(RUN_DEFAULTS) - set(TRAINING_STATE):
+        raise ValueError(f"save_run: unknown run keys {sorted(unknown)}")
+    run = {"config": asdict(net.cfg), "gene_tokens": net.gene_ids.tolist(), "genes": list(genes),
+           "features": list(features), "feat_mean": np.asarray(feat_mean, np.float32),
+           "feat_std": np.asarray(feat_std, np.float32), **RUN_DEFAULTS, **meta, "model": net.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(run, tmp)
 
 
-#################################################################################
-#                                  Commands                                     #
-#################################################################################
-
-def convert(src, dst):
-    """A CellFM checkpoint -> .safetensors, so later loads are fast and need no protobuf parsing."""
-    from safetensors.torch import save_file
-    sd = load_cellfm(src)
-    with atomic_path(dst) as tmp:
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
-    print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values")
-
-
-def import_hinge(a):
-    """An official HINGE best_weight.pt -> a run sample.py and evaluate.py use as they are (README
-    "Using the authors' checkpoints"). The official code feeds raw UNI + CONCH embeddings, so the
-    run standardises nothing (mean 0, std 1), and trains with T = 50 and the poly-auto schedule."""
-    if not os.path.isfile(a.import_hinge):
-        raise UserError(f"{a.import_hinge}: no such checkpoint")
-    ck = torch.load(a.import_hinge, map_location="cpu", weights_only=True)
-    sd = ck.get("model", ck) if isinstance(ck, dict) else None
-    if not isinstance(sd, dict):
-        raise UserError(f"{a.import_hinge}: not an official HINGE checkpoint (expected {{'model', 'opt', 'epoch'}})")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    genes, vocab = read_gene_list(a.genes), read_vocab(a.vocab)
-    unknown = [g for g in genes if g not in vocab]
-    if unknown:
-        raise UserError(f"{a.vocab}: {len(unknown)} listed genes are not in the vocabulary: {', '.join(unknown[:5])}")
-    try:
-        cfg = official_config(sd, a.heads, a.gate)
-        tokens, gg = torch.tensor([vocab[g] for g in genes]), sd["gg"].long()
-        if len(tokens) != len(gg):
-            raise CheckpointError(f"it has {len(gg)} genes (gg) and {a.genes} lists {len(genes)}")
-        if not torch.equal(tokens, gg):
-            i = int((tokens != gg).nonzero()[0])
-            raise CheckpointError(f"gene {i} of {a.genes}, {genes[i]}, has token id {int(tokens[i])} in {a.vocab} but "
-                                  f"the checkpoint's gg holds {int(gg[i])}: another gene order or vocabulary file")
-        net = import_official(sd, cfg)
-    except CheckpointError as e:
-        raise UserError(f"{a.import_hinge}: {e}") from e
-    feats = a.features.split(",")
-    M.save_run(a.out, net, genes, feats, np.zeros(cfg.hist_dim, np.float32), np.ones(cfg.hist_dim, np.float32),
-               T=a.T, imported_from=os.path.abspath(a.import_hinge), epoch=ck.get("epoch"), args=vars(a))
-    print(f"wrote {a.out}: {cfg.layers} layers, width {cfg.dim}, {cfg.heads} heads, {cfg.n_genes} genes, "
-          f"{cfg.hist_dim}-d features ({a.features}), {cfg.gate} gate" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
+def read_run(path):
+    """A run file as a dict, migrated to the current format."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found; train first (train.py --out {os.path.dirname(path) or '.'})")
+    run = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = run["config"]
+    cfg.setdefault("gate", "residual")                   # runs saved before these choices existed used 1 + g ...
+    cfg.setdefault("init", "cellfm")                     # ... and CellFM's initialisation
+    if "cellfm_ckpt" in run:                             # the backbone flag's old name
+        run["backbone_ckpt"] = run.pop("cellfm_ckpt")
+    return {**RUN_DEFAULTS, **run}
 
 
-def main():
-    import argparse
-    p = argparse.ArgumentParser(description="Checkpoint tools: convert a CellFM checkpoint to .safetensors, or import "
-                                            "an official HINGE checkpoint as a run for sample.py.")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--convert", nargs=2, metavar=("IN", "OUT"), help="CellFM .ckpt/.pt/.bin -> .safetensors")
-    g.add_argument("--import-hinge", metavar="PT", help="official HINGE best_weight.pt ({'model', 'opt', 'epoch'})")
-    p.add_argument("--genes", help="import: its gene list, one symbol per line in training order (used_selected_gene_list.txt)")
-    p.add_argument("--vocab", help="import: CellFM gene_info.csv it was trained with (token id = row + 1)")
-    p.add_argument("--out", help="import: the run checkpoint to write, e.g. RUN/best.pt")
-    p.add_argument("--heads", type=int, help="import: attention heads (default width / 32, as CellFM)")
-    p.add_argument("--gate", choices=["sigmoid", "residual"], default="sigmoid",
-                   help="import: the official use_sigmoid=True (default) or use_sigmoid=False")
-    p.add_argument("--features", default="uni,conch", help="import: its histology features, in order (default uni,conch)")
-    p.add_argument("--T", type=int, default=50, help="import: its --num_timesteps (default 50)")
-    a = p.parse_args()
-    if a.convert:
-        return convert(*a.convert)
-    missing = [f"--{k}" for k in ("genes", "vocab", "out") if not getattr(a, k)]
-    if missing:
-        raise UserError(f"--import-hinge needs {', '.join(missing)}")
-    import_hinge(a)
+def load_run(path, device="cpu"):
+    """A run file -> (model in eval mode on `device`, its diffusion, the run dict)."""
+    run = read_run(path)
+    cfg = M.Config(**run["config"])
+    net = build_model(cfg, run["gene_tokens"])
+    net.load_state_dict(run["model"])
+    net.to(device).eval()
+    return net, M.make_diffusion(run["objective"], cfg.n_genes, run["T"], run["schedule"], run["fill"]), run
 
 
-if __name__ == "__main__":
-    run(main)

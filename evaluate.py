@@ -33,7 +33,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from common import UserError, atomic_path, decode, existing_slice, read_slice, run, slice_layout, write_text
+from common import UserError, atomic_path, decode, existing_slice, read_slice, run, write_text
+from predictions import slice_layout
 from scores import (LEVELS, calibration, covered, crps_gaussian, crps_samples, pearson_per_gene, spread_skill,
                     structure)
 
@@ -103,7 +104,8 @@ def slice_metrics(truth, pred, array):
 def distribution_metrics(truth, pred, std, samples):
     """CRPS, coverage and spread-skill of one slice -> (slice values, per-gene values, calibration
     curve). Without std only CRPS is defined (the MAE); the rest is NaN and the curve None."""
-    crps = crps_samples(truth, samples) if samples is not None else crps_gaussian(truth, pred, 0 if std is None else std)
+    crps = (crps_samples(truth, samples) if samples is not None
+            else crps_gaussian(truth, pred, 0 if std is None else std))
     if std is None:
         nan = np.full(truth.shape[1], np.nan)
         cover50, cover90, skill, skill_all, curve = nan, nan, nan, float("nan"), None
@@ -169,10 +171,12 @@ def load_pair(pred_path, data):
         steps = (f["steps"][()], f["recorded_t"][()]) if "steps" in f else None
     s = read_slice(data, name, ("expr", "counts", "barcode", "genes", "array"))
     if decode(s["genes"]) != genes:
-        raise UserError(f"{pred_path}: genes differ from slice {name} of {data}; evaluate against the data it was trained on")
+        raise UserError(f"{pred_path}: genes differ from slice {name} of {data}; evaluate against the data it was "
+                        "trained on")
     if decode(s["barcode"]) != bc:
         raise UserError(f"{pred_path}: spots differ from slice {name} of {data}; re-run sample.py")
-    depth = np.log2(s["counts"].sum(1) + 1)              # slices keep the selected genes' counts only: depth is their total
+    # slices keep the selected genes' counts only: depth is their total
+    depth = np.log2(s["counts"].sum(1) + 1)
     return Pair(name, s["expr"], pred, std, s["array"], genes, attrs, steps, depth)
 
 
@@ -204,7 +208,8 @@ def evaluate_dir(pred_dir, data):
             dist, dist_gene, curve = distribution_metrics(p.truth, p.pred, p.std, f.get("samples"))
             struct = structure_metrics(p.truth, p.pred, p.depth, f.get("samples"))
             scale = f["calibration_scale"][()] if "calibration_scale" in f else None
-        rows.append({"slice": p.name, **m, **dist, **struct, "K": p.attrs.get("K"), "spots_per_s": p.attrs.get("spots_per_s")})
+        rows.append({"slice": p.name, **m, **dist, **struct, "K": p.attrs.get("K"),
+                     "spots_per_s": p.attrs.get("spots_per_s")})
         per_gene.append(pd.DataFrame({"slice": p.name, "gene": p.genes, "pearson": r, "ssim": ssim, **dist_gene,
                                       "var_truth": p.truth.var(0), "var_pred": p.pred.var(0)}))
         pairs.append(p)
@@ -281,7 +286,8 @@ def fig_predicted_maps(path, pred_path, data, markers):
         pixel, diameter, thumb, scale = slice_layout(s)
     xy, diam = pixel * scale, diameter * scale           # in thumbnail pixels
     lo, hi = xy.min(0) - 2 * diam, xy.max(0) + 2 * diam  # the tissue's bounding box, a spot or two around it
-    cols = [("predicted", pred, "viridis")] + ([("uncertainty (std over samples)", std, "magma")] if std is not None else [])
+    cols = ([("predicted", pred, "viridis")]
+            + ([("uncertainty (std over samples)", std, "magma")] if std is not None else []))
     fig, axes = plt.subplots(len(markers), len(cols), figsize=(5.2 * len(cols), 4.6 * len(markers)), squeeze=False,
                              layout="constrained")
     for i, g in enumerate(markers):
@@ -332,8 +338,8 @@ def fig_correlation(path, name, truth, pred, genes, m):
         ax.set_yticklabels([genes[idx[i]] for i in order], fontsize=7)
     fig.colorbar(im, ax=axes.tolist(), shrink=0.8, label="Pearson r across spots")
     fig.suptitle(f"{name}: gene-gene correlation of the {len(idx)} genes most variable in truth (clustered on truth, "
-                 f"same order in both)\nstruct_r {cell(m['struct_r_top'])} on these genes, {cell(m['struct_r'])} on all "
-                 f"{len(genes)}; depth partialled out: {cell(m['struct_r_partial'])}", fontsize=10)
+                 f"same order in both)\nstruct_r {cell(m['struct_r_top'])} on these genes, {cell(m['struct_r'])} "
+                 f"on all {len(genes)}; depth partialled out: {cell(m['struct_r_partial'])}", fontsize=10)
     fig.savefig(path, dpi=110); plt.close(fig)
 
 
@@ -377,7 +383,8 @@ def fig_steps(path, name, truth, steps):
     pcc = [np.nanmean(pearson_per_gene(truth, x)) for x in x0]
     mse = [((truth - x) ** 2).mean() for x in x0]
     fig, ax1 = plt.subplots(figsize=(5.5, 3.5))
-    ax1.plot(ts, pcc, "o-", label="mean r"); ax1.set_xlabel("diffusion step t (T -> 0)"); ax1.set_ylabel("mean r of x̂0")
+    ax1.plot(ts, pcc, "o-", label="mean r")
+    ax1.set_xlabel("diffusion step t (T -> 0)"); ax1.set_ylabel("mean r of x̂0")
     ax1.invert_xaxis()
     ax2 = ax1.twinx(); ax2.plot(ts, mse, "s--", color="0.4", label="MSE"); ax2.set_ylabel("MSE of x̂0")
     ax1.legend(loc="center left", fontsize=8); ax2.legend(loc="center right", fontsize=8)
@@ -425,8 +432,9 @@ def score(a, out):
     """Metrics, tables and figures for the slices with measured expression."""
     df, per_gene, pairs, curves = evaluate_dir(a.pred, a.data)
     summary = summarise(df)
-    for fname, frame in [("metrics.csv", pd.concat([df, pd.DataFrame([{"slice": "mean", **{k: v["mean"] for k, v in summary.items()}},
-                                                                       {"slice": "std", **{k: v["std"] for k, v in summary.items()}}])])),
+    for fname, frame in [("metrics.csv", pd.concat([df, pd.DataFrame([
+                             {"slice": "mean", **{k: v["mean"] for k, v in summary.items()}},
+                             {"slice": "std", **{k: v["std"] for k, v in summary.items()}}])])),
                          ("per_gene.csv", per_gene)]:
         with atomic_path(os.path.join(out, fname)) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.5f")
@@ -438,9 +446,11 @@ def score(a, out):
         sweep[int(dd["K"].iloc[0])] = {"PCC-50": dd["PCC-50"].mean(), "mean_r": dd["mean_r"].mean(),
                                        "spots_per_s": dd["spots_per_s"].mean()}
     write_text(os.path.join(out, "summary.json"), json.dumps(
-        {"label": a.label or a.pred, "metrics": summary, "n_slices": len(df), "excluded_genes": int(df["n_excluded"].sum()),
+        {"label": a.label or a.pred, "metrics": summary, "n_slices": len(df),
+         "excluded_genes": int(df["n_excluded"].sum()),
          "K_sweep": {str(k): v for k, v in sorted(sweep.items())},
-         "calibration": {"levels": LEVELS.tolist(), "coverage": np.mean(list(curves["calibrated"].values()), 0).tolist(),
+         "calibration": {"levels": LEVELS.tolist(),
+                         "coverage": np.mean(list(curves["calibrated"].values()), 0).tolist(),
                          "raw_coverage": np.mean(list(curves["raw"].values()), 0).tolist(),
                          "per_slice": {n: c.tolist() for n, c in curves["calibrated"].items()}} if curves else None},
         indent=1) + "\n")
@@ -494,7 +504,8 @@ def main():
     if truth:
         score(a, out)
     if blind:
-        print(f"{len(blind)} slice(s) without measured expression ({', '.join(os.path.basename(p)[:-3] for p in blind)}): "
+        print(f"{len(blind)} slice(s) without measured expression "
+              f"({', '.join(os.path.basename(p)[:-3] for p in blind)}): "
               "no metrics for them, only maps of the prediction")
         draw_blind(a, out, blind)
 

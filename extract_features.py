@@ -23,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, add_runtime_args, atomic_h5, list_slices, resolve_weights, run, slice_path
+from checkpoints import resolve_weights
+from common import UserError, atomic_h5, list_slices, run, slice_path
+from runtime import add_runtime_args
 from readers import crop_patches, open_image
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -34,7 +36,8 @@ WEIGHTS_HELP = {
     "resnet50": "timm/resnet50.a1_in1k on Hugging Face: pytorch_model.bin or model.safetensors, "
                 "or --weights hf-hub:timm/resnet50.a1_in1k",
 }
-HUB_FILE = {"uni": "pytorch_model.bin", "conch": "pytorch_model.bin", "resnet50": "model.safetensors"}  # in each hub repo
+HUB_FILE = {"uni": "pytorch_model.bin", "conch": "pytorch_model.bin",
+            "resnet50": "model.safetensors"}  # in each hub repo
 
 
 #################################################################################
@@ -213,8 +216,9 @@ class SlidePatches:
         path = slide_of(f, name)
         self.slide = open_image(path)
         if tuple(self.slide.size) != tuple(int(v) for v in f.attrs["slide_size"]):
-            raise UserError(f"{path}: {self.slide.size[0]}x{self.slide.size[1]} px, but slice {name} was prepared from a "
-                            f"{'x'.join(str(int(v)) for v in f.attrs['slide_size'])} px slide of that name; prepare it again")
+            raise UserError(f"{path}: {self.slide.size[0]}x{self.slide.size[1]} px, but slice {name} was prepared "
+                            f"from a {'x'.join(str(int(v)) for v in f.attrs['slide_size'])} px slide of that name; "
+                            "prepare it again")
         self.pixel = f["pixel"][()]
         self.side, self.size = int(f.attrs["patch_px_native"]), int(f.attrs["patch_size"])
 
@@ -241,7 +245,8 @@ def embed_slice(src, dst, enc, batch_size, augment, weights_attr):
     """Embed a slice's patches batch by batch, each batch written as it is done: memory holds one
     batch, whatever the number of spots. Patches come from the slice file, or from the slide itself."""
     with h5py.File(src, "r") as f:
-        img = f["img"] if "img" in f else SlidePatches(f, os.path.basename(src)[:-len(".h5")])  # opened before dst exists
+        # opened before dst exists
+        img = f["img"] if "img" in f else SlidePatches(f, os.path.basename(src)[:-len(".h5")])
         N = len(img)
         with atomic_h5(dst) as out:
             emb = out.create_dataset("embeddings", (N, enc.dim), np.float32)
@@ -262,7 +267,8 @@ def is_done(path, name, weights_attr, augment):
     if not os.path.isfile(path):
         return False
     with h5py.File(path, "r") as f:
-        return f.attrs.get("encoder") == name and f.attrs.get("weights") == weights_attr and bool(f.attrs.get("augment")) == augment
+        return (f.attrs.get("encoder") == name and f.attrs.get("weights") == weights_attr
+                and bool(f.attrs.get("augment")) == augment)
 
 
 def main():
@@ -272,15 +278,16 @@ def main():
                    help="uni (1024-d), conch (512-d), resnet50 (2048-d) or stain (74-d, weight-free)")
     p.add_argument("--weights", help="weights of the neural encoder: a local file (official pytorch_model.bin), or "
                                      "hf-hub:<owner>/<name> (hf-hub:MahmoodLab/UNI, hf-hub:MahmoodLab/CONCH, "
-                                     "hf-hub:timm/resnet50.a1_in1k) for that repository's file through the Hugging Face "
-                                     "cache, downloaded when not cached (gated models: `hf auth login` first)")
+                                     "hf-hub:timm/resnet50.a1_in1k) for that repository's file through the Hugging "
+                                     "Face cache, downloaded when not cached (gated models: `hf auth login` first)")
     p.add_argument("--random-init", action="store_true", help="random weights (tests and benchmarks only)")
     p.add_argument("--augment", action="store_true", help="also store the 8 dihedral views (embeddings_aug)")
     add_runtime_args(p, 64, "patches per forward pass (default 64)")
     p.add_argument("--overwrite", action="store_true", help="recompute finished slices")
     a = p.parse_args()
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun: a share of slices each
+    # torchrun: a share of slices each
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if a.device == "cuda" and world > 1:
         a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     names = list_slices(a.data)

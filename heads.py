@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 class PointHead(nn.Module):
     """The official value decoder's value, trained with MSE: a point, its own mean and its only draw."""
-    def forward(self, h, point, only=None):              # h [B, G, D], point [B, G] -> [B, G]; only: h's genes (model.py)
+    def forward(self, h, point, only=None):              # h [B, G, D], point [B, G] -> [B, G]; only: h's genes
         return point
 
     def nll(self, out, x):

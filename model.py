@@ -1,17 +1,14 @@
 """HINGE: a pre-trained CellFM backbone turned into a histology-conditioned masked-diffusion generator of
 spatial gene expression (the paper's Sec. 3; CellFM's released model and the official HINGE code). Top to
 bottom: embeddings, retention blocks with SoftAdaLN, the model, variants, masked and Gaussian diffusion, the
-sampler, presets and the run file. Backbone parameter names are the released CellFM checkpoints'."""
+sampler and presets. Backbone parameter names are the released CellFM checkpoints'."""
 import math
-import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_path
 from heads import make_head
 
 
@@ -24,7 +21,8 @@ def pick(x, idx):
     return x if idx is None else x.gather(1, idx.view(*idx.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
 
 
-GATE_CHUNKS = [2, 5]  # gate_a, gate_f among the six SoftAdaLN outputs (shift_a, scale_a, gate_a, shift_f, scale_f, gate_f)
+# gate_a, gate_f among the six SoftAdaLN outputs (shift_a, scale_a, gate_a, shift_f, scale_f, gate_f)
+GATE_CHUNKS = [2, 5]
 
 
 def gate(g, kind):
@@ -70,7 +68,7 @@ class ValueEncoder(nn.Module):                           # CellFM's names: value
     def __init__(self, dim):
         super().__init__()
         self.value_enc = SoftBinFFN(dim)
-        self.mask_emb = nn.Parameter(torch.zeros(1, 1, dim))  # CellFM's pre-training mask token; HINGE skips it (official HINGE code)
+        self.mask_emb = nn.Parameter(torch.zeros(1, 1, dim))  # CellFM's pre-training mask; the official HINGE skips it
 
     def forward(self, x):
         return self.value_enc(x)
@@ -111,19 +109,20 @@ class Retention(nn.Module):
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj, self.u_proj, self.o_proj = (LoRALinear(dim, dim, rank) for _ in range(5))
 
-    def forward(self, x, keys=None, only=None):          # x [B, L, D], only [B, R]: these queries alone; keys: all
-        B, L, D = x.shape                                # tokens (None), a 0/1 mask [B, L] or positions [B, V] (long)
+    def forward(self, x, key_mask=None, key_pos=None, only=None):
+        """x [B, L, D]; the keys are every token, those of key_mask [B, L] (0/1) or those at key_pos [B, V];
+        only [B, R]: the queries at these positions alone -> [B, R, D]."""
+        B, L, D = x.shape
         h, dh = self.heads, D // self.heads
         xq = pick(x, only)                               # [B, R, D] (R = L without `only`)
         q = F.relu(self.q_proj(xq)).view(B, -1, h, dh)  # [B, R, h, dh]
-        masked = keys is not None and keys.is_floating_point()
-        xk = pick(x, None if masked else keys)           # [B, V, D]: positions compute the keys' k, v alone
+        xk = pick(x, key_pos)                            # [B, V, D] (V = L without `key_pos`)
         k = F.relu(self.k_proj(xk))                      # [B, V, D]
-        if masked:                                       # hidden genes are neither keys nor values (a zero key suffices)
-            k = k * keys[:, :, None]
+        if key_mask is not None:                         # hidden genes are neither keys nor values (a zero key will do)
+            k = k * key_mask[:, :, None]
         v = self.v_proj(xk)                              # [B, V, D]
         kv = torch.einsum("blhd,blhe->bhde", k.view(B, -1, h, dh), v.view(B, -1, h, dh))  # [B, h, dh, dh]
-        kv = kv / (dh * math.sqrt(L - 1))                # q, k by rsqrt(dh), v by len_scale rsqrt(#genes, all): on kv, once
+        kv = kv / (dh * math.sqrt(L - 1))                # q, k by rsqrt(dh), v by rsqrt(#genes, all): on kv, once
         o = torch.einsum("brhd,bhde->brhe", q, kv)       # [B, R, h, dh]
         o32 = o.float()                                  # SRMSNorm per head, in float32 under autocast (official HINGE)
         o = (o32 / (o32.norm(dim=-1, keepdim=True) / math.sqrt(dh)).clamp_min(1e-12)).to(o.dtype)
@@ -175,17 +174,20 @@ class RetentionBlock(nn.Module):
         elif cfg.cond == "hist-affine-ln":                # ablation: c only modulates the post-LNs
             self.adaln = nn.Linear(dim, 4 * dim)
 
-    def forward(self, h, keys=None, c=None, only=None):  # h [B, L, D], c [B, D] or None (bare CellFM) -> [B, R, D]
+    def forward(self, h, c=None, key_mask=None, key_pos=None, only=None):
+        """h [B, L, D], c [B, D] or None (bare CellFM); keys and queries as Retention's -> [B, R, D]."""
+        def attn(z):
+            return self.dropout(self.attn(z, key_mask, key_pos, only))
         if c is None:
-            h = self.post_norm1(self.alpha * pick(h, only) + self.dropout(self.attn(h, keys, only)))
+            h = self.post_norm1(self.alpha * pick(h, only) + attn(h))
             return self.post_norm2(self.alpha * h + self.dropout(self.ffn(h)))
         if self.cond == "hist-affine-ln":
             s1, k1, s2, k2 = self.adaln(F.silu(c)).unsqueeze(1).chunk(4, dim=-1)
-            h = modulate(self.post_norm1(self.alpha * pick(h, only) + self.dropout(self.attn(h, keys, only))), s1, k1)
+            h = modulate(self.post_norm1(self.alpha * pick(h, only) + attn(h)), s1, k1)
             return modulate(self.post_norm2(self.alpha * h + self.dropout(self.ffn(h))), s2, k2)
         sa, ka, ga, sf, kf, gf = self.adaln(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # each [B, 1, D]
-        a = self.attn(modulate(self.soft_norm1(h), sa, ka), keys, only)
-        h = self.post_norm1(torch.addcmul(self.alpha * pick(h, only), gate(ga, self.gate), self.dropout(a)))
+        a = attn(modulate(self.soft_norm1(h), sa, ka))
+        h = self.post_norm1(torch.addcmul(self.alpha * pick(h, only), gate(ga, self.gate), a))
         f = self.ffn(modulate(self.soft_norm2(h), sf, kf))
         return self.post_norm2(torch.addcmul(self.alpha * h, gate(gf, self.gate), self.dropout(f)))
 
@@ -223,7 +225,7 @@ class Config:
     head_bins: int = 32            # bins head: a zero bin and 31 even bins of log2(count + 1)
     backbone: str = "cellfm"       # cellfm (Hinge) | scgpt (scgpt.ScGPT); the fields below are scGPT's (its args.json)
     ffn: int = 0                   # feed-forward width d_hid
-    values: str = "raw"            # value input: raw (log2(count + 1)) | binned (per-spot quantile bins) | category (bins, embedded)
+    values: str = "raw"            # raw (log2(count + 1)) | binned (per-spot quantile bins) | category (bins, embedded)
     n_bins: int = 51
     pad_value: int = -2            # the value <cls> carries (scGPT's pad_value)
     cls_token: int = 0             # token embedding row of <cls>
@@ -260,7 +262,7 @@ class Hinge(nn.Module):
     def initialize_weights(self):
         cfg = self.cfg
         loras = [m for m in self.modules() if isinstance(m, LoRALinear) and m.rank]
-        if cfg.init == "official":                       # the official code's xavier_uniform on every Linear, LoRA A and B included
+        if cfg.init == "official":                       # the official code's xavier_uniform on every Linear and LoRA
             for m in self.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
@@ -292,7 +294,7 @@ class Hinge(nn.Module):
             self.gene_emb[0].zero_()                     # token 0 is padding
         if not cfg.id_init:                              # --no-id-init: the heads keep their Linear init, λ = 0.5
             return
-        if cfg.head != "point":                          # a zero correction: the Gaussian head's mean starts as the decoder's
+        if cfg.head != "point":                          # a zero correction: the head's mean starts as the decoder's
             nn.init.zeros_(self.head.proj.weight)
             nn.init.zeros_(self.head.proj.bias)
         heads = [blk.adaln for blk in self.encoder if hasattr(blk, "adaln")] + [self.dec_adaln]
@@ -300,11 +302,11 @@ class Hinge(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         if cfg.cond == "softadaln" and cfg.gate == "sigmoid":
-            with torch.no_grad():                        # gate biases 6: sigmoid(6) ≈ 0.9975, almost CellFM (official HINGE)
+            with torch.no_grad():                        # gate biases 6: sigmoid(6) ≈ 0.9975, almost CellFM (official)
                 for blk in self.encoder:
                     blk.adaln.bias.view(6, cfg.dim)[GATE_CHUNKS] = 6.0
-        for n in (m for m in self.modules() if isinstance(m, SoftNorm)):  # λ = sigmoid(-12) ≈ 6e-6: SoftNorm starts as the identity
-            nn.init.constant_(n.lambda_bias, -12.0)
+        for n in (m for m in self.modules() if isinstance(m, SoftNorm)):
+            nn.init.constant_(n.lambda_bias, -12.0)     # λ = sigmoid(-12) ≈ 6e-6: SoftNorm starts as the identity
 
     def embed_histology(self, hist):                     # hist [B, hist_dim] -> [B, D]; once per spot when sampling
         if hist.shape[-1] != self.cfg.hist_dim:
@@ -312,30 +314,25 @@ class Hinge(nn.Module):
                              f"{self.cfg.hist_dim}; use the same --features as in training")
         return self.cond_net.hist_embedder(hist)
 
-    def encode_values(self, x):                          # x [B, G] -> [B, G, D]
-        """Each gene's value token, a function of its own value alone: the sampler computes it once, then for the
-        genes it reveals (scgpt.ScGPT's returns None for binned values, which depend on the whole spot)."""
-        return self.value_enc(x)
-
-    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, enc=None):
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):
         """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
-        genes visible after this step, hist_emb [B, D], only [B, R] gene positions (default all G), enc [B, G, D]
-        encode_values(x) when the caller keeps it. Returns the head's output for those genes: x̂0 [B, R] for the
-        point head, the parameters of each gene's distribution otherwise (self.head.mean gives x̂0). With `only`,
-        the last layer computes the other genes' keys alone."""
+        genes visible after this step, hist_emb [B, D], only [B, R] gene positions (default all G). Returns the
+        head's output for those genes: x̂0 [B, R] for the point head, the parameters of each gene's distribution
+        otherwise (self.head.mean gives x̂0)."""
         B, G = x.shape
         vis = visible.to(x.dtype)
-        enc = self.encode_values(x) if enc is None else enc
-        tok = self.gene_emb[self.gene_ids][None] + enc + self.zero_emb * (1 - vis)[..., None]  # [B, G, D]
+        tok = self.gene_emb[self.gene_ids][None] + self.value_enc(x) + self.zero_emb * (1 - vis)[..., None]  # [B, G, D]
         h = torch.cat([self.cls_token.expand(B, -1, -1), tok], dim=1)            # [B, 1+G, D]
-        keys = torch.cat([vis.new_ones(B, 1), vis], dim=1)                       # [B, 1+G] 0/1
+        key_mask, key_pos = torch.cat([vis.new_ones(B, 1), vis], dim=1), None   # [B, 1+G]: <cls> and visible genes
         n_vis = visible.sum(1)
-        if n_vis.min() == n_vis.max():                   # as many visible genes in every row (the sampler): positions
-            keys = None if n_vis[0] == G else keys.nonzero()[:, 1].view(B, -1)  # [B, 1+V], so that only their k, v
+        if n_vis.min() == n_vis.max():                   # the sampler: one t, so gather the keys, compute no other k, v
+            key_mask, key_pos = None, None if n_vis[0] == G else key_mask.nonzero()[:, 1].view(B, -1)  # [B, 1+V]
         c = None if hist_emb is None else self.cond_net(t, hist_emb, target_visible)  # [B, D]
+        half = len(self.encoder) // 2
         for i, blk in enumerate(self.encoder):           # first half: hidden genes are not keys (CellFM)
-            last = only is not None and i == len(self.encoder) - 1      # <cls> is token 0
-            h = blk(h, keys if i < len(self.encoder) // 2 else None, c, only + 1 if last else None)
+            keys = (key_mask, key_pos) if i < half else (None, None)
+            last = only is not None and i == len(self.encoder) - 1      # only the last layer drops queries
+            h = blk(h, c, *keys, only + 1 if last else None)            # <cls> is token 0
         h = h[:, 1:] if only is None else h              # [B, R, D]
         if c is not None and self.cfg.cond == "softadaln":
             shift, scale = self.dec_adaln(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
@@ -344,14 +341,6 @@ class Hinge(nn.Module):
 
     def backbone_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if is_backbone_key(k)}
-
-
-def build_model(cfg, gene_ids):
-    """The model a config describes: HINGE on CellFM (Hinge) or on scGPT (scgpt.ScGPT), the same interface."""
-    if cfg.backbone == "scgpt":
-        import scgpt
-        return scgpt.ScGPT(cfg, gene_ids)
-    return Hinge(cfg, gene_ids)
 
 
 def is_backbone_key(name):
@@ -374,7 +363,7 @@ def set_trainable(model, variant):
         if variant == "scratch":
             p.requires_grad = True
         elif variant == "decoder-tune":
-            p.requires_grad = not is_backbone_key(name) or name.startswith(("value_dec.", "decoder."))  # CellFM's, scGPT's
+            p.requires_grad = not is_backbone_key(name) or name.startswith(("value_dec.", "decoder."))  # CellFM, scGPT
         elif variant == "backbone-lora":
             p.requires_grad = not is_backbone_key(name) or "lora_" in name
         else:
@@ -429,7 +418,7 @@ class MaskedDiffusion:
         """The head's loss (the point head's MSE is the official `elboloss`) on the genes revealed between t and t-1;
         score: the MSE of the head's mean (validation). mask_ratio='uniform' (RandMask): a U(0,1) share hidden, loss on
         all of it. loss_norm='sample' averages each sample's genes first, so every t weighs the same ('batch', the
-        official code's: PCC-50 0.57 vs 0.74 on the demo). share=(n, rank, world): x0 is rows rank::world of n."""
+        official code's, generates worse: docs/analysis.md). share=(n, rank, world): x0 is rows rank::world of n."""
         n, rows = batch_rows(x0, share)
         dev = x0.device
         ranks = self.gene_ranks(n, dev)[rows]            # drawn for the whole batch on every rank: the ranks
@@ -531,25 +520,21 @@ def reveal(model, diffusion, h, K, generator=None, record=(), temperature=0.0):
     ranks = diffusion.gene_ranks(n, dev, generator)
     order = ranks.argsort(1)                             # [n, G]: each row's genes by rank, hidden ones first
     x = diffusion.fill_like(torch.empty(n, diffusion.G, device=dev), generator)
-    enc = model.encode_values(x)                         # [n, G, D] value tokens, or None (binned values)
     steps = {}
     taus = step_times(diffusion.T, K)
     for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
         tt = torch.full((n,), t, device=dev)
         vis = diffusion.visible(ranks, tt)
-        # the genes revealed now: hidden at t, visible at t_next; only their outputs are computed unless recorded
-        new = order[:, int(diffusion.n_hidden[t_next]):int(diffusion.n_hidden[t])]      # [n, R]
+        new = order[:, int(diffusion.n_hidden[t_next]):int(diffusion.n_hidden[t])]  # [n, R]: hidden at t, not at t_next
         recorded = k in record
         if new.shape[1] == 0 and not recorded:
             continue
-        # condition on m_{t-1} as in training even when jumping to t_next: an unseen, larger target mask
-        # biased the predictions (validation, Her2ST fold C2, K=1: mean r 0.491 -> 0.504, MSE 1.19 -> 1.08)
-        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h, None if recorded else new, enc).float()
+        # the target mask is m_{t-1}, as in training, even when the step jumps to t_next (docs/analysis.md);
+        # only=new: the last layer computes the revealed genes alone, the others serve as keys (a recorded step: all)
+        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h, None if recorded else new).float()
         draw = model.head.sample(out, temperature, generator)   # [n, R], or [n, G] when recorded
         value = draw.gather(1, new) if recorded else draw        # [n, R]
         x = x.scatter(1, new, value)                             # revealed genes stay fixed
-        if enc is not None and t_next > 0:                       # the value tokens that changed
-            enc.scatter_(1, new[..., None].expand(-1, -1, enc.shape[-1]), model.encode_values(value))
         if recorded:
             steps[k] = torch.where(vis, x, model.head.mean(out))
     return x, steps
@@ -565,11 +550,15 @@ def small(**kw): return Config(**{"dim": 128, "layers": 4, "heads": 4, **kw})
 def tiny(**kw): return Config(**{"dim": 32, "layers": 2, "heads": 2, "vocab": 63, **kw})
 
 
-# scGPT (scgpt.py): whole-human's shape (args.json; <pad>, <cls>, <eoc> the last of 60,697 rows); small, tiny: raw values
-def scgpt_human(**kw): return Config(**{"backbone": "scgpt", "dim": 512, "layers": 12, "heads": 8, "ffn": 512, "vocab": 60697,
-                                        "cls_token": 60695, "values": "binned", "n_bins": 51, "dropout": 0.2, **kw})
-def scgpt_small(**kw): return scgpt_human(**{"dim": 128, "layers": 4, "heads": 4, "ffn": 128, "values": "raw", "dropout": 0.1, **kw})
-def scgpt_tiny(**kw): return scgpt_human(**{"dim": 32, "layers": 2, "heads": 2, "ffn": 32, "values": "raw", "dropout": 0.1, **kw})
+# scGPT (scgpt.py): whole-human's shape (args.json; <pad>, <cls>, <eoc> the last of 60,697 rows); small, tiny: raw
+# values
+def scgpt_human(**kw): return Config(**{"backbone": "scgpt", "dim": 512, "layers": 12, "heads": 8, "ffn": 512,
+                                        "vocab": 60697, "cls_token": 60695, "values": "binned", "n_bins": 51,
+                                        "dropout": 0.2, **kw})
+def scgpt_small(**kw): return scgpt_human(**{"dim": 128, "layers": 4, "heads": 4, "ffn": 128, "values": "raw",
+                                             "dropout": 0.1, **kw})
+def scgpt_tiny(**kw): return scgpt_human(**{"dim": 32, "layers": 2, "heads": 2, "ffn": 32, "values": "raw",
+                                            "dropout": 0.1, **kw})
 
 
 PRESETS = {"cellfm-800m": cellfm_800m, "cellfm-80m": cellfm_80m, "small": small, "tiny": tiny,
@@ -580,49 +569,3 @@ def make_config(preset, **kw):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[preset](**kw)
-
-
-#################################################################################
-#                                   Run files                                   #
-#################################################################################
-
-# What a run holds beside its weights: every writer goes through save_run and every reader through load_run
-RUN_DEFAULTS = {"val_features": None, "val_expr": None, "test_slice": None, "train_slices": [], "objective": "masked",
-                "schedule": "poly-auto", "fill": "gauss", "T": 50, "variant": "hinge", "backbone_ckpt": None,
-                "pixel_size_um": None, "context": None, "args": {}}
-TRAINING_STATE = ("opt", "sched", "state", "rng", "epoch", "imported_from")  # train.py's state, an import's origin
-
-
-def save_run(path, net, genes, features, feat_mean, feat_std, **meta):
-    """Write a run: config, weights, genes, features and their standardisation, and RUN_DEFAULTS' keys."""
-    if unknown := set(meta) - set(RUN_DEFAULTS) - set(TRAINING_STATE):
-        raise ValueError(f"save_run: unknown run keys {sorted(unknown)}")
-    run = {"config": asdict(net.cfg), "gene_tokens": net.gene_ids.tolist(), "genes": list(genes),
-           "features": list(features), "feat_mean": np.asarray(feat_mean, np.float32),
-           "feat_std": np.asarray(feat_std, np.float32), **RUN_DEFAULTS, **meta, "model": net.state_dict()}
-    with atomic_path(path) as tmp:
-        torch.save(run, tmp)
-
-
-def read_run(path):
-    """A run file as a dict, migrated to the current format."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: checkpoint not found; train first (train.py --out {os.path.dirname(path) or '.'})")
-    run = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = run["config"]
-    cfg.setdefault("gate", "residual")                   # runs saved before these choices existed used 1 + g ...
-    cfg.setdefault("init", "cellfm")                     # ... and CellFM's initialisation
-    if "cellfm_ckpt" in run:                             # the backbone flag's old name
-        run["backbone_ckpt"] = run.pop("cellfm_ckpt")
-    return {**RUN_DEFAULTS, **run}
-
-
-def load_run(path, device="cpu"):
-    """A run file -> (model in eval mode on `device`, its diffusion, the run dict)."""
-    run = read_run(path)
-    cfg = Config(**run["config"])
-    net = build_model(cfg, run["gene_tokens"])
-    net.load_state_dict(run["model"])
-    net.to(device).eval()
-    return net, make_diffusion(run["objective"], cfg.n_genes, run["T"], run["schedule"], run["fill"]), run
-

@@ -18,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from checkpoints import prepare_backbone
-from common import UserError, add_runtime_args, atomic_path, decode, list_slices, read_slice, run
+from checkpoints import build_model, check_writable, prepare_backbone, write_checkpoint
+from common import UserError, atomic_path, decode, list_slices, read_slice, run
+from runtime import add_runtime_args
 
 
 def masked_value_loss(net, x0, ratio, fill="zero"):
@@ -71,17 +72,16 @@ def main():
     # CellFM's own initialisation: this is CellFM's pre-training, not HINGE's (train.py's --init is the official code's)
     cfg, tokens, _ = prepare_backbone(a.preset, None, genes, slices[0]["gene_ids"], n_genes=X.shape[1], init="cellfm")
     if cfg.backbone == "scgpt":                          # before the work, not after it
-        import scgpt
-        scgpt.check_writable(a.out)
+        check_writable(a.out)
     dev = torch.device(a.device)
-    net = M.build_model(cfg, tokens).to(dev)
+    net = build_model(cfg, tokens).to(dev)
     params = [p for k, p in net.named_parameters() if M.is_backbone_key(k)]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.epochs)
     perm = np.random.default_rng(a.seed).permutation(len(X))
     val, tr = torch.from_numpy(X[perm[:max(1, len(X) // 20)]]).to(dev), X[perm[len(X) // 20:]]  # 5 % held out to report
-    print(f"pre-training {sum(p.numel() for p in params):,} backbone parameters on {len(tr)} spots x {X.shape[1]} genes "
-          f"from {len(names)} slices")
+    print(f"pre-training {sum(p.numel() for p in params):,} backbone parameters on {len(tr)} spots x "
+          f"{X.shape[1]} genes from {len(names)} slices")
 
     def val_mse():
         net.eval()
@@ -108,13 +108,14 @@ def main():
         print(f"epoch {ep + 1}: masked-value MSE {val_mse():.4f} ({time.time() - t0:.0f}s)")
 
     from safetensors.torch import save_file
-    meta = {"preset": a.preset, "hidden_value": a.hidden_value, "config": json.dumps(asdict(cfg)), "slices": ",".join(names),
-            "val_mse_before": f"{first:.5f}", "val_mse_after": f"{val_mse():.5f}"}
+    meta = {"preset": a.preset, "hidden_value": a.hidden_value, "config": json.dumps(asdict(cfg)),
+            "slices": ",".join(names), "val_mse_before": f"{first:.5f}", "val_mse_after": f"{val_mse():.5f}"}
     if cfg.backbone == "scgpt":
-        scgpt.write_checkpoint(a.out, net, genes, {"pretrain": meta})
+        write_checkpoint(a.out, net, genes, {"pretrain": meta})
     else:
         with atomic_path(a.out) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()}, tmp, metadata=meta)
+            save_file({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()}, tmp,
+                      metadata=meta)
     print(f"wrote {a.out}: masked-value MSE {first:.4f} -> {float(meta['val_mse_after']):.4f}")
 
 

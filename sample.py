@@ -26,8 +26,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from common import (PredictionFile, UserError, add_runtime_args, atomic_h5, existing_slice, init_distributed,
-                    open_features, read_slice, run, write_anndata)
+from checkpoints import load_run
+from common import UserError, atomic_h5, existing_slice, read_slice, run
+from folds import open_features
+from predictions import PredictionFile, write_anndata
+from runtime import add_runtime_args, init_distributed
 from scores import calibrate, calibration_scale
 
 
@@ -59,8 +62,9 @@ def check_slice(data, name, ck, feats, hist_dim):
         genes = [g.decode() for g in f["genes"][()]] if "genes" in f else None
         um, trained = f.attrs.get("pixel_size_um"), ck.get("pixel_size_um")
     if um and trained and max(um / trained, trained / um) > 1.5:  # patches are native pixels: the field of view differs
-        print(f"warning: slice {name} is at {um:.2f} µm/px but the run was trained on slides at {trained:.2f} µm/px, so "
-              f"each patch covers {um / trained:.2f}x the width of tissue it learned from; expect a loss", file=sys.stderr)
+        print(f"warning: slice {name} is at {um:.2f} µm/px but the run was trained on slides at {trained:.2f} µm/px, "
+              f"so each patch covers {um / trained:.2f}x the width of tissue it learned from; expect a loss",
+              file=sys.stderr)
     if genes is not None and genes != ck["genes"]:
         raise UserError(f"slice {name} of {data} has other genes than the checkpoint's {len(ck['genes'])}; "
                         "prepare the data with the same gene selection as training")
@@ -90,7 +94,8 @@ def calibration(job):
     """Per gene, the factor on the spread that makes the central 50 % and 90 % intervals cover their share
     of the run's validation spots, sampled with the same K, S and temperature (one rule for every method)."""
     a, X = job.args, job.run["val_expr"]
-    blocks = [generate_block(job, job.run["val_features"][b:b + a.batch_size], -1 - b) for b in range(0, len(X), a.batch_size)]
+    blocks = [generate_block(job, job.run["val_features"][b:b + a.batch_size], -1 - b)
+              for b in range(0, len(X), a.batch_size)]
     scale = calibration_scale(X, np.concatenate([m for m, *_ in blocks]), np.concatenate([s for _, s, *_ in blocks]))
     print(f"calibrated the spread on {len(X)} validation spots: scale median {np.median(scale):.2f} "
           f"(10-90 %: {np.percentile(scale, 10):.2f}-{np.percentile(scale, 90):.2f})")
@@ -102,7 +107,8 @@ def sample_batches(out, starts, job):
     a = job.args
     for b in tqdm(starts, desc=f"sample {os.path.basename(out.f.filename).split('.')[0]}", unit="batch"):
         # per batch (--seed, first row): independent of the process split
-        mean, std, smp, steps = generate_block(job, job.feats.read(b, b + a.batch_size), a.seed * 1_000_003 + b, job.record)
+        mean, std, smp, steps = generate_block(job, job.feats.read(b, b + a.batch_size), a.seed * 1_000_003 + b,
+                                               job.record)
         if job.scale is not None:
             std, smp = calibrate(mean, std, smp, job.scale)
         out.write(b, mean, std, smp if a.save_samples else None, steps)
@@ -159,7 +165,7 @@ def finish(out, name, job, N, t0):
 
 def check_temperature(temperature, head):
     """--temperature for the run's head: default 0.5 for a distribution, 0 (its value) for the point head."""
-    if temperature is None:  # 0.5: chosen with the head on validation spots (docs/benchmarks.md "Choosing the head")
+    if temperature is None:  # 0.5: chosen with the head on validation spots (docs/results.md "Choosing the head")
         return 0.0 if head == "point" else 0.5
     if temperature < 0:
         raise UserError(f"--temperature {temperature}: a temperature is >= 0 (0 reveals the mean)")
@@ -172,7 +178,8 @@ def check_temperature(temperature, head):
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder of train.py (under torchrun write --run-dir: torchrun reads --run as its --run-path)")
+                   help="run folder of train.py (under torchrun write --run-dir: torchrun reads --run as its "
+                        "--run-path)")
     p.add_argument("--data", required=True, help="folder written by prepare_data.py (with features/)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in --run (default best.pt)")
     p.add_argument("--slices", help="slices to generate (comma-separated; default the run's test slice)")
@@ -199,7 +206,7 @@ def main():
     rank, world, a.device = init_distributed(a.device)
     dev = torch.device(a.device)
     a.batch_size = a.batch_size or (256 if dev.type == "cuda" else 32)
-    net, diffusion, ck = M.load_run(os.path.join(a.run, a.checkpoint), dev)
+    net, diffusion, ck = load_run(os.path.join(a.run, a.checkpoint), dev)
     if not 1 <= a.steps <= diffusion.T:
         raise UserError(f"--steps {a.steps}: the step budget K must be between 1 and T={diffusion.T}")
     if a.samples < 1:

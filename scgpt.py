@@ -3,14 +3,11 @@ against 26.5 for HINGE (CellFM) at K = 5).
 
 scGPT (Cui et al. 2024) is a post-norm transformer over gene + value tokens. This module builds it with
 scGPT's own parameter names (torch's for the layers), wraps its attention and feed-forward sublayers in
-SoftAdaLN exactly as model.py does for CellFM, and reads the official checkpoint folder (best_model.pt,
-args.json, vocab.json) by key name. Same interface as model.Hinge, so train.py, sample.py and pretrain.py
-use either through model.build_model; masked diffusion, the sampler and the variants are model.py's.
+SoftAdaLN exactly as model.py does for CellFM; checkpoints.py reads and writes its official folder
+(best_model.pt, args.json, vocab.json) by key name. Same interface as model.Hinge, so train.py, sample.py
+and pretrain.py use either through checkpoints.build_model; masked diffusion, the sampler and the variants
+are model.py's.
 """
-import json
-import os
-from typing import NamedTuple
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -18,7 +15,6 @@ import torch.nn.functional as F
 
 import model as M
 from heads import make_head
-from checkpoints import Backbone, CheckpointError
 
 
 #################################################################################
@@ -70,7 +66,8 @@ class ExprDecoder(nn.Module):
     """scGPT's expression decoder `decoder.fc`: Linear, LeakyReLU, Linear, LeakyReLU, Linear(D, 1)."""
     def __init__(self, dim):
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(), nn.Linear(dim, dim), nn.LeakyReLU(), nn.Linear(dim, 1))
+        self.fc = nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(), nn.Linear(dim, dim), nn.LeakyReLU(),
+                                nn.Linear(dim, 1))
 
     def forward(self, h):                                # h [B, G, D] -> [B, G]
         return self.fc(h).squeeze(-1)
@@ -93,8 +90,9 @@ class SelfAttention(nn.Module):
             self.in_proj_lora_A = nn.Parameter(torch.empty(rank, dim))
             self.in_proj_lora_B = nn.Parameter(torch.empty(3 * dim, rank))
 
-    def forward(self, x, allowed=None, predicted=None, only=None):  # x [B, L, D], allowed [B, 1, L, L], predicted [B, L, 1]
-        B, L, D = x.shape                                                              # only [B, R]: these queries alone
+    def forward(self, x, allowed=None, predicted=None, only=None):
+        """x [B, L, D], allowed [B, 1, L, L], predicted [B, L, 1]; only [B, R]: these queries alone -> [B, R, D]."""
+        B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)                       # [B, L, 3D]
         if self.rank:
             qkv = qkv + F.linear(F.linear(x, self.in_proj_lora_A), self.in_proj_lora_B) / self.rank
@@ -102,7 +100,8 @@ class SelfAttention(nn.Module):
         if only is not None:
             q = M.pick(q, only)                                                        # [B, R, h, dh]
             if allowed is not None:                      # (set with `predicted`: some gene is hidden)
-                allowed, predicted = M.pick(allowed.squeeze(1), only).unsqueeze(1), M.pick(predicted, only)  # [B, 1, R, L]
+                allowed = M.pick(allowed.squeeze(1), only).unsqueeze(1)             # [B, 1, R, L]
+                predicted = M.pick(predicted, only)                                    # [B, R, 1]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
                                            dropout_p=self.p if self.training else 0.0)  # [B, h, R, dh]
         o = o.transpose(1, 2).reshape(B, -1, D)                                        # [B, R, D]
@@ -163,14 +162,16 @@ class ScGPT(nn.Module):
         ids = np.asarray(gene_ids, dtype=np.int64)
         if len(ids) != cfg.n_genes or ids.min() < 0 or ids.max() >= cfg.vocab or cfg.cls_token in ids \
                 or not 0 <= cfg.cls_token < cfg.vocab:
-            raise ValueError(f"{len(ids)} gene token ids in [{ids.min()}, {ids.max()}] do not fit {cfg.n_genes} genes and "
+            raise ValueError(f"{len(ids)} gene token ids in [{ids.min()}, {ids.max()}] do not fit {cfg.n_genes} genes "
+                             "and "
                              f"an scGPT vocabulary of {cfg.vocab} rows (ids from 0) with <cls> at {cfg.cls_token}")
         if cfg.values == "category" and not 0 <= cfg.pad_value < cfg.n_bins + 2:
-            raise ValueError(f"pad_value {cfg.pad_value} is no row of the {cfg.n_bins + 2} value embeddings (category input)")
+            raise ValueError(f"pad_value {cfg.pad_value} is no row of the {cfg.n_bins + 2} value embeddings "
+                             "(category input)")
         self.register_buffer("gene_ids", torch.as_tensor(ids), persistent=False)
         # --- scGPT, names as in its best_model.pt (the layers' as torch's TransformerEncoderLayer) ---
         self.encoder = EmbeddingNorm(cfg.vocab, cfg.dim)
-        self.value_encoder = (EmbeddingNorm(cfg.n_bins + 2, cfg.dim) if cfg.values == "category"  # + pad, mask rows (scGPT)
+        self.value_encoder = (EmbeddingNorm(cfg.n_bins + 2, cfg.dim) if cfg.values == "category"  # + pad, mask rows
                               else ContinuousValueEncoder(cfg.dim, cfg.dropout))
         self.flag_encoder = nn.Embedding(2, cfg.dim)
         self.transformer_encoder = nn.ModuleDict({"layers": nn.ModuleList(ScGPTLayer(cfg) for _ in range(cfg.layers))})
@@ -219,7 +220,7 @@ class ScGPT(nn.Module):
                     blk.adaln.bias.view(6, cfg.dim)[M.GATE_CHUNKS] = 6.0
         for n in (m for m in self.modules() if isinstance(m, M.SoftNorm)):
             nn.init.constant_(n.lambda_bias, -12.0)
-        if cfg.head != "point":                          # a zero correction: the Gaussian head's mean starts as the decoder's
+        if cfg.head != "point":                          # a zero correction: the head's mean starts as the decoder's
             nn.init.zeros_(self.head.proj.weight)
             nn.init.zeros_(self.head.proj.bias)
 
@@ -229,14 +230,9 @@ class ScGPT(nn.Module):
                              f"{self.cfg.hist_dim}; use the same --features as in training")
         return self.cond_net.hist_embedder(hist)
 
-    def encode_values(self, x):                          # x [B, G] -> [B, G, D], or None
-        """As model.Hinge.encode_values for raw values; binned ones depend on the whole spot: None."""
-        return self.value_encoder(x) if self.cfg.values == "raw" else None
-
-    def tokens(self, x, vis, enc=None):                  # x [B, G], vis [B, G] bool, enc [B, G, D] -> [B, 1+G, D]
+    def tokens(self, x, vis):                            # x [B, G], vis [B, G] bool -> [B, 1+G, D]
         cfg = self.cfg
-        if enc is None:
-            enc = self.value_encoder(x if cfg.values == "raw" else bin_values(x, vis, cfg.n_bins))
+        enc = self.value_encoder(x if cfg.values == "raw" else bin_values(x, vis, cfg.n_bins))
         genes = self.encoder(self.gene_ids)              # [G, D]
         # hidden genes enter as scGPT's generative pre-training feeds the genes it predicts (gene + flag_encoder
         # row 1, no value): the representation its weights learnt to decode, where the MLM mask value -1 is never
@@ -246,12 +242,12 @@ class ScGPT(nn.Module):
         cls = self.encoder(cls_id) + self.value_encoder(cls_value)                  # [1, D]
         return torch.cat([cls.expand(len(x), 1, -1).to(tok.dtype), tok], dim=1)
 
-    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, enc=None):
+    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):
         """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
-        genes visible after this step, hist_emb [B, D], only [B, R], enc [B, G, D] -> the decoder's input h [B, R, D]."""
+        genes visible after this step, hist_emb [B, D], only [B, R] -> the decoder's input h [B, R, D]."""
         B, G = x.shape
         vis = visible.bool()
-        h = self.tokens(x, vis, enc)                     # [B, 1+G, D]
+        h = self.tokens(x, vis)                     # [B, 1+G, D]
         allowed = predicted = None
         # keys as in scGPT's generative pre-training, which its weights learnt: <cls> and the visible genes for all,
         # and each hidden gene for itself, so known genes never see hidden ones and hidden ones never see each other
@@ -270,190 +266,9 @@ class ScGPT(nn.Module):
             h = M.modulate(self.dec_norm(h), shift, scale)
         return h
 
-    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, enc=None):  # as Hinge's
-        h = self.hidden(x, visible, t, target_visible, hist_emb, only, enc)       # [B, R, D]
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):  # as Hinge's
+        h = self.hidden(x, visible, t, target_visible, hist_emb, only)       # [B, R, D]
         return self.head(h, self.decoder(h), only)                                 # [B, R] or [B, R, params]
 
     def backbone_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if M.is_backbone_key(k)}
-
-
-#################################################################################
-#               Official checkpoint folder (best_model.pt, args.json, vocab.json) #
-#################################################################################
-
-FILES = ("best_model.pt", "args.json", "vocab.json")
-# scGPT heads HINGE does not use: gene-expression-from-cell-embedding (MVC), cell-type classifier, zero-probability head
-IGNORED = ("mvc_decoder.", "cls_decoder.", "decoder.zero_logit.")
-
-
-class ScGPTCheckpoint(NamedTuple):
-    path: str
-    state: dict                    # tensors by our (torch's) names, the IGNORED heads left out
-    shape: dict                    # Config fields the checkpoint sets
-    vocab: dict                    # token -> row of encoder.embedding
-
-
-def is_special(token):
-    """scGPT's special tokens (<pad>, <cls>, <eoc>, ...): no gene symbol is written in angle brackets."""
-    return token.startswith("<") and token.endswith(">")
-
-
-def our_name(key):
-    """An official key -> ours: DDP's `module.` and the flash-attention wrapper's `_impl.` dropped, flash-attention's
-    packed `self_attn.Wqkv.{weight,bias}` -> torch's `self_attn.in_proj_{weight,bias}` (same q, k, v row order)."""
-    key = key[len("module."):] if key.startswith("module.") else key
-    return key.replace("._impl.", ".").replace(".Wqkv.weight", ".in_proj_weight").replace(".Wqkv.bias", ".in_proj_bias")
-
-
-def read_json(path, kind):
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object ({kind})")
-    return obj
-
-
-def checkpoint_shape(folder, state, args, vocab):
-    """The Config fields an official checkpoint sets: widths, layers and vocabulary rows from its tensors,
-    heads, value input and dropout from args.json, the <cls> row from vocab.json."""
-    if "encoder.embedding.weight" not in state:
-        raise CheckpointError(f"{folder}/best_model.pt: no encoder.embedding.weight; not an scGPT state dict")
-    rows, dim = state["encoder.embedding.weight"].shape
-    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer_encoder.layers.")})
-    if not layers or layers != list(range(len(layers))) or "transformer_encoder.layers.0.linear1.weight" not in state:
-        raise CheckpointError(f"{folder}/best_model.pt: transformer layers {layers[:5]} are incomplete; not an scGPT state dict")
-    heads, style = args.get("nheads"), args.get("input_emb_style", "continuous")
-    if not isinstance(heads, int) or heads < 1 or dim % heads:
-        raise CheckpointError(f"{folder}/args.json: nheads {heads!r} does not divide the width {dim}")
-    if style not in ("continuous", "category"):
-        raise CheckpointError(f"{folder}/args.json: input_emb_style {style!r} is not supported (continuous or category)")
-    if "<cls>" not in vocab:
-        raise CheckpointError(f"{folder}/vocab.json: no <cls> token")
-    # input_style: scGPT's pre-training default is binned (the values the whole-human model saw)
-    values = "category" if style == "category" else "binned" if args.get("input_style", "binned") == "binned" else "raw"
-    n_bins = int(args.get("n_bins", 51))
-    return {"dim": dim, "layers": len(layers), "heads": heads, "vocab": rows, "cls_token": int(vocab["<cls>"]),
-            "ffn": state["transformer_encoder.layers.0.linear1.weight"].shape[0], "values": values, "n_bins": n_bins,
-            "pad_value": int(args.get("pad_value", n_bins if style == "category" else -2)),
-            "dropout": float(args.get("dropout", 0.2))}
-
-
-def read_checkpoint(folder):
-    """An official scGPT folder -> ScGPTCheckpoint; flash-attention and torch names alike. Raises CheckpointError."""
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: not a folder; an scGPT checkpoint is the folder that holds {', '.join(FILES)}")
-    absent = [f for f in FILES if not os.path.isfile(os.path.join(folder, f))]
-    if absent:
-        raise CheckpointError(f"{folder}: no {', '.join(absent)}; an scGPT checkpoint folder holds {', '.join(FILES)}")
-    args = read_json(os.path.join(folder, "args.json"), "the model's arguments")
-    vocab = read_json(os.path.join(folder, "vocab.json"), "token -> id")
-    if not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
-        raise CheckpointError(f"{folder}/vocab.json: ids must be non-negative integers")
-    pt = os.path.join(folder, "best_model.pt")
-    try:
-        raw = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:                               # torch reports truncation as a zip error
-        raise CheckpointError(f"{pt}: cannot be read as a torch state dict ({str(e).splitlines()[0]}); "
-                              "is it truncated? download it again") from e
-    if not isinstance(raw, dict) or not all(torch.is_tensor(v) for v in raw.values()):
-        raise CheckpointError(f"{pt}: not a state dict of tensors")
-    state = {}
-    for k, v in raw.items():
-        k = our_name(k)
-        if not k.startswith(IGNORED):
-            state[k] = v
-    return ScGPTCheckpoint(folder, state, checkpoint_shape(folder, state, args, vocab), vocab)
-
-
-def check_tensors(ck, cfg, tokens):
-    """Every tensor of the checkpoint is a backbone tensor of the model, every backbone tensor is in the
-    checkpoint, shapes agree: else CheckpointError naming them (the model is built on the meta device)."""
-    with torch.device("meta"):
-        own = ScGPT(cfg, tokens).backbone_state_dict()
-    missing = sorted(set(own) - set(ck.state))
-    unexpected = sorted(set(ck.state) - set(own))
-    bad = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in ck.state.items()
-           if k in own and v.shape != own[k].shape]
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
-        if keys:
-            raise CheckpointError(f"{ck.path}/best_model.pt: {what} tensors: {', '.join(keys[:5])}"
-                                  f"{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)")
-
-
-def checkpoint_tokens(ck, genes, gene_ids):
-    """The selected genes' rows in vocab.json, by symbol; slices prepared with a vocabulary must store the same ids."""
-    where = os.path.join(ck.path, "vocab.json")
-    unknown = [g for g in genes if g not in ck.vocab or is_special(g)]
-    if unknown:
-        raise CheckpointError(f"{where}: {len(unknown)} of the {len(genes)} selected genes are not in it "
-                              f"({', '.join(unknown[:5])}); prepare the data with --vocab {where}")
-    tokens = np.array([ck.vocab[g] for g in genes], dtype=np.int64)
-    gene_ids = np.asarray(gene_ids)
-    if gene_ids.any() and not np.array_equal(gene_ids, tokens):  # all 0: prepared without a vocabulary
-        i = int(np.flatnonzero(gene_ids != tokens)[0])
-        raise CheckpointError(f"{where} gives {genes[i]} the id {tokens[i]} but the slices store {gene_ids[i]}: the data "
-                              f"was prepared with another vocabulary; prepare it with --vocab {where}")
-    return tokens
-
-
-def prepare(preset, path, genes, gene_ids, **kw):
-    """model.prepare_backbone for scGPT: with a checkpoint folder its shape and vocabulary, checked tensor by
-    tensor; without one the preset, genes keeping the slices' ids (0..G-1 and <cls> at G + 1 without a vocabulary,
-    as scGPT appends <pad>, <cls>, <eoc> after the genes)."""
-    if path is None:
-        gene_ids = np.asarray(gene_ids, dtype=np.int64)
-        if not gene_ids.any():                           # scGPT ids start at 0, so [0] (one gene) reads the same
-            G = len(gene_ids)
-            return Backbone(M.make_config(preset, vocab=G + 3, cls_token=G + 1, **kw), np.arange(G), None)
-        cfg = M.make_config(preset, **kw)
-        if gene_ids.max() >= cfg.vocab or cfg.cls_token in gene_ids:
-            raise CheckpointError(f"the slices' gene ids (up to {gene_ids.max()}) do not fit --preset {preset} "
-                                  f"({cfg.vocab} rows, <cls> at {cfg.cls_token}); prepare the data with scGPT's vocab.json")
-        return Backbone(cfg, gene_ids, None)
-    ck = read_checkpoint(path)
-    cfg = M.make_config(preset, **ck.shape, **kw)
-    tokens = checkpoint_tokens(ck, genes, gene_ids)
-    check_tensors(ck, cfg, tokens)
-    return Backbone(cfg, tokens, ck.state)
-
-
-def check_writable(folder):
-    """A checkpoint folder may replace nothing but a previous one (its files only)."""
-    if os.path.exists(folder) and not (os.path.isdir(folder) and set(os.listdir(folder)) <= set(FILES)):
-        raise CheckpointError(f"{folder} exists and is not an scGPT checkpoint folder; choose another --out")
-
-
-def write_checkpoint(folder, net, genes, extra):
-    """A backbone in the official layout (best_model.pt with torch's names, args.json, vocab.json with the
-    genes and <cls>), so that train.py reads pretrain.py's backbones as it reads scGPT's own. Written to a
-    temporary folder and renamed; a previous checkpoint folder in its place is replaced."""
-    cfg = net.cfg
-    args = {"embsize": cfg.dim, "nheads": cfg.heads, "d_hid": cfg.ffn, "nlayers": cfg.layers, "dropout": cfg.dropout,
-            "input_emb_style": "category" if cfg.values == "category" else "continuous",
-            # our raw values are log2(count + 1), not scGPT's log1p: named for what they are, read back as raw
-            "input_style": "log2p" if cfg.values == "raw" else "binned", "n_bins": cfg.n_bins, "pad_token": "<pad>",
-            "pad_value": cfg.pad_value, "mask_value": -1, "fast_transformer": False, **extra}
-    vocab = {**{g: int(t) for g, t in zip(genes, net.gene_ids.tolist())}, "<cls>": cfg.cls_token}
-    check_writable(folder)
-    tmp = f"{folder}.tmp{os.getpid()}"
-    os.makedirs(tmp)
-    try:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in net.backbone_state_dict().items()},
-                   os.path.join(tmp, "best_model.pt"))
-        for name, obj in (("args.json", args), ("vocab.json", vocab)):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=1)
-        if os.path.isdir(folder):                        # only the files a checkpoint holds, checked above
-            for name in os.listdir(folder):
-                os.remove(os.path.join(folder, name))
-            os.rmdir(folder)
-        os.replace(tmp, folder)
-    finally:
-        if os.path.isdir(tmp):
-            for name in os.listdir(tmp):
-                os.remove(os.path.join(tmp, name))
-            os.rmdir(tmp)

@@ -1,7 +1,8 @@
 """Stage 3: train HINGE on all slices but the held-out one (the paper's protocol; README "Stages").
 
-    python train.py --data data/demo --features stain --test-slice demo1 --backbone-ckpt backbone.safetensors --out runs/demo1
-    python train.py ... --backbone-ckpt scGPT_human/     # HINGE on scGPT: its folder (best_model.pt, args.json, vocab.json)
+    python train.py --data data/demo --features stain --test-slice demo1 \
+        --backbone-ckpt backbone.safetensors --out runs/demo1
+    python train.py ... --backbone-ckpt scGPT_human/     # HINGE on scGPT: its folder (best_model.pt, ...)
     torchrun --nproc_per_node 4 train.py ...            # DDP, no code change (NCCL on GPU, gloo on CPU)
 
 Writes <out>/best.pt (lowest validation MSE), <out>/last.pt (every epoch, for --resume) and
@@ -21,9 +22,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from checkpoints import load_backbone, prepare_backbone
-from common import (UserError, add_fold_args, add_runtime_args, feature_stats, fold_context, init_distributed, load_fold,
-                    run, split_validation, training_pixel_size)
+from checkpoints import build_model, load_backbone, prepare_backbone, read_run, save_run
+from common import UserError, run
+from folds import add_fold_args, feature_stats, fold_context, load_fold, split_validation, training_pixel_size
+from runtime import add_runtime_args, init_distributed
 
 
 CALIBRATION_SPOTS = 2000                                 # validation spots kept in the run (all of a Her2ST fold's)
@@ -38,40 +40,47 @@ def parse_args():
                         "args.json and tensors then set the size)")
     p.add_argument("--backbone-ckpt", "--cellfm-ckpt", dest="backbone_ckpt",
                    help="backbone weights: a CellFM file (.ckpt/.pt/.safetensors, official or from pretrain.py) or an "
-                        "scGPT folder (best_model.pt, args.json, vocab.json; official or from pretrain.py); through the Hugging "
-                        "Face cache with hf-hub:<owner>/<name> (an scGPT folder) or hf-hub:<owner>/<name>/<file>")
+                        "scGPT folder (best_model.pt, args.json, vocab.json; official or from pretrain.py); through "
+                        "the Hugging Face cache with hf-hub:<owner>/<name> (an scGPT folder) or "
+                        "hf-hub:<owner>/<name>/<file>")
     p.add_argument("--variant", default="hinge", choices=M.VARIANTS,
                    help="hinge: frozen backbone, conditioning trains; scratch: random backbone, all trains; "
                         "decoder-tune: + value decoder; backbone-lora: + LoRA adapters")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for --variant backbone-lora (default 8)")
-    p.add_argument("--objective", default="masked", choices=["masked", "gaussian"], help="masked diffusion or Gauss-Diff ablation")
+    p.add_argument("--objective", default="masked", choices=["masked", "gaussian"],
+                   help="masked diffusion or Gauss-Diff ablation")
     p.add_argument("--head", choices=["point", "gaussian", "bins"],
                    help="the value of a revealed gene: gaussian (default: a mean and a variance per gene, NLL), bins "
                         "(a categorical over bins of log2(count + 1), cross-entropy) or point (the official decoder, "
                         "MSE; Gauss-Diff's only head); sample.py draws from it")
-    p.add_argument("--cond", default="softadaln", choices=["softadaln", "hist-affine-ln"], help="how histology enters the blocks")
+    p.add_argument("--cond", default="softadaln", choices=["softadaln", "hist-affine-ln"],
+                   help="how histology enters the blocks")
     p.add_argument("--gate", default="sigmoid", choices=["sigmoid", "residual"],
                    help="SoftAdaLN's gate: sigmoid(g), starting at sigmoid(6) (the official code; default) or 1 + g")
     p.add_argument("--init", default="official", choices=["official", "cellfm"],
-                   help="random weights (scratch, LoRA, conditioning): the official code's xavier_uniform on every Linear "
-                        "(default) or CellFM's (DeepNorm gains, LoRA B = 0, conditioning N(0, 0.02))")
+                   help="random weights (scratch, LoRA, conditioning): the official code's xavier_uniform on every "
+                        "Linear (default) or CellFM's (DeepNorm gains, LoRA B = 0, conditioning N(0, 0.02))")
     p.add_argument("--no-soft-norm", action="store_true", help="ablation: plain LayerNorm instead of SoftNorm")
-    p.add_argument("--no-id-init", action="store_true", help="ablation: default init of the modulation (no identity start)")
+    p.add_argument("--no-id-init", action="store_true",
+                   help="ablation: default init of the modulation (no identity start)")
     p.add_argument("--schedule", default="poly-auto", help="poly-auto (ζ = log_T G), linear, cosine or power:<ζ>")
     p.add_argument("--mask-ratio", default="schedule", choices=["schedule", "uniform"],
                    help="uniform = RandMask ablation: hidden share ~ U(0,1), loss on all hidden genes")
-    p.add_argument("--fill", default="gauss", choices=["gauss", "zero"], help="value of hidden genes: N(0,1) noise or 0")
+    p.add_argument("--fill", default="gauss", choices=["gauss", "zero"],
+                   help="value of hidden genes: N(0,1) noise or 0")
     p.add_argument("--loss-norm", default="sample", choices=["sample", "batch"],
                    help="average the revealed genes per sample (default: every step t weighs the same) or over "
                         "the whole batch (the official code)")
     p.add_argument("--T", type=int, default=50, help="diffusion steps (default 50)")
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
-    p.add_argument("--dropout", type=float, help="backbone dropout (default the preset's: CellFM's 0.1, scaled by depth)")
+    p.add_argument("--dropout", type=float,
+                   help="backbone dropout (default the preset's: CellFM's 0.1, scaled by depth)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--milestones", default="20,30", help="MultiStepLR epochs, x0.2 each (default 20,30)")
     p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without improvement")
     p.add_argument("--warmup", type=int, default=15, help="no early stop before this epoch (default 15)")
-    p.add_argument("--curriculum-epochs", type=int, default=5, help="epochs restricted to <= 20 %% hidden genes (0 = NoCurr)")
+    p.add_argument("--curriculum-epochs", type=int, default=5,
+                   help="epochs restricted to <= 20 %% hidden genes (0 = NoCurr)")
     add_runtime_args(p, 32, "spots per optimiser step over all processes (default 32, the paper's global batch; "
                             "under torchrun each process takes its share)", seed=42)
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -88,7 +97,7 @@ def main():
     if a.variant == "hinge" and not a.backbone_ckpt:
         raise UserError("--variant hinge freezes the backbone, so it needs --backbone-ckpt (official CellFM or scGPT "
                         "weights, or pretrain.py output); or use --variant scratch")
-    # gaussian: the lowest validation CRPS at no loss of PCC-50 or MSE (docs/benchmarks.md "Choosing the head")
+    # gaussian: the lowest validation CRPS at no loss of PCC-50 or MSE (docs/results.md "Choosing the head")
     a.head = a.head or ("point" if a.objective == "gaussian" else "gaussian")
     if a.objective == "gaussian" and a.head != "point":
         raise UserError(f"--head {a.head}: Gauss-Diff (--objective gaussian) denoises values with the point head")
@@ -106,8 +115,9 @@ def main():
     cfg, tokens, weights = prepare_backbone(
         a.preset, a.backbone_ckpt, [g.decode() for g in genes], gene_ids, n_genes=G, hist_dim=D, cond=a.cond,
         soft_norm=not a.no_soft_norm, id_init=not a.no_id_init, gate=a.gate, init=a.init, head=a.head,
-        lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0, **({"dropout": a.dropout} if a.dropout is not None else {}))
-    net = M.build_model(cfg, tokens)
+        lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0,
+        **({"dropout": a.dropout} if a.dropout is not None else {}))
+    net = build_model(cfg, tokens)
     if a.head == "bins":                                 # bin edges from the training spots, saved with the run
         net.head.set_bins(X[tr_idx])
     unused, unexpected = load_backbone(net, weights, a.backbone_ckpt) if weights else ([], [])
@@ -117,7 +127,8 @@ def main():
     net.to(dev)
     if rank == 0:
         print(f"{a.variant}: {n_train:,} trainable of {sum(p.numel() for p in net.parameters()):,} parameters; "
-              f"{len(tr_idx)} train / {len(val_idx)} val spots from {len(train_names)} slices, {G} genes, {D}-d features")
+              f"{len(tr_idx)} train / {len(val_idx)} val spots from {len(train_names)} slices, "
+              f"{G} genes, {D}-d features")
     diffusion = M.make_diffusion(a.objective, G, a.T, a.schedule, a.fill, a.loss_norm)
     model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if ddp else net
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
@@ -127,16 +138,18 @@ def main():
     if a.resume:
         if not os.path.isfile(last):
             raise UserError(f"{last}: nothing to resume; run without --resume first")
-        ck = M.read_run(last)
+        ck = read_run(last)
         net.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
         state = ck["state"]
-        torch.set_rng_state(ck["rng"]["torch"]); np.random.set_state(ck["rng"]["numpy"]); random.setstate(ck["rng"]["python"])
+        torch.set_rng_state(ck["rng"]["torch"]); np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["python"])
     elif rank == 0 and os.path.isfile(last):
         raise UserError(f"{a.out} already holds a run; pass --resume to continue it or choose another --out")
     keep = val_idx[:CALIBRATION_SPOTS]                   # sample.py calibrates the spread on these
-    meta = {"val_features": H[keep] * sd + mu, "val_expr": X[keep], "test_slice": a.test_slice, "train_slices": train_names,
-            "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T, "variant": a.variant,
-            "backbone_ckpt": a.backbone_ckpt, "args": vars(a), "pixel_size_um": training_pixel_size(a.data, train_names),
+    meta = {"val_features": H[keep] * sd + mu, "val_expr": X[keep], "test_slice": a.test_slice,
+            "train_slices": train_names, "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T,
+            "variant": a.variant, "backbone_ckpt": a.backbone_ckpt, "args": vars(a),
+            "pixel_size_um": training_pixel_size(a.data, train_names),
             "context": context._asdict() if context else None}
 
     def batches(idx, gen, aug, share=False):
@@ -177,7 +190,8 @@ def main():
         t_max = diffusion.curriculum_cap(0.2) if (ep < curriculum and a.objective == "masked") else None
         losses = []
         for i, (x0, h) in enumerate(tqdm(batches(order, gen, A is not None, ddp), total=-(-len(order) // a.batch_size),
-                                         desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False, disable=rank > 0)):
+                                         desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False,
+                                         disable=rank > 0)):
             n = min(a.batch_size, len(order) - i * a.batch_size)
             with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
                 loss = diffusion.loss(model, x0, net.embed_histology(h), t_max=t_max, mask_ratio=a.mask_ratio,
@@ -190,8 +204,9 @@ def main():
         sched.step()
         v = val_mse()
         state["epoch"] = ep + 1
-        # a curriculum epoch never trained on mostly hidden genes, so it cannot generate from scratch: selection starts
-        # after it (as the official code validates only late); its low per-step loss picked collapsed checkpoints on the demo
+        # a curriculum epoch never trained on mostly hidden genes, so it cannot generate from scratch: selection
+        # starts after it (as the official code validates only late); its low per-step loss picked collapsed
+        # checkpoints on the demo
         selecting = ep >= curriculum
         improved = selecting and v < state["best"]
         state["best"], state["bad_epochs"] = (v, 0) if improved else (state["best"], state["bad_epochs"] + selecting)
@@ -199,14 +214,16 @@ def main():
             ck = {**meta, "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
             for path in ([best] if improved else []) + [last]:
-                M.save_run(path, net, [g.decode() for g in genes], encoders, mu, sd, **ck)
+                save_run(path, net, [g.decode() for g in genes], encoders, mu, sd, **ck)
             new = not os.path.isfile(log_path)
             with open(log_path, "a", newline="") as f:
                 w = csv.writer(f)
                 if new:
                     w.writerow(["epoch", "train_loss", "val_mse", "lr", "seconds"])
-                w.writerow([ep + 1, f"{np.mean(losses):.5f}", f"{v:.5f}", f"{opt.param_groups[0]['lr']:.2e}", f"{time.time() - t0:.1f}"])
-            print(f"epoch {ep + 1}: train {np.mean(losses):.4f}  val MSE {v:.4f}{'  *' if improved else ''}  ({time.time() - t0:.0f}s)")
+                w.writerow([ep + 1, f"{np.mean(losses):.5f}", f"{v:.5f}", f"{opt.param_groups[0]['lr']:.2e}",
+                            f"{time.time() - t0:.1f}"])
+            print(f"epoch {ep + 1}: train {np.mean(losses):.4f}  val MSE {v:.4f}{'  *' if improved else ''}  "
+                  f"({time.time() - t0:.0f}s)")
         if state["epoch"] >= a.warmup and state["bad_epochs"] >= a.patience:
             if rank == 0:
                 print(f"early stop: no improvement for {a.patience} epochs")

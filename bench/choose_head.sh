@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How train.py's default head and sample.py's default temperature were chosen (docs/benchmarks.md
+# How train.py's default head and sample.py's default temperature were chosen (docs/results.md
 # "Choosing the head"): HINGE trained with each head (--head point|gaussian|bins) with the Her2ST quality
 # benchmark's settings on its within-patient folds, generated at K = 5 with S = 10 samples on each fold's
 # validation spots only (10 % of its training spots, seed 42), at temperatures 0.5 and 1 for the

@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import extract_features as X  # noqa: E402
 import model as M  # noqa: E402
-from common import str_array, synced_seconds  # noqa: E402
+from checkpoints import build_model, save_run
+from common import str_array
+from runtime import synced_seconds
 
 HIST_DIM = 1536                # UNI 1024 + CONCH 512, the paper's histology vector
 
@@ -32,7 +34,8 @@ class Sizes(NamedTuple):
 
 
 GPU = Sizes(batch=256, batches=3, warmup=True, genes=300, spots=2048, sample_batch=256, shrink={})
-SMOKE = Sizes(batch=1, batches=1, warmup=False, genes=40, spots=48, sample_batch=16, shrink={"dim": 32, "layers": 2, "heads": 2})
+SMOKE = Sizes(batch=1, batches=1, warmup=False, genes=40, spots=48, sample_batch=16,
+              shrink={"dim": 32, "layers": 2, "heads": 2})
 
 
 #################################################################################
@@ -52,8 +55,9 @@ def reset_peak(dev):
 def sampler_rate(preset, sz, dev, amp):
     """Spots/s of the sampler at K = 5, S = 1 on random weights and features (speed does not depend on them)."""
     cfg = M.make_config(preset, n_genes=sz.genes, hist_dim=HIST_DIM, **sz.shrink)
-    with torch.device(dev):                          # built on the device: an 800M-parameter init on the CPU takes minutes
-        net = M.build_model(cfg, torch.arange(1, sz.genes + 1)).to(dev).eval()
+    # built on the device: an 800M-parameter init on the CPU takes minutes
+    with torch.device(dev):
+        net = build_model(cfg, torch.arange(1, sz.genes + 1)).to(dev).eval()
     diffusion = M.make_diffusion("masked", sz.genes, 50, "poly-auto", "gauss")
     hist = torch.randn(sz.batch, HIST_DIM, device=dev)
     gen = torch.Generator(dev).manual_seed(0)
@@ -95,7 +99,7 @@ def write_synthetic(work, sz):
     cfg = M.make_config("small", vocab=G, n_genes=G, hist_dim=HIST_DIM, **sz.shrink)
     torch.manual_seed(0)
     run = os.path.join(work, "run")
-    M.save_run(os.path.join(run, "best.pt"), M.Hinge(cfg, np.arange(1, G + 1)), [f"G{i}" for i in range(G)],
+    save_run(os.path.join(run, "best.pt"), M.Hinge(cfg, np.arange(1, G + 1)), [f"G{i}" for i in range(G)],
                ["synthetic"], np.zeros(HIST_DIM), np.ones(HIST_DIM), test_slice="s")
     return data, run
 
@@ -123,7 +127,8 @@ def torchrun_equals_one_process(work, sz, dev, amp):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", required=True, help="empty folder for the synthetic data (bench/gpu.sh passes a temporary one)")
+    p.add_argument("--work", required=True,
+                   help="empty folder for the synthetic data (bench/gpu.sh passes a temporary one)")
     p.add_argument("--cpu-smoke", action="store_true", help="every piece on the CPU at tiny sizes (checks the script, "
                                                             "measures nothing)")
     a = p.parse_args()

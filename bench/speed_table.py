@@ -116,7 +116,7 @@ def timed_steps(steps, n):
 
 def hinge_model(a, kind, G, D, dev):
     import model as M
-    from common import gene_tokens
+    from checkpoints import gene_tokens
     tokens, vocab = gene_tokens(np.zeros(G), M.make_config(a.preset).vocab)
     net = M.Hinge(M.make_config(a.preset, vocab=vocab, n_genes=G, hist_dim=D), tokens).to(dev)
     M.set_trainable(net, kind["variant"])
@@ -126,7 +126,8 @@ def hinge_model(a, kind, G, D, dev):
 def measure_hinge(a, kind, data, dev):
     import torch
     import model as M
-    from common import Features, read_slice
+    from common import read_slice
+    from folds import Features
     feats = Features(data, [ENCODER], "test")
     G = len(read_slice(data, "test", ("genes",))["genes"])
     net, diffusion = hinge_model(a, kind, G, feats.dim, dev)
@@ -164,7 +165,7 @@ def measure_hinge(a, kind, data, dev):
 
 def measure_baseline(a, kind, data, fit_data, dev):
     import baselines as B
-    from common import Features, feature_stats, load_fold, split_validation
+    from folds import Features, feature_stats, load_fold, split_validation
 
     def fold(d):
         _, _, _, X, H, _ = load_fold(d, [ENCODER], "test")
@@ -181,7 +182,7 @@ def measure_baseline(a, kind, data, fit_data, dev):
     reset_peak()
     t0 = time.perf_counter()
     feats = Features(data, [ENCODER], "test")
-    for s in range(0, feats.n, B.CHUNK):                 # baselines.py's loop; its rows go to disk, here they are dropped
+    for s in range(0, feats.n, B.CHUNK):                 # baselines.py's loop; its rows go to disk, here dropped
         predict(((feats.read(s, s + B.CHUNK) - mu) / sd).astype(np.float32))
     out = {"seconds": time.perf_counter() - t0, "peak_mib": peak_mib()}
     if a.train:
@@ -286,15 +287,18 @@ def main():
     p.add_argument("--preset", help="HINGE backbone (default tiny on a CPU, cellfm-800m on a GPU)")
     p.add_argument("--size", choices=["paper", "cpu"], help="peer widths (default cpu on a CPU, paper on a GPU)")
     p.add_argument("--batch-size", type=int, help="HINGE spots per batch (sample.py's default: 32 CPU, 256 GPU)")
-    p.add_argument("--train-steps", type=int, default=3, help="optimiser steps timed per training measurement (default 3)")
+    p.add_argument("--train-steps", type=int, default=3,
+                   help="optimiser steps timed per training measurement (default 3)")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training column")
-    p.add_argument("--limit-s", type=float, default=1800, help="seconds per measurement before it is a timeout (default "
-                                                               "1800: TRIPLEX's 50k-spot build, prediction and training "
-                                                               "steps take 5-20 min on 2 CPU cores)")
-    p.add_argument("--sample-s", type=float, default=20, help="HINGE predictions stop after this many seconds; the slide "
-                                                              "time is extrapolated from their spots/s (default 20)")
-    p.add_argument("--mem-gb", type=float, default=16, help="address-space cap per measurement on a CPU, GiB (default 16; "
-                                                            "importing torch alone maps about 3.5)")
+    p.add_argument("--limit-s", type=float, default=1800,
+                   help="seconds per measurement before it is a timeout (default 1800: TRIPLEX's 50k-spot build, "
+                        "prediction and training steps take 5-20 min on 2 CPU cores)")
+    p.add_argument("--sample-s", type=float, default=20,
+                   help="HINGE predictions stop after this many seconds; the slide time is extrapolated from their "
+                        "spots/s (default 20)")
+    p.add_argument("--mem-gb", type=float, default=16,
+                   help="address-space cap per measurement on a CPU, GiB (default 16; importing torch alone maps "
+                        "about 3.5)")
     p.add_argument("--device", default=None, help="cpu or cuda (default cuda when present)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "speed_table"), help="folder for the synthetic slides")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -311,14 +315,15 @@ def main():
     fit_data = make_data(os.path.join(a.out, f"n{FIT_SPOTS}"), FIT_SPOTS, a.dim, a.genes)
     args = {k: getattr(a, k) for k in ("preset", "size", "batch_size", "train_steps", "train", "sample_s", "mem_gb",
                                        "device")}
-    print(f"device {a.device} ({os.cpu_count()} cores), HINGE preset {a.preset}, peers {a.size}-size, {a.dim}-d features, "
-          f"{a.genes} genes, S = 1, methods built on {FIT_SPOTS} spots", flush=True)
+    print(f"device {a.device} ({os.cpu_count()} cores), HINGE preset {a.preset}, peers {a.size}-size, "
+          f"{a.dim}-d features, {a.genes} genes, S = 1, methods built on {FIT_SPOTS} spots", flush=True)
     results = {}
     for n in sizes:
         data = make_data(os.path.join(a.out, f"n{n}"), n, a.dim, a.genes)
         for name, family, kind in rows:
             t0 = time.time()
-            spec = {"row": name, "size": n, "family": family, "kind": kind, "data": data, "fit_data": fit_data, "args": args}
+            spec = {"row": name, "size": n, "family": family, "kind": kind, "data": data, "fit_data": fit_data,
+                    "args": args}
             r = results[name, n] = run_child(spec, a.limit_s)
             print(f"  {name:<15} {n:>6} spots: {json.dumps(r)} ({time.time() - t0:.0f} s)", flush=True)
         for k in ("HINGE K=1", "HINGE K=50"):          # K is a sampling choice: one training for the three

@@ -1,16 +1,17 @@
 """Generation quality of trained runs on their own validation spots: the diagnostic for choosing
-between HINGE settings without touching the test slice (docs/benchmarks.md, bench/choose_gate.sh,
+between HINGE settings without touching the test slice (docs/results.md, bench/choose_gate.sh,
 bench/choose_head.sh).
 
-    python bench/validate.py --data runs/quality/data --runs runs/quality/runs/C2/hinge runs/quality/runs/C2/scratch --steps 1,5
+    python bench/validate.py --data runs/quality/data \
+        --runs runs/quality/runs/C2/hinge runs/quality/runs/C2/scratch --steps 1,5
     python bench/validate.py --data ... --runs ... --steps 5 --samples 10 --temperatures 0,0.5,1 --csv val.csv
 
-For each run: the fold's 10 % validation split rebuilt exactly as train.py drew it, generated at each K (and each temperature, for a distributional head),
-printing mean r, PCC-50, MSE, the spread ratio (std of the prediction over std of the truth,
-averaged over genes: 1 = as variable as the truth), and the predictive distribution's CRPS and
-cover90 after the per-gene calibration sample.py applies, cross-fitted: the scale is fitted on one
-half of the validation spots and scored on the other, and the other way round. A ridge line on the
-same split gives a reference.
+For each run: the fold's 10 % validation split rebuilt exactly as train.py drew it, generated at
+each K (and each temperature, for a distributional head), printing mean r, PCC-50, MSE, the spread
+ratio (std of the prediction over std of the truth, averaged over genes: 1 = as variable as the
+truth), and the predictive distribution's CRPS and cover90 after the per-gene calibration sample.py
+applies, cross-fitted: the scale is fitted on one half of the validation spots and scored on the
+other, and the other way round. A ridge line on the same split gives a reference.
 """
 import argparse
 import os
@@ -22,8 +23,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+from checkpoints import load_run
 from baselines import fit_ridge  # noqa: E402
-from common import load_fold, split_validation  # noqa: E402
+from folds import load_fold, split_validation
 from evaluate import top_k_mean  # noqa: E402
 from scores import calibrate, calibration_scale, covered, crps_samples, pearson_per_gene  # noqa: E402
 
@@ -72,7 +74,7 @@ a = p.parse_args()
 
 rows = []
 for i, run_dir in enumerate(a.runs):
-    net, diffusion, ck = M.load_run(os.path.join(run_dir, "best.pt"), torch.device("cpu"))
+    net, diffusion, ck = load_run(os.path.join(run_dir, "best.pt"), torch.device("cpu"))
     Ht, Xt, Hv, Xv = validation_split(ck, a.data)
     z = lambda H: ((H - ck["feat_mean"]) / ck["feat_std"]).astype(np.float32)  # noqa: E731
     if i == 0:
@@ -87,7 +89,8 @@ for i, run_dir in enumerate(a.runs):
                        for h in torch.from_numpy(z(Hv)).split(32)]
             mean, smp = torch.cat([o[0] for o in out]).numpy(), torch.cat([o[1] for o in out], 1).numpy()
             m = scores(Xv, mean, smp.std(0, ddof=1) if a.samples > 1 else np.zeros_like(mean), smp)
-            label = f"{os.path.basename(run_dir.rstrip('/'))} K={K}" + (f" τ={tau:g}" if net.cfg.head != "point" else "")
+            label = (f"{os.path.basename(run_dir.rstrip('/'))} K={K}"
+                     + (f" τ={tau:g}" if net.cfg.head != "point" else ""))
             show(label, m)
             rows.append({"run": run_dir, "head": net.cfg.head, "K": K, "temperature": tau, "n_val": len(Xv), **m})
 if a.csv:

@@ -27,6 +27,7 @@ from scipy.spatial import cKDTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import peers as P  # noqa: E402
 from evaluate import pearson_per_gene, top_k_mean  # noqa: E402
 
 
@@ -69,27 +70,31 @@ def main():
     with h5py.File(os.path.join(grid, "slices", f"{name}.h5"), "r") as f:
         grid_px = f["pixel"][()]
     dist, nearest = cKDTree(grid_px).query(spot_px)
-    reach = a.pitch / np.sqrt(3) + 5                     # a hexagonal grid's farthest point from tissue it covers, + 5 µm
+    # a hexagonal grid's farthest point from tissue it covers, + 5 µm
+    reach = a.pitch / np.sqrt(3) + 5
     on_grid = dist * um <= reach                         # measured spots on detected tissue
-    print(f"\nC2: {len(grid_px)} grid points ({a.pitch:g} µm hexagonal); {on_grid.sum()} of {len(spot_px)} measured spots "
-          f"have one within {reach:.0f} µm (farthest {dist.max() * um:.1f} µm)")
+    print(f"\nC2: {len(grid_px)} grid points ({a.pitch:g} µm hexagonal); {on_grid.sum()} of {len(spot_px)} "
+          f"measured spots have one within {reach:.0f} µm (farthest {dist.max() * um:.1f} µm)")
     fold = ["--data", data, "--features", "stain", "--test-slice", "C2", "--exclude", "B4"]
     rows = []                                            # (label, spot-mode file, grid file)
     for k in sorted({0, a.context}):
         tag = f"context{k}" if k else "plain"
-        run = os.path.join(quality, "runs", "C2", f"hinge_ctx{k}" if k else "hinge_gaussian")  # bench/quality.sh's names
-        step(f"train on C3-C6 ({tag})", os.path.join(run, "done"), "train.py", *fold, "--preset", "small", "--epochs", "10",
-             "--lr", "1e-3", "--backbone-ckpt", backbone, "--context", str(k), "--out", run)
+        # bench/quality.sh's names
+        run = os.path.join(quality, "runs", "C2", f"hinge_ctx{k}" if k else "hinge_gaussian")
+        step(f"train on C3-C6 ({tag})", os.path.join(run, "done"), "train.py", *fold, "--preset", "small",
+             "--epochs", "10", "--lr", "1e-3", "--backbone-ckpt", backbone, "--context", str(k), "--out", run)
         open(os.path.join(run, "done"), "w").close()
         sampling = ["--run", run, "--steps", "5", "--samples", str(a.samples)]
         spots, grid_out = os.path.join(out, f"spots_{tag}"), os.path.join(out, f"grid_pred_{tag}")
-        step(f"sample C2 spots ({tag})", os.path.join(spots, "C2.h5"), "sample.py", "--data", data, *sampling, "--out", spots)
-        step(f"sample grid ({tag})", os.path.join(grid_out, f"{name}.h5"), "sample.py", "--data", grid, "--slices", name,
-             *sampling, "--out", grid_out)
-        rows.append((f"HINGE{f' --context {k}' if k else ''}", os.path.join(spots, "C2.h5"), os.path.join(grid_out, f"{name}.h5")))
+        step(f"sample C2 spots ({tag})", os.path.join(spots, "C2.h5"), "sample.py", "--data", data, *sampling,
+             "--out", spots)
+        step(f"sample grid ({tag})", os.path.join(grid_out, f"{name}.h5"), "sample.py", "--data", grid,
+             "--slices", name, *sampling, "--out", grid_out)
+        rows.append((f"HINGE{f' --context {k}' if k else ''}", os.path.join(spots, "C2.h5"),
+                     os.path.join(grid_out, f"{name}.h5")))
     for method in a.baselines.split(",") if a.baselines else []:
         extra = ["--context", str(a.context)] if method in ("ridge", "mlp", "knn") and a.context else \
-            ["--epochs", "20", "--budget-s", "0"] if method in ("stflow", "triplex", "merge") else []
+            ["--epochs", "20", "--budget-s", "0"] if method in P.PEERS else []
         # a fixed epoch count, not a time budget: the spot-mode and the grid call fit the very same model
         spots, grid_out = os.path.join(out, f"spots_{method}"), os.path.join(out, f"grid_pred_{method}")
         step(f"{method} on C2 spots", os.path.join(spots, "C2.h5"), "baselines.py", *fold, "--method", method, *extra,

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import readers as R  # noqa: E402
-from common import gene_tokens  # noqa: E402
+from checkpoints import gene_tokens, save_run
 
 Image.MAX_IMAGE_PIXELS = None
 UM_PER_PX = 0.69                                         # Her2ST patients B-H
@@ -89,7 +89,7 @@ def write_random_run(path, preset, genes, encoder, dim):
     """A run with random weights: sampling speed does not depend on them."""
     tokens, vocab = gene_tokens(np.zeros(genes), M.make_config(preset).vocab)
     cfg = M.make_config(preset, vocab=vocab, n_genes=genes, hist_dim=dim)
-    M.save_run(path, M.Hinge(cfg, tokens), [f"G{i}" for i in range(genes)], [encoder], np.zeros(dim), np.ones(dim))
+    save_run(path, M.Hinge(cfg, tokens), [f"G{i}" for i in range(genes)], [encoder], np.zeros(dim), np.ones(dim))
 
 
 def megabytes(*paths):
@@ -105,7 +105,8 @@ def main():
     p.add_argument("--preset", default="small", help="backbone for sampling (default small; cellfm-800m on a GPU)")
     p.add_argument("--genes", type=int, default=300, help="genes generated (default 300)")
     p.add_argument("--batch-size", type=int, help="sample.py spots per batch (its default when omitted)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast in features and sampling (GPUs, CPUs with bf16 units)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast in features and sampling (GPUs, CPUs with bf16 units)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     slide = os.path.join(a.out, "slide.tif")
@@ -128,15 +129,16 @@ def main():
         data = os.path.join(a.out, f"n{target}")
         shutil.rmtree(data, ignore_errors=True)          # the disk column counts this run's files only
         grid = ["--spot-pitch-um", f"{pitch:.3f}", "--spot-diameter-um", "55"]
-        detect = timed(py, "-c", "import sys, readers; readers.read_slides([sys.argv[1]], None, float(sys.argv[2]), 55.0, 'hex')",
+        detect = timed(py, "-c",
+                       "import sys, readers; readers.read_slides([sys.argv[1]], None, float(sys.argv[2]), 55.0, 'hex')",
                        slide, f"{pitch:.3f}", env=env)
         prep = timed(py, "prepare_data.py", "--dataset", "image", "--image", slide, *grid, "--out", data, env=env)
         feat = timed(py, "extract_features.py", "--data", data, "--encoder", a.encoder, *amp,
                      *(["--random-init"] if a.encoder != "stain" else []), env=env)
         bs = ["--batch-size", str(a.batch_size)] if a.batch_size else []
         pred = os.path.join(data, "pred")
-        samp = timed(py, "sample.py", "--run", run, "--data", data, "--slices", "slide", "--steps", "5", "--samples", "1",
-                     "--out", pred, *bs, *amp, env=env)
+        samp = timed(py, "sample.py", "--run", run, "--data", data, "--slices", "slide", "--steps", "5",
+                     "--samples", "1", "--out", pred, *bs, *amp, env=env)
         with h5py.File(os.path.join(data, "slices", "slide.h5"), "r") as f:
             n = len(f["barcode"])
         slice_files = [os.path.join(data, q) for q in ("slices/slide.h5", "slices.tsv", "prepare.json")]
@@ -144,10 +146,12 @@ def main():
                   # prepare_data.py less a detection timed on its own: at 1k spots the two are within noise, so >= 0
                   "slice file (grid)": Stage(max(0.0, prep.secs - detect.secs), max(0.0, prep.cpu_s - detect.cpu_s),
                                              prep.mib, megabytes(*slice_files)),
-                  "features (crop + embed)": feat._replace(mb=megabytes(os.path.join(data, "features", a.encoder, "slide.h5"))),
+                  "features (crop + embed)": feat._replace(
+                      mb=megabytes(os.path.join(data, "features", a.encoder, "slide.h5"))),
                   "sampling + AnnData": samp._replace(mb=megabytes(os.path.join(pred, "slide.h5")))}
         rows.append((n, pitch, stages, megabytes(os.path.join(pred, "slide.h5ad"))))
-        print(f"-- {n} spots (pitch {pitch:.1f} µm): " + ", ".join(f"{k} {v.secs:.1f} s" for k, v in stages.items()), flush=True)
+        print(f"-- {n} spots (pitch {pitch:.1f} µm): " + ", ".join(f"{k} {v.secs:.1f} s" for k, v in stages.items()),
+              flush=True)
 
     print(f"\nslide {img.size[0]} x {img.size[1]} px ({UM_PER_PX} µm/px), tissue {tissue_um2 / 1e6:.1f} mm²; "
           f"{a.encoder} features, {a.preset} backbone, K = 5, S = 1, {'bf16' if a.amp else 'fp32'}, device {dev} "
@@ -160,13 +164,14 @@ def main():
                     max(v.mib for v in r[2].values()), sum(v.mb for v in r[2].values())) for r in rows]
     table = {**{k: [r[2][k] for r in rows] for k in rows[0][2]}, "tissue to AnnData": totals}
     for stage, cells in table.items():
-        text = [f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs:.1f}, {c.mib:.0f}, {c.mb:.1f}" for r, c in zip(rows, cells)]
+        text = [f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs:.1f}, {c.mib:.0f}, {c.mb:.1f}"
+                for r, c in zip(rows, cells)]
         print(f"{stage:<26}" + "".join(f"{t:>44}" for t in text) + f"{cells[-1].mib / cells[0].mib:>10.2f}x")
     print(f"{'(AnnData output, MB)':<26}" + "".join(f"{r[3]:>44.1f}" for r in rows))
     n, last = rows[-1][0], totals[-1]
     print(f"at {n} spots: {last.secs / 60:.1f} min wall, {last.cpu_s / 60:.1f} CPU min (target <= 20 min on 2 cores), "
-          f"{last.mb:.0f} MB of intermediate files (target <= 200), peak memory {last.mib / totals[0].mib:.2f}x that at "
-          f"{rows[0][0]} spots (target <= 1.5)")
+          f"{last.mb:.0f} MB of intermediate files (target <= 200), peak memory "
+          f"{last.mib / totals[0].mib:.2f}x that at {rows[0][0]} spots (target <= 1.5)")
     print(f"(pitch per column: {', '.join(f'{r[1]:.1f} µm' for r in rows)}; MB = files the stage leaves, the .h5ad "
           "apart; tissue to AnnData = prepare_data.py + extract_features.py + sample.py, its MiB the largest stage's; "
           "CPU s = user + system time of the stage's process)")

@@ -1,6 +1,7 @@
 """Shared fixtures: paths to ../shared, a runner for the stage scripts, small generated datasets."""
 import gzip
 import hashlib
+import inspect
 import os
 import shutil
 import subprocess
@@ -18,6 +19,34 @@ FIXTURES = os.path.join(SHARED, "fixtures")
 sys.path.insert(0, ROOT)
 
 needs_shared = pytest.mark.skipif(not os.path.isdir(HER2ST), reason=f"shared data not found at {SHARED}")
+
+
+#################################################################################
+#              The fast tier: `bash tests/run.sh --fast` skips `slow`            #
+#################################################################################
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts a stage script, itself or through a fixture or helper (set "
+                                       "here), or trains for minutes in-process (set by hand); `bash tests/run.sh "
+                                       "--fast` leaves these out")
+
+
+def starts_scripts(fn, seen):
+    """Whether a test, fixture or helper runs a script: its source calls one, or a helper of tests/ it names does."""
+    if (not inspect.isfunction(fn) or fn in seen
+            or not inspect.getsourcefile(fn).startswith(os.path.join(ROOT, "tests"))):
+        return False
+    seen.add(fn)
+    if "run_script(" in inspect.getsource(fn) or "subprocess." in inspect.getsource(fn):
+        return True
+    return any(starts_scripts(fn.__globals__.get(name), seen) for name in fn.__code__.co_names)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if any(starts_scripts(fn, set()) for fn in [item.function, *fixtures]):
+            item.add_marker(pytest.mark.slow)
 
 
 def lay_out_hub_cache(cache, repo, files):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import baselines as B
-from common import load_fold, split_validation
+from folds import load_fold, split_validation
 from conftest import assert_user_error, run_script
 from evaluate import slice_metrics
 
@@ -31,14 +31,15 @@ def preds(demo, tmp_path_factory):
 def test_calibration_scales_the_spread_and_the_samples_per_gene(demo, preds):
     """By default the spread is scaled per gene by the factor that makes the 50 % and 90 % intervals cover
     their share of the validation spots; the samples move from their mean by the same factor."""
-    from common import feature_stats
+    from folds import feature_stats
     from scores import calibration_scale
     _, _, _, X, H, _ = load_fold(str(demo / "data"), ["stain"], "demo1")
     tr, val = split_validation(len(X))
     mu, sd = feature_stats(H)
     H = ((H - mu) / sd).astype(np.float32)
     mean, std, _ = B.fit_knn(H[tr], X[tr], H[val], X[val], 42)[0](H[val])   # the factors come from validation alone
-    with h5py.File(preds / "knn_calibrated" / "demo1.h5", "r") as f, h5py.File(preds / "knn_samples" / "demo1.h5", "r") as g:
+    with h5py.File(preds / "knn_calibrated" / "demo1.h5", "r") as f, \
+            h5py.File(preds / "knn_samples" / "demo1.h5", "r") as g:
         scale = f["calibration_scale"][()]
         assert f.attrs["calibrated"] and not g.attrs["calibrated"] and scale.shape == (X.shape[1],)
         np.testing.assert_allclose(f["std"][()], g["std"][()] * scale, rtol=1e-5)
@@ -127,7 +128,7 @@ def test_ridge_and_mlp_std_is_the_validation_residual_per_gene():
     Q = np.random.default_rng(0).normal(size=(7, H.shape[1]))
     std = predict(Q)[1]
     np.testing.assert_allclose(std ** 2, np.repeat(residual_var[None], 7, 0), rtol=1e-6)
-    assert residual_var.std() > 0.1 * residual_var.mean()         # the genes' residuals differ: one std per gene matters
+    assert residual_var.std() > 0.1 * residual_var.mean()         # the genes' residuals differ: a std per gene matters
     predict, chosen = B.fit_mlp(H.astype(np.float32), X.astype(np.float32), Hv.astype(np.float32),
                                 Xv.astype(np.float32), 0, hidden=32, max_epochs=5)
     mean, std, _ = predict(Hv.astype(np.float32))

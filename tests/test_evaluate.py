@@ -115,7 +115,8 @@ def folders(tmp_path, grid):
             write_prediction(tmp_path / "pred" / "s1.h5", tmp_path / "data", name, samples.mean(0),
                              samples.std(0, ddof=1), samples)
         else:
-            write_prediction(tmp_path / "pred" / "s2.h5", tmp_path / "data", name, samples.mean(0), samples.std(0, ddof=1))
+            write_prediction(tmp_path / "pred" / "s2.h5", tmp_path / "data", name, samples.mean(0),
+                             samples.std(0, ddof=1))
     return tmp_path
 
 
@@ -138,7 +139,8 @@ def test_evaluate_writes_distribution_and_structure_metrics(folders):
 
     old = folders / "old_eval"                            # an evaluation written before these metrics existed
     old.mkdir()
-    json.dump({"label": "old", "metrics": {k: summary["metrics"][k] for k in E.GROUPS[0]}}, open(old / "summary.json", "w"))
+    json.dump({"label": "old", "metrics": {k: summary["metrics"][k] for k in E.GROUPS[0]}},
+              open(old / "summary.json", "w"))
     p = run_script("evaluate.py", "--compare", ev, old)
     lines = p.stdout.splitlines()
     assert all(any(k in line for line in lines) for k in ("CRPS", "cover90", "struct_r", "struct_r_partial"))

@@ -10,8 +10,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
 from PIL import Image
 
+import checkpoints as C
 import extract_features as X
 from common import UserError
 from conftest import HER2ST, ROOT, assert_user_error, lay_out_hub_cache, make_her2st, needs_shared, run_script
@@ -92,9 +94,11 @@ def test_cli_neural_needs_weights_or_random_init(small_data, tmp_path):
     p = run_script("extract_features.py", "--data", small_data, "--encoder", "uni", check=False)
     assert p.returncode == 2 and "MahmoodLab/UNI" in p.stderr and "--weights" in p.stderr
     assert not os.path.exists(small_data / "features" / "uni")
-    p = run_script("extract_features.py", "--data", small_data, "--encoder", "conch", "--weights", tmp_path / "nope.bin", check=False)
+    p = run_script("extract_features.py", "--data", small_data, "--encoder", "conch",
+                   "--weights", tmp_path / "nope.bin", check=False)
     assert p.returncode == 2 and "nope.bin" in p.stderr and "not found" in p.stderr
-    run_script("extract_features.py", "--data", small_data, "--encoder", "resnet50", "--random-init", "--batch-size", "16")
+    run_script("extract_features.py", "--data", small_data, "--encoder", "resnet50", "--random-init",
+               "--batch-size", "16")
     with h5py.File(small_data / "features" / "resnet50" / "A2.h5", "r") as f:
         assert f["embeddings"].shape == (30, 2048) and f.attrs["weights"] == "random-init"
 
@@ -141,7 +145,8 @@ def test_weights_by_hub_id_come_from_the_cache_offline_and_only_with_the_prefix(
     net, *_ = X.build_encoder("resnet50")
     save_file(net.state_dict(), tmp_path / "model.safetensors")
     cache = tmp_path / "hub"
-    digest = lay_out_hub_cache(cache, "timm/resnet50.a1_in1k", {"model.safetensors": tmp_path / "model.safetensors"})["model.safetensors"]
+    digest = lay_out_hub_cache(cache, "timm/resnet50.a1_in1k",
+                               {"model.safetensors": tmp_path / "model.safetensors"})["model.safetensors"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     make_her2st(tmp_path / "raw", n_slices=1, n_spots=6)
@@ -149,7 +154,8 @@ def test_weights_by_hub_id_come_from_the_cache_offline_and_only_with_the_prefix(
     run_script("prepare_data.py", "--dataset", "her2st", "--raw", tmp_path / "raw", "--out", data, "--n-top", 40)
     cached = digest_of(cache)
 
-    run_script("extract_features.py", "--data", data, "--encoder", "resnet50", "--weights", "hf-hub:timm/resnet50.a1_in1k")
+    run_script("extract_features.py", "--data", data, "--encoder", "resnet50",
+               "--weights", "hf-hub:timm/resnet50.a1_in1k")
     with h5py.File(data / "features" / "resnet50" / "A1.h5", "r") as f, h5py.File(data / "slices" / "A1.h5", "r") as s:
         assert f.attrs["weights"] == f"hf-hub:timm/resnet50.a1_in1k sha256:{digest}"  # the hub id and the file's hash
         emb, patches = f["embeddings"][()], s["img"][()]
@@ -157,12 +163,33 @@ def test_weights_by_hub_id_come_from_the_cache_offline_and_only_with_the_prefix(
     np.testing.assert_allclose(emb, ref(patches), rtol=1e-4, atol=1e-4)  # the cached file's weights were loaded
     assert digest_of(cache) == cached                   # nothing downloaded, nothing written into the cache
 
-    p = run_script("extract_features.py", "--data", data, "--encoder", "uni", "--weights", "hf-hub:MahmoodLab/UNI", check=False)
+    p = run_script("extract_features.py", "--data", data, "--encoder", "uni", "--weights", "hf-hub:MahmoodLab/UNI",
+                   check=False)
     assert_user_error(p, "hf-hub:MahmoodLab/UNI", "pytorch_model.bin is not in the Hugging Face cache", "login",
                       "https://huggingface.co/MahmoodLab/UNI", "pass its path")
-    p = run_script("extract_features.py", "--data", data, "--encoder", "uni", "--weights", "MahmoodLab/UNI", check=False)
+    p = run_script("extract_features.py", "--data", data, "--encoder", "uni", "--weights", "MahmoodLab/UNI",
+                   check=False)
     assert_user_error(p, "MahmoodLab/UNI: weights file not found")  # without the prefix: a path, never looked up
     assert digest_of(cache) == cached and not (data / "features" / "uni").exists()
+
+
+def test_an_uncached_hub_id_without_the_hub_fails_at_once(tmp_path, monkeypatch):
+    """Not in the cache and the hub's host refuses (a closed local port): the one-line error after asking the cache
+    alone, not after hf_hub_download's half minute of retries against the network."""
+    asked = []
+
+    def download(*args, local_files_only=False, **kw):  # hf_hub_download, recording whether it may go online
+        asked.append(local_files_only)
+        return hf_hub_download(*args, local_files_only=local_files_only, **kw)
+    monkeypatch.setattr(C, "hf_hub_download", download)
+    monkeypatch.setattr(C.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(C.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(C.constants, "HF_HUB_CACHE", str(tmp_path))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(UserError, match="best_model.pt is not in the Hugging Face cache .* cannot be reached"):
+        C.resolve_weights("hf-hub:someone/missing-model", "best_model.pt")
+    assert asked == [True] and not os.listdir(tmp_path)
 
 
 def digest_of(folder):

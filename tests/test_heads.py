@@ -53,7 +53,7 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def fitted(data):
+def fitted(data):                                        # three models trained in-process: its tests are marked slow
     X, H, _ = data
     return {head: fit(head, X, H) for head in ("point", "gaussian", "bins")}
 
@@ -69,6 +69,7 @@ def draws(net, diffusion, H, K=50, S=20, temperature=1.0, seed=0):
         return M.generate(net, diffusion, H, K, S, gen, temperature=temperature)
 
 
+@pytest.mark.slow                                        # `fitted`: minutes of training
 @pytest.mark.parametrize("head", ["gaussian", "bins"])
 def test_head_recovers_sigma_and_its_samples_cover_90_percent(data, fitted, head):
     X, H, sigma = held_out(data)
@@ -81,12 +82,14 @@ def test_head_recovers_sigma_and_its_samples_cover_90_percent(data, fitted, head
     assert 0.85 <= cover <= 0.95, cover
 
 
+@pytest.mark.slow                                        # `fitted`: minutes of training
 def test_point_head_samples_are_not_a_distribution(data, fitted):
     X, H, sigma = held_out(data)
     _, samples, _ = draws(*fitted["point"], H, K=10)
     assert samples[:, :, :2].std(0).median() < 0.5 * sigma.median()
 
 
+@pytest.mark.slow                                        # `fitted`: minutes of training
 def test_bins_head_holds_two_modes(data, fitted):
     X, H, _ = held_out(data)
     mid = H[:, 0].abs() < 0.1                            # spots with an even chance of either mode
@@ -108,10 +111,7 @@ class Correlated(torch.nn.Module):
     def embed_histology(self, hist):
         return hist
 
-    def encode_values(self, x):
-        return None
-
-    def forward(self, x, visible, t, target, h, only=None, enc=None):
+    def forward(self, x, visible, t, target, h, only=None):
         other = x.flip(1) - 2.5
         mean = 2.5 + 0.8 * other * visible.flip(1)
         var = torch.where(visible.flip(1), 0.4 ** 2 * (1 - 0.8 ** 2), 0.4 ** 2)
@@ -138,13 +138,11 @@ class MeanOnly(torch.nn.Module):
     def embed_histology(self, hist):
         return self.net.embed_histology(hist)
 
-    def encode_values(self, x):
-        return self.net.encode_values(x)
-
     def forward(self, *args):
         return self.net.head.mean(self.net(*args))
 
 
+@pytest.mark.slow                                        # `fitted`: minutes of training
 @pytest.mark.parametrize("head", ["gaussian", "bins"])
 def test_temperature_zero_is_the_point_sampler(data, fitted, head):
     _, H, _ = held_out(data)
@@ -162,7 +160,8 @@ def test_gaussian_head_starts_as_the_decoder():
     starts at each gene's training marginal instead; the point head is the decoder)."""
     torch.manual_seed(0)
     G = 6
-    nets = {h: M.Hinge(M.tiny(n_genes=G, hist_dim=D, head=h), torch.arange(1, G + 1)).eval() for h in ("point", "gaussian")}
+    nets = {h: M.Hinge(M.tiny(n_genes=G, hist_dim=D, head=h), torch.arange(1, G + 1)).eval()
+            for h in ("point", "gaussian")}
     nets["gaussian"].load_state_dict(nets["point"].state_dict(), strict=False)
     x, vis = torch.rand(5, G) * 3, torch.rand(5, G) > 0.5
     t, hist = torch.full((5,), 10), torch.randn(5, D)
@@ -210,7 +209,8 @@ def test_heads_through_the_cli(demo, backbone, tmp_path):
         assert_user_error(p, *words)
     point = tmp_path / "p"
     train(demo, point, "--backbone-ckpt", backbone, "--epochs", "1", "--head", "point")
-    p = run_script("sample.py", "--run", point, "--data", demo / "data", "--out", bad, "--temperature", "0.5", check=False)
+    p = run_script("sample.py", "--run", point, "--data", demo / "data", "--out", bad, "--temperature", "0.5",
+                   check=False)
     assert_user_error(p, "--temperature 0.5", "point")
     assert not bad.exists()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints as C
 import model as M
 from conftest import assert_user_error, run_script
 
@@ -52,7 +53,8 @@ def official_forward(sd, x, t, mp, mt, y, heads=2):
         return F.linear(v, sd[name + ".weight"], sd.get(name + ".bias"))
 
     def lora(v, name):                                   # LoraBlock: B(A(v)) / r
-        return lin(lin(v, name + ".A"), name + ".B") / sd[name + ".A.weight"].shape[0] if name + ".A.weight" in sd else 0
+        return (lin(lin(v, name + ".A"), name + ".B") / sd[name + ".A.weight"].shape[0] if name + ".A.weight" in sd
+                else 0)
 
     def soft_pre_norm(v, name):
         lam = torch.sigmoid(sd[name + "._lambda_bias"])
@@ -92,9 +94,11 @@ def official_forward(sd, x, t, mp, mt, y, heads=2):
         p = f"retentionblocks.{i}."
         sh_a, sc_a, g_a, sh_f, sc_f, g_f = (s[:, None] for s in lin(F.silu(c), p + "adaln.proj").split(D, -1))
         a = retention(sh_a + soft_pre_norm(h, p + "pre_norm1") * (sc_a + 1), p + "attn.", i < LAYERS // 2)
-        h = F.layer_norm(a * torch.sigmoid(g_a) + alpha * h, (D,), sd[p + "post_norm1.weight"], sd[p + "post_norm1.bias"], 1e-6)
+        h = F.layer_norm(a * torch.sigmoid(g_a) + alpha * h, (D,), sd[p + "post_norm1.weight"],
+                         sd[p + "post_norm1.bias"], 1e-6)
         f = glu(sh_f + soft_pre_norm(h, p + "pre_norm2") * (sc_f + 1), p + "ffn.")
-        h = F.layer_norm(f * torch.sigmoid(g_f) + alpha * h, (D,), sd[p + "post_norm2.weight"], sd[p + "post_norm2.bias"], 1e-6)
+        h = F.layer_norm(f * torch.sigmoid(g_f) + alpha * h, (D,), sd[p + "post_norm2.weight"],
+                         sd[p + "post_norm2.bias"], 1e-6)
     sh, sc = (s[:, None] for s in lin(F.silu(c), "final_layer.proj").split(D, -1))
     z = sh + soft_pre_norm(h[:, 1:], "final_layer.pre_norm") * (sc + 1)
     return lin(F.leaky_relu(lin(z, "final_layer.w1")), "final_layer.w2").squeeze(-1)
@@ -126,8 +130,8 @@ def import_args(tmp_path, *extra):
 def test_imported_model_computes_the_official_formulas(tmp_path):
     sd = official_state()
     write_official(tmp_path, sd, [f"GENE{i}" for i in range(G)])
-    run_script("checkpoints.py", *import_args(tmp_path, "--features", "stain"))
-    net, diffusion, ck = M.load_run(tmp_path / "run" / "best.pt", "cpu")
+    run_script("convert.py", *import_args(tmp_path, "--features", "stain"))
+    net, diffusion, ck = C.load_run(tmp_path / "run" / "best.pt", "cpu")
     cfg = net.cfg
     assert (cfg.layers, cfg.dim, cfg.heads, cfg.vocab, cfg.n_genes, cfg.hist_dim, cfg.lora_rank, cfg.gate) == \
         (LAYERS, D, 2, 39, G, HIST, RANK, "sigmoid")
@@ -148,12 +152,13 @@ def test_residual_gate_imports_use_sigmoid_false(tmp_path):
     """The official use_sigmoid=False gates with g itself; ours is 1 + g: the import shifts the bias by one."""
     sd = official_state(lora=0)
     write_official(tmp_path, sd, [f"GENE{i}" for i in range(G)])
-    run_script("checkpoints.py", *import_args(tmp_path, "--features", "stain", "--gate", "residual"))
-    net, _, _ = M.load_run(tmp_path / "run" / "best.pt", "cpu")
+    run_script("convert.py", *import_args(tmp_path, "--features", "stain", "--gate", "residual"))
+    net, _, _ = C.load_run(tmp_path / "run" / "best.pt", "cpu")
     c = torch.randn(3, D)
     blk = net.encoder[2]
     ga = blk.adaln(F.silu(c)).chunk(6, -1)[2]
-    off = F.linear(F.silu(c), sd["retentionblocks.2.adaln.proj.weight"], sd["retentionblocks.2.adaln.proj.bias"]).chunk(6, -1)[2]
+    off = F.linear(F.silu(c), sd["retentionblocks.2.adaln.proj.weight"],
+                   sd["retentionblocks.2.adaln.proj.bias"]).chunk(6, -1)[2]
     assert torch.allclose(M.gate(ga, "residual"), off, atol=1e-6)
 
 
@@ -179,7 +184,7 @@ def test_bad_official_checkpoints_are_refused_by_name(tmp_path, fault, words):
     else:
         sd = {"weights": torch.zeros(3)}
     torch.save({"model": sd, "opt": {}, "epoch": 1}, tmp_path / "best_weight.pt")
-    assert_user_error(run_script("checkpoints.py", *import_args(tmp_path), check=False), *words)
+    assert_user_error(run_script("convert.py", *import_args(tmp_path), check=False), *words)
     assert not (tmp_path / "run").exists()
 
 
@@ -192,7 +197,7 @@ def test_imported_run_samples_and_evaluates_the_demo(tmp_path):
     run_script("prepare_data.py", "--out", tmp_path / "data", "--genes", tmp_path / "genes.txt")
     assert (tmp_path / "data" / "genes.txt").read_text().split() == genes
     run_script("extract_features.py", "--data", tmp_path / "data", "--encoder", "stain")
-    run_script("checkpoints.py", *import_args(tmp_path, "--features", "stain"))
+    run_script("convert.py", *import_args(tmp_path, "--features", "stain"))
     p = run_script("sample.py", "--run", tmp_path / "run", "--data", tmp_path / "data", check=False)
     assert_user_error(p, "--slices")
     run_script("sample.py", "--run", tmp_path / "run", "--data", tmp_path / "data", "--slices", "demo1,demo3",

@@ -57,9 +57,10 @@ def test_resume_gives_the_same_weights(demo):
 
 def torchrun_train(demo, out, *extra, port=29537):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), os.path.join(ROOT, "train.py"),
-                           "--data", str(demo / "data"), "--features", "stain", "--test-slice", "demo1", "--out", str(out),
-                           *TINY, *map(str, extra)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port),
+                           os.path.join(ROOT, "train.py"), "--data", str(demo / "data"), "--features", "stain",
+                           "--test-slice", "demo1", "--out", str(out), *TINY, *map(str, extra)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_ddp_global_batch_uneven_shares_and_one_process_equivalence(demo, tmp_path):
@@ -78,7 +79,8 @@ def test_ddp_global_batch_uneven_shares_and_one_process_equivalence(demo, tmp_pa
     w2, w1 = (torch.load(tmp_path / r / "last.pt", weights_only=False)["model"] for r in ("two", "one"))
     # round-off: the gradients are summed in another order, and Adam's normalised steps carry that into the weights
     assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) < 1e-4
-    assert not all(torch.equal(w1[k], v) for k, v in torch.load(tmp_path / "uneven" / "last.pt", weights_only=False)["model"].items())
+    assert not all(torch.equal(w1[k], v)
+                   for k, v in torch.load(tmp_path / "uneven" / "last.pt", weights_only=False)["model"].items())
     v2, v1 = (pd.read_csv(tmp_path / r / "log.csv")["val_mse"][0] for r in ("two", "one"))
     assert abs(v2 - v1) < 1e-4
 
@@ -86,7 +88,8 @@ def test_ddp_global_batch_uneven_shares_and_one_process_equivalence(demo, tmp_pa
 def test_sample_writes_predictions_and_evaluate_scores_them(demo, hinge_run):
     run_script("sample.py", "--run", hinge_run, "--data", demo / "data", "--steps", "5", "--samples", "2",
                "--record-steps", "0,4", "--save-samples", "--batch-size", "100")
-    with h5py.File(hinge_run / "pred" / "demo1.h5", "r") as f, h5py.File(demo / "data" / "slices" / "demo1.h5", "r") as s:
+    with h5py.File(hinge_run / "pred" / "demo1.h5", "r") as f, \
+            h5py.File(demo / "data" / "slices" / "demo1.h5", "r") as s:
         N, G = s["expr"].shape
         assert f["pred"].shape == (N, G) and f["samples"].shape == (2, N, G) and f["steps"].shape == (2, N, G)
         np.testing.assert_allclose(f["samples"][()].astype(np.float32).mean(0), f["pred"][()], atol=0.02)
@@ -113,8 +116,8 @@ def test_sample_rejects_bad_step_budget(demo, hinge_run, steps, tmp_path):
 
 
 def test_sample_rejects_missing_slice_and_wrong_features(demo, hinge_run, tmp_path):
-    p = run_script("sample.py", "--run", hinge_run, "--data", demo / "data", "--slices", "nope", "--out", tmp_path / "p",
-                   check=False)
+    p = run_script("sample.py", "--run", hinge_run, "--data", demo / "data", "--slices", "nope",
+                   "--out", tmp_path / "p", check=False)
     assert_user_error(p, "nope")
     data2 = tmp_path / "data2"                          # same genes, but the features of another encoder dimension
     shutil.copytree(demo / "data", data2)

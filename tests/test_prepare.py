@@ -130,7 +130,8 @@ def test_rerun_skips_complete_files_and_refuses_other_dataset(tmp_path):
 # ----------------------------------------------------------------------------- bad inputs
 
 def prepare_small(raw, out, *extra):
-    return run_script("prepare_data.py", "--dataset", "her2st", "--raw", raw, "--out", out, "--n-top", 40, *extra, check=False)
+    return run_script("prepare_data.py", "--dataset", "her2st", "--raw", raw, "--out", out, "--n-top", 40, *extra,
+                      check=False)
 
 
 def assert_nothing_written(out):
@@ -169,7 +170,8 @@ def test_slice_without_image_folder_is_written_with_one_warning(tmp_path):
     p = prepare_small(raw, tmp_path / "out")
     assert p.returncode == 0, p.stderr
     warnings = [line for line in p.stderr.splitlines() if "warning" in line]
-    assert warnings == ["warning: 1 of 3 slices have no H&E image (A3): they serve gene selection and pre-training only"]
+    assert warnings == ["warning: 1 of 3 slices have no H&E image (A3): they serve gene selection and "
+                        "pre-training only"]
     with h5py.File(tmp_path / "out" / "slices" / "A3.h5", "r") as f:
         assert "img" not in f and len(f["barcode"]) == 30
     with h5py.File(tmp_path / "out" / "slices" / "A1.h5", "r") as f:
@@ -275,12 +277,14 @@ def write_visium(outs, barcodes, genes, counts, xy, new_positions, image_size=(4
         g["features/id"] = np.array([f"ENSG{i}".encode() for i in range(len(genes))])
         g["features/feature_type"] = np.array([b"Gene Expression"] * len(genes))
     pos = pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": np.arange(len(barcodes)) // 5,
-                        "array_col": np.arange(len(barcodes)) % 5, "pxl_row_in_fullres": xy[:, 1], "pxl_col_in_fullres": xy[:, 0]})
+                        "array_col": np.arange(len(barcodes)) % 5, "pxl_row_in_fullres": xy[:, 1],
+                        "pxl_col_in_fullres": xy[:, 0]})
     if new_positions:
         pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
     else:
         pos.to_csv(outs / "spatial" / "tissue_positions_list.csv", index=False, header=False)
-    json.dump({"spot_diameter_fullres": 89.4, "tissue_hires_scalef": 0.1}, open(outs / "spatial" / "scalefactors_json.json", "w"))
+    json.dump({"spot_diameter_fullres": 89.4, "tissue_hires_scalef": 0.1},
+              open(outs / "spatial" / "scalefactors_json.json", "w"))
     img = np.random.default_rng(1).integers(0, 256, (*image_size[::-1], 3), dtype=np.uint8)
     Image.fromarray(img).save(outs.parent / "full.png")
     return img
@@ -296,7 +300,8 @@ def test_visium_both_position_formats(tmp_path):
         xy = rng.uniform(50, 350, (20, 2)).round(1)
         img = write_visium(tmp_path / "raw" / f"S{k}" / "outs", bcs, genes, counts, xy, new)
         ref[f"S{k}"] = (counts, xy, img)
-    run_script("prepare_data.py", "--dataset", "visium", "--raw", tmp_path / "raw", "--out", tmp_path / "out", "--n-top", 30)
+    run_script("prepare_data.py", "--dataset", "visium", "--raw", tmp_path / "raw", "--out", tmp_path / "out",
+               "--n-top", 30)
     for name, (counts, xy, img) in ref.items():
         with h5py.File(tmp_path / "out" / "slices" / f"{name}.h5", "r") as f:
             cols = [int(g[1:]) for g in decode(f["genes"])]
@@ -428,7 +433,8 @@ def test_hest_log_normalised_x_falls_back_to_raw_counts(tmp_path, key):
     os.makedirs(path.parent)
     genes, bcs = [f"G{i}" for i in range(25)], [f"B{i}" for i in range(12)]
     counts = rng.poisson(4, (12, 25)).astype(np.float32)
-    write_h5ad(path, np.log1p(counts / counts.sum(1, keepdims=True) * 1e4), genes, bcs, rng.uniform(120, 900, (12, 2)), 150.0)
+    write_h5ad(path, np.log1p(counts / counts.sum(1, keepdims=True) * 1e4), genes, bcs,
+               rng.uniform(120, 900, (12, 2)), 150.0)
     with h5py.File(path, "a") as f:
         if key == "layers/counts":
             write_csr(f, key, counts)

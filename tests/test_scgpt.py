@@ -67,7 +67,8 @@ def write_official(folder, ref, genes, style="log1p", names="flash", args=None):
     sd = {}
     for k, v in ref.state_dict().items():
         if names != "torch":
-            k = k.replace("self_attn.in_proj_weight", "self_attn.Wqkv.weight").replace("self_attn.in_proj_bias", "self_attn.Wqkv.bias")
+            k = (k.replace("self_attn.in_proj_weight", "self_attn.Wqkv.weight")
+                 .replace("self_attn.in_proj_bias", "self_attn.Wqkv.bias"))
         if names == "impl":
             k = "module." + k.replace("self_attn.", "self_attn._impl.")
         sd[k] = v.clone()
@@ -75,7 +76,8 @@ def write_official(folder, ref, genes, style="log1p", names="flash", args=None):
     torch.save(sd, os.path.join(folder, "best_model.pt"))
     category = style == "category"
     a = {"embsize": D, "nheads": HEADS, "d_hid": FFN, "nlayers": LAYERS, "dropout": 0.2, "n_bins": NB,
-         "input_emb_style": "category" if category else "continuous", "input_style": "log1p" if style == "log1p" else "binned",
+         "input_emb_style": "category" if category else "continuous",
+         "input_style": "log1p" if style == "log1p" else "binned",
          "pad_token": "<pad>", "pad_value": NB if category else -2, "mask_value": NB + 1 if category else -1,
          "fast_transformer": True, **(args or {})}
     json.dump(a, open(os.path.join(folder, "args.json"), "w"))
@@ -99,7 +101,7 @@ G = len(SEL)
 def load(folder, gene_ids=None, **kw):
     cfg, tokens, weights = C.prepare_backbone(None, str(folder), SEL, np.zeros(G) if gene_ids is None else gene_ids,
                                               n_genes=G, hist_dim=16, **kw)
-    net = M.build_model(cfg, tokens)
+    net = C.build_model(cfg, tokens)
     C.load_backbone(net, weights, str(folder))
     return net.eval()
 
@@ -193,8 +195,8 @@ def test_folder_loads_bit_exact_and_ignores_only_the_named_heads(tmp_path):
     for k, v in sd.items():
         if k.startswith("mvc_decoder."):
             continue
-        assert torch.equal(own[scgpt.our_name(k)], v), k
-    assert set(net.backbone_state_dict()) == {scgpt.our_name(k) for k in sd if not k.startswith("mvc_decoder.")}
+        assert torch.equal(own[C.our_name(k)], v), k
+    assert set(net.backbone_state_dict()) == {C.our_name(k) for k in sd if not k.startswith("mvc_decoder.")}
 
 
 def test_bad_tensors_and_vocabularies_are_named(tmp_path):
@@ -205,7 +207,8 @@ def test_bad_tensors_and_vocabularies_are_named(tmp_path):
                           (lambda s: s.update({"batch_encoder.embedding.weight": torch.zeros(3, D)}),
                            "unexpected tensors: batch_encoder.embedding.weight"),
                           (lambda s: s.update({"transformer_encoder.layers.1.linear2.weight": torch.zeros(D, FFN + 1)}),
-                           "mis-shaped tensors: transformer_encoder.layers.1.linear2.weight (32, 49) (expected (32, 48))")]:
+                           "mis-shaped tensors: transformer_encoder.layers.1.linear2.weight (32, 49) "
+                           "(expected (32, 48))")]:
         bad = dict(sd)
         change(bad)
         torch.save(bad, pt)
@@ -239,7 +242,7 @@ def test_bins_match_scgpts_preprocessing_over_visible_genes():
 
 def test_lora_and_variants_on_scgpt(tmp_path):
     cfg = M.make_config("scgpt-tiny", n_genes=G, hist_dim=16, vocab=G + 3, cls_token=G + 1, lora_rank=4, init="cellfm")
-    net = M.build_model(cfg, np.arange(G))
+    net = C.build_model(cfg, np.arange(G))
     x, t, hist = spots()
     vis = torch.ones_like(x, dtype=torch.bool)
     bare = net.eval()(x, vis)
@@ -250,7 +253,8 @@ def test_lora_and_variants_on_scgpt(tmp_path):
         assert not torch.allclose(net(x, vis), bare)     # and the in_proj update reaches the output
     M.set_trainable(net, "backbone-lora")
     train = {k for k, p in net.named_parameters() if p.requires_grad}
-    assert {"transformer_encoder.layers.0.self_attn.in_proj_lora_A", "transformer_encoder.layers.1.linear2.lora_B"} <= train
+    assert {"transformer_encoder.layers.0.self_attn.in_proj_lora_A",
+            "transformer_encoder.layers.1.linear2.lora_B"} <= train
     assert not any(M.is_backbone_key(k) for k in train)
     M.set_trainable(net, "decoder-tune")
     train = {k for k, p in net.named_parameters() if p.requires_grad}
@@ -293,7 +297,7 @@ def test_pretrain_writes_the_official_layout(scgpt_backbone, demo_genes):
     meta = args["pretrain"]
     assert float(meta["val_mse_after"]) < 0.8 * float(meta["val_mse_before"]) and "demo1" not in meta["slices"]
     assert (args["embsize"], args["nlayers"], args["input_style"]) == (32, 2, "log2p")   # log2(count + 1)
-    ck = scgpt.read_checkpoint(str(scgpt_backbone))
+    ck = C.read_checkpoint(str(scgpt_backbone))
     assert ck.vocab == {**{g: i for i, g in enumerate(demo_genes)}, "<cls>": len(demo_genes) + 1}
     assert "flag_encoder.weight" in ck.state and not any(k.startswith(("cond_net", "dec_")) for k in ck.state)
 
@@ -301,10 +305,11 @@ def test_pretrain_writes_the_official_layout(scgpt_backbone, demo_genes):
 def test_hinge_on_pretrained_scgpt_trains_and_samples(demo, scgpt_backbone, tmp_path):
     """The chain run_all.sh runs with --preset scgpt-tiny: pretrain -> train (frozen backbone) -> sample."""
     run = tmp_path / "run"
-    train_scgpt(demo, run, "--preset", "scgpt-tiny", "--backbone-ckpt", scgpt_backbone, "--epochs", "1", "--batch-size", "64")
+    train_scgpt(demo, run, "--preset", "scgpt-tiny", "--backbone-ckpt", scgpt_backbone, "--epochs", "1",
+                "--batch-size", "64")
     ck = torch.load(run / "best.pt", weights_only=False)
     assert ck["config"]["backbone"] == "scgpt" and ck["backbone_ckpt"] == str(scgpt_backbone)
-    saved = scgpt.read_checkpoint(str(scgpt_backbone)).state
+    saved = C.read_checkpoint(str(scgpt_backbone)).state
     assert all(torch.equal(ck["model"][k], v) for k, v in saved.items())  # variant hinge: scGPT stayed frozen
     assert not torch.equal(ck["model"]["dec_adaln.weight"], torch.zeros_like(ck["model"]["dec_adaln.weight"]))
     run_script("sample.py", "--run", run, "--data", demo / "data", "--steps", "5", "--samples", "2")
@@ -326,7 +331,7 @@ def test_backbone_by_hub_id_from_the_cache_offline(demo, official, backbone, tmp
     """--backbone-ckpt hf-hub:<owner>/<name> is an scGPT folder, hf-hub:<owner>/<name>/<file> a CellFM file,
     read from the Hugging Face cache offline; uncached, a one-line error and nothing written."""
     cache = tmp_path / "hub"
-    lay_out_hub_cache(cache, "lab/scgpt-demo", {f: official / f for f in scgpt.FILES})
+    lay_out_hub_cache(cache, "lab/scgpt-demo", {f: official / f for f in C.FILES})
     lay_out_hub_cache(cache, "lab/cellfm-demo", {"weights/backbone.safetensors": backbone})
     from huggingface_hub import constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")               # for the scripts run below
@@ -334,15 +339,16 @@ def test_backbone_by_hub_id_from_the_cache_offline(demo, official, backbone, tmp
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: for this process
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     folder = C.resolve_backbone("hf-hub:lab/scgpt-demo")
-    assert sorted(os.listdir(folder)) == sorted(scgpt.FILES)
+    assert sorted(os.listdir(folder)) == sorted(C.FILES)
     assert open(C.resolve_backbone("hf-hub:lab/cellfm-demo/weights/backbone.safetensors"), "rb").read() == \
         open(backbone, "rb").read()
     assert C.resolve_backbone(str(backbone)) == str(backbone)   # a path without the prefix is never looked up
 
-    train_scgpt(demo, tmp_path / "run", "--backbone-ckpt", "hf-hub:lab/scgpt-demo", "--epochs", "1", "--batch-size", "64")
+    train_scgpt(demo, tmp_path / "run", "--backbone-ckpt", "hf-hub:lab/scgpt-demo", "--epochs", "1",
+                "--batch-size", "64")
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert ck["backbone_ckpt"] == "hf-hub:lab/scgpt-demo"
-    saved = scgpt.read_checkpoint(str(official)).state
+    saved = C.read_checkpoint(str(official)).state
     assert all(torch.equal(ck["model"][k], v) for k, v in saved.items() if k in ck["model"])
     p = train_scgpt(demo, tmp_path / "bad", "--backbone-ckpt", "hf-hub:lab/absent", check=False)
     assert_user_error(p, "hf-hub:lab/absent", "is not in the Hugging Face cache", "login")
@@ -356,7 +362,7 @@ def test_backbone_by_hub_id_from_the_cache_offline(demo, official, backbone, tmp
 def test_bad_official_folder_is_one_line_error_and_nothing_written(demo, official, tmp_path, damage, words):
     folder = tmp_path / "ck"
     os.makedirs(folder)
-    for name in scgpt.FILES:
+    for name in C.FILES:
         (folder / name).write_bytes((official / name).read_bytes())
     if damage == "truncate":
         data = (folder / "best_model.pt").read_bytes()

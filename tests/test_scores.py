@@ -97,7 +97,8 @@ def test_depth_alone_scores_raw_structure_but_not_partial():
     assert S.structure(truth, depth_only)[0] > 0.75                     # depth makes gene pairs co-vary
     assert abs(S.structure(truth, depth_only, depth)[0]) < 0.2
     assert S.structure(truth, depth_and_structure, depth)[0] > 0.9
-    exact_depth = 2.0 + depth[:, None] * slope                          # all of it explained by depth: nothing to compare
+    # all of it explained by depth: nothing to compare
+    exact_depth = 2.0 + depth[:, None] * slope
     assert np.isnan(S.structure(truth, exact_depth, depth)).all()
 
 

@@ -76,7 +76,8 @@ def test_real_tissue_spots_cover_the_tissue_and_not_the_glass(c2_slide, tmp_path
         assert not {"counts", "expr", "genes", "img"} & set(f)  # patches are cropped from the slide when embedded
         patches = X.SlidePatches(f, "c2_corner")[:]
         slide = R.open_image(c2_slide)
-        for i in [0, len(pixel) // 2, len(pixel) - 1]:     # a patch is the slide around its spot, as for training slices
+        # a patch is the slide around its spot, as for training slices
+        for i in [0, len(pixel) // 2, len(pixel) - 1]:
             x, y = np.round(pixel[i]).astype(int)
             np.testing.assert_array_equal(patches[i], slide.read(x - 112, y - 112, x + 112, y + 112))
         centre = patches[:, 80:144, 80:144].reshape(len(pixel), -1, 3).mean(1)
@@ -132,7 +133,8 @@ def test_hex_grid_is_visium_like():
     assert (d[:, 1:7] < 100.01).sum(1).max() == 6          # six of them inside the grid: hexagonal
     assert ((array[:, 0] - array[:, 1]) % 2 == 0).all()    # Visium's array_col parity follows the row
     probe = np.random.default_rng(0).uniform([100, 100], [900, 700], (2000, 2))
-    assert cKDTree(xy).query(probe)[0].max() <= 100 / np.sqrt(3) + 1e-6  # no point of the tissue farther than pitch/√3
+    # no point of the tissue farther than pitch/√3
+    assert cKDTree(xy).query(probe)[0].max() <= 100 / np.sqrt(3) + 1e-6
     sq, arr = R.spot_grid(1000, 800, 100.0, "square")
     assert len(sq) == 10 * 8 and np.array_equal(sq, arr * 100.0)  # inside the 1000 x 800 image: x < 1000, y < 800
     assert xy[:, 0].max() < 1000 and xy[:, 1].max() < 800
@@ -180,7 +182,8 @@ def test_slide_without_pixel_size_needs_the_flag(tmp_path):
 def test_pixel_size_from_tiff_resolution_tags(tmp_path, unit, per_unit):
     img = paint_tissue(glass_image((300, 300)), 50, 250, 50, 250)
     tiled, striped = tmp_path / "tiled.tif", tmp_path / "striped.tif"
-    tifffile.imwrite(tiled, img, tile=(256, 256), photometric="rgb", resolution=(per_unit / 0.4,) * 2, resolutionunit=unit)
+    tifffile.imwrite(tiled, img, tile=(256, 256), photometric="rgb", resolution=(per_unit / 0.4,) * 2,
+                     resolutionunit=unit)
     tifffile.imwrite(striped, img, photometric="rgb", resolution=(per_unit / 0.4,) * 2, resolutionunit=unit)
     assert isinstance(R.open_image(str(tiled)), R.SlideImage) and isinstance(R.open_image(str(striped)), R.TiffImage)
     assert R.open_image(str(tiled)).pixel_size_um == pytest.approx(0.4)
@@ -190,7 +193,8 @@ def test_pixel_size_from_tiff_resolution_tags(tmp_path, unit, per_unit):
 
 def test_folder_of_slides_and_duplicate_names(tmp_path):
     for k in range(2):
-        R.write_slide_tiff(str(tmp_path / "in" / f"s{k}.tif"), paint_tissue(glass_image((800, 900)), 100, 700, 100, 800, k), 1.0)
+        R.write_slide_tiff(str(tmp_path / "in" / f"s{k}.tif"),
+                           paint_tissue(glass_image((800, 900)), 100, 700, 100, 800, k), 1.0)
     prepare_image(tmp_path / "out", tmp_path / "in")
     assert sorted(os.listdir(tmp_path / "out" / "slices")) == ["s0.h5", "s1.h5"]
     os.makedirs(tmp_path / "in2")
@@ -282,8 +286,9 @@ def test_sample_under_torchrun_equals_one_process(demo, hinge_run, tmp_path):
 
 
 def test_sample_warns_when_the_slide_scale_differs_from_training(demo, hinge_run, tmp_path):
+    # as if scanned at twice the training resolution
     prepare_image(tmp_path / "data", demo / "data" / "images" / "demo1.tif",
-                  extra=("--pixel-size", "0.5", "--spot-pitch-um", "300"))  # as if scanned at twice the training resolution
+                  extra=("--pixel-size", "0.5", "--spot-pitch-um", "300"))
     run_script("extract_features.py", "--data", tmp_path / "data", "--encoder", "stain")
     p = run_script("sample.py", "--run", hinge_run, "--data", tmp_path / "data", "--slices", "demo1", "--samples", "1",
                    "--out", tmp_path / "pred")
