@@ -1,7 +1,8 @@
 """Reading raw inputs for prepare_data.py: slide images region by region, and one reader per
-dataset layout (Her2ST, 10x Visium, HEST-1k, image-only slides, the synthetic demo), each
-returning RawSlice records that prepare_data.py selects genes from and writes. extract_features.py
-crops the patches of slides without spatial data here too, as prepare_data.py crops stored ones.
+dataset layout (Her2ST, HEST-1k, image-only slides, the synthetic demo; 10x Visium and Visium HD
+are in visium.py), each returning RawSlice records that prepare_data.py selects genes from and
+writes. extract_features.py crops the patches of slides without spatial data here too, as
+prepare_data.py crops stored ones.
 """
 import glob
 import json
@@ -15,7 +16,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, decode
+from common import UserError, atomic_path, decode
 
 Image.MAX_IMAGE_PIXELS = None  # whole-slide images are trusted local files, larger than PIL's bomb guard
 WHITE = 255
@@ -63,7 +64,8 @@ class TiffImage:
         if p.is_tiled:
             th, tw = p.tilelength, p.tilewidth
             ntx = math.ceil(p.imagewidth / tw)
-            idx = [ty * ntx + tx for ty in range(y0 // th, (y1 - 1) // th + 1) for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
+            idx = [ty * ntx + tx for ty in range(y0 // th, (y1 - 1) // th + 1)
+                   for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
         else:
             rps = min(p.rowsperstrip, p.imagelength)
             idx = list(range(y0 // rps, (y1 - 1) // rps + 1))
@@ -142,12 +144,12 @@ def write_slide_tiff(path, rgb, pixel_size_um, tile=256):
     """A pyramidal, JPEG-tiled TIFF with its pixel size in the resolution tags, the layout OpenSlide
     reads as a generic whole-slide image (level 0 then halved levels down to about one tile)."""
     import tifffile
-    from common import atomic_path
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2 ** 31) as tif:
         level, k = rgb, 1
         while True:
             tif.write(level, tile=(tile, tile), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
-                    subfiletype=0 if k == 1 else 1, resolution=(1e4 / pixel_size_um / k,) * 2, resolutionunit="CENTIMETER")
+                    subfiletype=0 if k == 1 else 1, resolution=(1e4 / pixel_size_um / k,) * 2,
+                    resolutionunit="CENTIMETER")
             if max(level.shape[:2]) <= 2 * tile:
                 break
             h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
@@ -206,7 +208,7 @@ class RawSlice:
     patient: str
     barcodes: list
     genes: list
-    counts: np.ndarray                 # float32 [N, G_slice] raw counts; None for a slide without spatial data
+    counts: object                     # float32 [N, G_slice] raw counts, numpy or scipy CSR (Visium HD); None without
     array: np.ndarray                  # int32 [N, 2] (col, row)
     pixel: np.ndarray = None           # float32 [N, 2] (x, y) full-resolution pixels
     image: str = None                  # path of the full-resolution image
@@ -216,6 +218,14 @@ class RawSlice:
     pixel_size_um: float = None
     source: str = ""
     overview: tuple = None             # (downscaled image, its px per full-resolution px) once computed
+    pixel_size_from: tuple = None      # ("metadata" | "flag" | "estimate", where exactly)
+    geometry_um: tuple = None          # (µm per px that the spot or bin geometry implies, how), to check pixel_size_um
+    spot_diameter_um: float = None     # a round spot's diameter ...
+    bin_size_um: float = None          # ... or a square bin's side (Visium HD, --grid square)
+
+
+def is_sparse(counts):
+    return hasattr(counts, "tocsr")
 
 
 def non_integer(counts):
@@ -226,14 +236,29 @@ def non_integer(counts):
 def check_counts(rs):
     if rs.counts.shape[0] == 0:
         raise UserError(f"{rs.source}: slice {rs.name} has no spots; remove it or fix the file")
-    bad_nan, bad_neg = int(np.isnan(rs.counts).sum()), int((rs.counts < 0).sum())
+    values = rs.counts.data if is_sparse(rs.counts) else rs.counts  # a sparse matrix's zeros need no check
+    bad_nan, bad_neg = int(np.isnan(values).sum()), int((values < 0).sum())
     if bad_nan or bad_neg:
         raise UserError(f"{rs.source}: {bad_nan} NaN and {bad_neg} negative counts; raw counts must be "
                         "non-negative numbers (was the matrix already normalised?)")
-    frac = non_integer(rs.counts)
-    if frac.size:                                        # write_slice takes log2(counts + 1): log values would be logged twice
+    frac = non_integer(values)
+    # write_slice takes log2(counts + 1): log values would be logged twice
+    if frac.size:
         raise UserError(f"{rs.source}: slice {rs.name} holds non-integer values (e.g. {float(frac[0]):g}); "
                         "prepare_data.py needs raw counts, not normalised or log values")
+
+
+def check_pixel_size(rs, tolerance=0.10):
+    """The pixel size in use against the one the spot geometry implies: patches, radii and the AnnData's scale all
+    follow it, so a wrong --pixel-size or a mismatched file is refused, not carried silently into every stage."""
+    if not (rs.pixel_size_um and rs.geometry_um):
+        return
+    um, (geo, how) = rs.pixel_size_um, rs.geometry_um
+    if abs(um / geo - 1) > tolerance:
+        kind, where = rs.pixel_size_from
+        raise UserError(f"{rs.source}: slice {rs.name}: pixel size {um:.4g} µm/px ({kind}: {where}) disagrees with "
+                        f"the spot geometry's {geo:.4g} µm/px ({how}) by {abs(um / geo - 1):.0%}, over "
+                        f"{tolerance:.0%}; check --pixel-size and that the files belong together")
 
 
 def fit_spacing(grid, pixel):
@@ -246,9 +271,11 @@ def read_her2st(raw, allow_unmatched):
     """Her2ST GitHub layout: ST-cnts/<s>.tsv.gz (spots x genes), ST-spotfiles/<s>_selection.tsv,
     ST-imgs/<patient>/<s>/*.jpg. Spots are joined on "<x>x<y>"."""
     cnt = {os.path.basename(p)[:-len(".tsv.gz")]: p for p in glob.glob(os.path.join(raw, "ST-cnts", "*.tsv.gz"))}
-    spt = {os.path.basename(p)[:-len("_selection.tsv")]: p for p in glob.glob(os.path.join(raw, "ST-spotfiles", "*_selection.tsv"))}
+    spt = {os.path.basename(p)[:-len("_selection.tsv")]: p
+           for p in glob.glob(os.path.join(raw, "ST-spotfiles", "*_selection.tsv"))}
     if not cnt and not spt:
-        raise UserError(f"{raw}: no ST-cnts/*.tsv.gz or ST-spotfiles/*_selection.tsv; point --raw at the Her2ST data folder")
+        raise UserError(f"{raw}: no ST-cnts/*.tsv.gz or ST-spotfiles/*_selection.tsv; point --raw at the Her2ST "
+                        "data folder")
     for name in sorted(set(cnt) ^ set(spt)):
         missing = os.path.join(raw, "ST-cnts", f"{name}.tsv.gz") if name not in cnt else \
             os.path.join(raw, "ST-spotfiles", f"{name}_selection.tsv")
@@ -280,7 +307,8 @@ def read_her2st(raw, allow_unmatched):
             name=name, patient=name[0], barcodes=list(df.index), genes=[str(g) for g in df.columns],
             counts=df.to_numpy(np.float32), array=sp[["x", "y"]].to_numpy(np.int32), pixel=pixel,
             image=imgs[0] if imgs else None, spot_diameter_px=s / 2 if s else None,
-            pixel_size_um=200 / s if s else None, source=cnt[name]))
+            pixel_size_um=200 / s if s else None, source=cnt[name], spot_diameter_um=100.0,
+            pixel_size_from=("estimate", "ST's 200 µm spot pitch over the spot file's pixel pitch") if s else None))
     return slices
 
 
@@ -289,88 +317,6 @@ def open_h5(path, expected):
     if not h5py.is_hdf5(path):
         raise UserError(f"{path}: not an HDF5 file; {expected} expected, replace the file")
     return h5py.File(path, "r")
-
-
-def read_10x_h5(path):
-    """Space Ranger filtered_feature_bc_matrix.h5 (CSC, genes x barcodes) -> barcodes, genes, dense counts."""
-    with open_h5(path, "Space Ranger's filtered_feature_bc_matrix.h5") as f:
-        if "matrix" not in f:
-            raise UserError(f"{path}: no 'matrix' group (found {', '.join(f) or 'nothing'}); "
-                            "Space Ranger's filtered_feature_bc_matrix.h5 expected, replace the file")
-        m = f["matrix"]
-        shape = tuple(m["shape"][()])
-        from scipy.sparse import csc_matrix
-        X = csc_matrix((m["data"][()], m["indices"][()], m["indptr"][()]), shape=shape).T.tocsr()
-        genes = decode(m["features/name"][()])
-        kind = decode(m["features/feature_type"][()]) if "feature_type" in m["features"] else ["Gene Expression"] * len(genes)
-        barcodes = decode(m["barcodes"][()])
-    keep = [i for i, k in enumerate(kind) if k == "Gene Expression"]
-    genes = [genes[i] for i in keep]
-    first = {}                                           # duplicated symbols: keep the first feature
-    for i, g in enumerate(genes):
-        first.setdefault(g, i)
-    rows = sorted(first.values())
-    return barcodes, [genes[i] for i in rows], X[:, [keep[i] for i in rows]].toarray().astype(np.float32)
-
-
-POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
-
-
-def read_positions(path):
-    """Space Ranger spot positions indexed by barcode. tissue_positions.csv has a header row and the older
-    tissue_positions_list.csv has none, but users rename one to the other: a header is told by its naming `barcode`."""
-    first = pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0].fillna("").str.strip().tolist()
-    pos = pd.read_csv(path) if "barcode" in first else pd.read_csv(path, header=None)
-    if "barcode" not in first and pos.shape[1] == len(POSITION_COLUMNS):
-        pos.columns = POSITION_COLUMNS
-    numeric = POSITION_COLUMNS[2:]
-    if "barcode" not in pos or not all(c in pos and pd.api.types.is_numeric_dtype(pos[c]) for c in numeric):
-        raise UserError(f"{path}: expected the columns {', '.join(POSITION_COLUMNS)} (with or without a header row), "
-                        f"found {pos.shape[1]} columns, first row {','.join(first)}; use Space Ranger's file")
-    return pos.set_index("barcode")
-
-
-def read_visium(raw, allow_unmatched, image=None):
-    """One or more Space Ranger outs/ folders: <raw>/outs or <raw>/<slice>/outs. The full-resolution
-    image is --image (one slice) or an image file beside outs/."""
-    outs = sorted(glob.glob(os.path.join(raw, "outs")) + glob.glob(os.path.join(raw, "*", "outs")))
-    if not outs:
-        raise UserError(f"{raw}: no outs/ folder found; point --raw at a Space Ranger output folder or their parent")
-    if image and len(outs) > 1:
-        raise UserError(f"--image names one image but {raw} holds {len(outs)} outs/ folders; put each image beside its outs/")
-    slices = []
-    for out in tqdm(outs, desc="read visium", unit="slice"):
-        root = os.path.dirname(out)
-        name = os.path.basename(os.path.abspath(root))
-        h5 = os.path.join(out, "filtered_feature_bc_matrix.h5")
-        if not os.path.isfile(h5):
-            raise UserError(f"{h5}: missing; Space Ranger writes it in outs/")
-        barcodes, genes, X = read_10x_h5(h5)
-        pos_new, pos_old = os.path.join(out, "spatial", "tissue_positions.csv"), os.path.join(out, "spatial", "tissue_positions_list.csv")
-        pos_path = pos_new if os.path.isfile(pos_new) else pos_old
-        if not os.path.isfile(pos_path):
-            raise UserError(f"{pos_new}: missing (nor tissue_positions_list.csv); Space Ranger writes it in outs/spatial/")
-        pos = read_positions(pos_path)
-        matched = np.array([b in pos.index for b in barcodes])
-        if (~matched).sum() and not allow_unmatched:
-            raise UserError(f"{pos_path}: {(~matched).sum()} of {len(barcodes)} barcodes of {h5} have no position; "
-                            "pass --allow-unmatched to drop them")
-        barcodes = [b for b, m in zip(barcodes, matched) if m]
-        p = pos.loc[barcodes]
-        sf_path = os.path.join(out, "spatial", "scalefactors_json.json")
-        if not os.path.isfile(sf_path):
-            raise UserError(f"{sf_path}: missing; Space Ranger writes it in outs/spatial/")
-        with open(sf_path) as f:
-            sf = json.load(f)
-        img = image or next((q for q in sorted(glob.glob(os.path.join(root, "*")))
-                             if q.lower().endswith((".tif", ".tiff", ".jpg", ".jpeg", ".png", ".btf"))), None)
-        diam = sf.get("spot_diameter_fullres")
-        slices.append(RawSlice(
-            name=name, patient=name, barcodes=barcodes, genes=genes, counts=X[matched],
-            array=p[["array_col", "array_row"]].to_numpy(np.int32),
-            pixel=p[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float32),
-            image=img, spot_diameter_px=diam, pixel_size_um=55.0 / diam if diam else None, source=h5))  # Visium spot: 55 µm
-    return slices
 
 
 def _h5ad_index(group):
@@ -385,7 +331,8 @@ def _h5ad_matrix(node):
     kind = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", "csr_matrix"))
     kind = kind.decode() if isinstance(kind, bytes) else kind
     cls = csc_matrix if "csc" in kind else csr_matrix
-    return cls((node["data"][()], node["indices"][()], node["indptr"][()]), shape=tuple(node.attrs["shape"])).toarray().astype(np.float32)
+    return cls((node["data"][()], node["indices"][()], node["indptr"][()]),
+               shape=tuple(node.attrs["shape"])).toarray().astype(np.float32)
 
 
 def _h5ad_counts(f, path):
@@ -420,9 +367,10 @@ def read_hest(raw, allow_unmatched):
             diam = float(f[sf][()]) if sf in f else None
         meta_path = os.path.join(raw, "metadata", f"{sid}.json")
         meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        um = meta.get("pixel_size_um_estimated")
         rs = RawSlice(name=sid, patient=str(meta.get("patient") or sid), barcodes=barcodes, genes=genes, counts=X,
-                      array=array, pixel=spatial, spot_diameter_px=diam,
-                      pixel_size_um=meta.get("pixel_size_um_estimated"), source=path)
+                      array=array, pixel=spatial, spot_diameter_px=diam, pixel_size_um=um, source=path,
+                      pixel_size_from=("estimate", f"{meta_path} pixel_size_um_estimated") if um else None)
         patch_h5, wsi = os.path.join(raw, "patches", f"{sid}.h5"), os.path.join(raw, "wsis", f"{sid}.tif")
         if os.path.isfile(patch_h5):
             with h5py.File(patch_h5, "r") as f:
@@ -446,8 +394,10 @@ def read_hest(raw, allow_unmatched):
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff", ".btf",
                     ".jpg", ".jpeg", ".png")
-OVERVIEW_SIDE = 2000      # long side of the low-resolution image: tissue detection and the AnnData 'hires' image (Visium's size)
-MIN_TISSUE_UM2 = 0.05e6   # specks and holes smaller than 0.05 mm² are removed / filled (about two Visium spot areas ×10)
+# long side of the low-resolution image: tissue detection and the AnnData 'hires' image (Visium's size)
+OVERVIEW_SIDE = 2000
+# specks and holes smaller than 0.05 mm² are removed / filled (about two Visium spot areas ×10)
+MIN_TISSUE_UM2 = 0.05e6
 PIXEL_SIZE_RANGE = (0.05, 20.0)  # µm/px a slide's metadata may plausibly give (40x scans ~0.25, 10x ~1)
 
 
@@ -484,9 +434,11 @@ def tissue_mask(rgb, um_per_px):
     from skimage.morphology import remove_small_holes, remove_small_objects
     a = rgb.astype(np.float32)
     bright = a.sum(-1)
-    glass = np.maximum(np.median(a[bright >= np.percentile(bright, 90)], 0), 200)  # a slide all tissue: assume white glass
+    # a slide all tissue: assume white glass
+    glass = np.maximum(np.median(a[bright >= np.percentile(bright, 90)], 0), 200)
     od = gaussian_filter(np.log(glass / np.maximum(a, 1)).clip(0).sum(-1), 1.0)
-    ink = ((a[..., 1] > a[..., 0] + 15) & (a[..., 1] > a[..., 2] + 15)) | (a.max(-1) <= 40)  # H&E is never green or black
+    # H&E is never green or black
+    ink = ((a[..., 1] > a[..., 0] + 15) & (a[..., 1] > a[..., 2] + 15)) | (a.max(-1) <= 40)
     mask = (od > 0.15) & ~binary_dilation(ink, iterations=3)  # dilated past the blur, which spreads ink's density
     area = max(1, int(MIN_TISSUE_UM2 / um_per_px ** 2))
     return remove_small_holes(remove_small_objects(mask, max_size=area), max_size=area)
@@ -512,7 +464,8 @@ def spots_on_tissue(mask, scale, size, um, pitch_um, diameter_um, grid, min_tiss
     overview mask -> (centres [n, 2] in level-0 px, grid positions [n, 2])."""
     from scipy.ndimage import uniform_filter
     centres, array = spot_grid(*size, pitch_um / um, grid)
-    cover = uniform_filter(mask.astype(np.float32), size=max(1, round(diameter_um / um * scale)))  # tissue share per spot
+    # tissue share per spot
+    cover = uniform_filter(mask.astype(np.float32), size=max(1, round(diameter_um / um * scale)))
     cx = np.clip((centres[:, 0] * scale).astype(int), 0, mask.shape[1] - 1)
     cy = np.clip((centres[:, 1] * scale).astype(int), 0, mask.shape[0] - 1)
     keep = cover[cy, cx] >= min_tissue
@@ -521,32 +474,39 @@ def spots_on_tissue(mask, scale, size, um, pitch_um, diameter_um, grid, min_tiss
 
 def read_slides(items, pixel_size, pitch_um, diameter_um, grid, min_tissue=0.5):
     """H&E slides without spatial data -> RawSlices without counts: a grid of pseudo-spots over the
-    tissue (a spot is kept when at least `min_tissue` of its footprint is tissue)."""
+    tissue (a spot is kept when at least `min_tissue` of its footprint is tissue). A square grid whose
+    spots are as wide as its pitch is a grid of bins, as Visium HD's."""
+    is_bin = grid == "square" and diameter_um == pitch_um
     slices = []
     for path in tqdm(slide_paths(items), desc="read slides", unit="slide"):
         img = open_image(path)
         um = pixel_size or img.pixel_size_um
         if um is None:
-            raise UserError(f"{path}: the slide states no pixel size; pass --pixel-size (µm per pixel, e.g. 0.5 for a 20x scan)")
+            raise UserError(f"{path}: the slide states no pixel size; pass --pixel-size (µm per pixel, e.g. 0.5 for "
+                            "a 20x scan)")
         if not pixel_size and not PIXEL_SIZE_RANGE[0] <= um <= PIXEL_SIZE_RANGE[1]:
             raise UserError(f"{path}: its metadata gives {um:g} µm per pixel, implausible for H&E; pass --pixel-size")
         thumb, scale = img.overview(OVERVIEW_SIDE)
         mask = tissue_mask(thumb, um / scale)
         if not mask.any():
-            raise UserError(f"{path}: no tissue found (bare glass, or only specks under 0.05 mm²); is it an H&E slide, "
-                            "and is its pixel size right?")
+            raise UserError(f"{path}: no tissue found (bare glass, or only specks under 0.05 mm²); "
+                            "is it an H&E slide, and is its pixel size right?")
         centres, array = spots_on_tissue(mask, scale, img.size, um, pitch_um, diameter_um, grid, min_tissue)
         if not len(centres):
-            raise UserError(f"{path}: tissue found, but too little for one {diameter_um:g} µm spot; check --pixel-size")
+            raise UserError(f"{path}: tissue found, but too little for one {diameter_um:g} µm spot; "
+                            "check --pixel-size")
         slices.append(RawSlice(
             name=slide_name(path), patient=slide_name(path), barcodes=[f"{c}x{r}" for c, r in array], genes=[],
             counts=None, array=array, pixel=centres, image=path, spot_diameter_px=diameter_um / um,
-            pixel_size_um=um, source=path, overview=(thumb, scale)))
+            pixel_size_um=um, source=path, overview=(thumb, scale),
+            pixel_size_from=("flag", "--pixel-size") if pixel_size else ("metadata", f"{path} (its resolution)"),
+            bin_size_um=diameter_um if is_bin else None, spot_diameter_um=None if is_bin else diameter_um))
         print(f"{path}: {len(centres)} spots on tissue ({grid} grid, pitch {pitch_um:g} µm, {um:.3f} µm/px, "
               f"tissue {mask.mean():.0%} of the slide)")
     names = [s.name for s in slices]
     if len(set(names)) < len(names):
-        raise UserError(f"two slides share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); rename one")
+        raise UserError(f"two slides share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
+                        "rename one")
     return slices
 
 
@@ -582,7 +542,8 @@ def demo_slice(k, n_genes=400, grid=18, pitch=100, margin=150):
     cx, cy = np.meshgrid(np.arange(grid), np.arange(grid))
     array = np.stack([cx.ravel(), cy.ravel()], 1).astype(np.int32)
     pixel = (margin + array * pitch + rng.normal(0, 1.5, array.shape)).astype(np.float32)
-    frac = np.stack([np.bincount(lab[int(y) - 27:int(y) + 28, int(x) - 27:int(x) + 28].ravel(), minlength=4) for x, y in pixel])
+    frac = np.stack([np.bincount(lab[int(y) - 27:int(y) + 28, int(x) - 27:int(x) + 28].ravel(), minlength=4)
+                     for x, y in pixel])
     frac = frac / frac.sum(1, keepdims=True)
     prog_rng = np.random.default_rng(7)                  # programs shared by all slices
     base = prog_rng.lognormal(0.0, 1.0, n_genes)
@@ -596,4 +557,5 @@ def demo_slice(k, n_genes=400, grid=18, pitch=100, margin=150):
     keep = tissue | (rng.random(len(pixel)) < 0.3)       # mostly on-tissue spots, as a real array
     return RawSlice(name=f"demo{k + 1}", patient=f"P{k // 2 + 1}", barcodes=[f"{x}x{y}" for x, y in array[keep]],
                     genes=genes, counts=counts[keep], array=array[keep], pixel=pixel[keep], image_array=img,
-                    spot_diameter_px=55.0, pixel_size_um=1.0, source="demo")
+                    spot_diameter_px=55.0, pixel_size_um=1.0, source="demo", spot_diameter_um=55.0,
+                    pixel_size_from=("metadata", "the synthetic slide is drawn at 1 µm/px"))

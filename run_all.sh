@@ -10,8 +10,8 @@ usage() {
   cat <<'HELP'
 usage: bash run_all.sh [options]
 
-  --dataset NAME        demo (default: synthetic, offline, CPU minutes), her2st, visium or hest
-  --raw DIR             raw data folder (her2st, visium, hest)
+  --dataset NAME        demo (default: synthetic, offline, CPU minutes), her2st, visium, visium-hd (16 µm bins) or hest
+  --raw DIR             raw data folder (her2st, visium, visium-hd, hest)
   --out DIR             output folder (default runs/<dataset>)
   --test-slices A,B     held-out slices, one fold each (default: demo and her2st the first slice of each
                         patient that has an image; visium/hest every slice with an image)

@@ -29,7 +29,7 @@ import model as M
 from checkpoints import load_run
 from common import UserError, atomic_h5, existing_slice, read_slice, run
 from folds import open_features
-from predictions import PredictionFile, write_anndata
+from predictions import PredictionFile, provenance, write_anndata
 from runtime import add_runtime_args, init_distributed
 from scores import calibrate, calibration_scale
 
@@ -151,7 +151,9 @@ def sample_sharded(dst, name, job, rank, world, N, G, t0):
 
 def finish(out, name, job, N, t0):
     """Spot ids, genes and the run's settings, once every row is written."""
-    a, secs = job.args, time.time() - t0
+    a, secs, run = job.args, time.time() - t0, job.run
+    train = {"data": run["args"].get("data"), "slices": run["train_slices"], "imported_from": run.get("imported_from"),
+             "genes_file": run["args"].get("genes")}
     if job.record:
         out.f["recorded_steps"] = np.array(job.record, np.int32)
         out.f["recorded_t"] = np.array([M.step_times(job.diffusion.T, a.steps)[k] for k in job.record], np.int32)
@@ -160,7 +162,7 @@ def finish(out, name, job, N, t0):
     out.finish(read_slice(a.data, name, ("barcode",))["barcode"], job.run["genes"], K=a.steps, T=job.diffusion.T,
                n_samples=a.samples, seed=a.seed, seconds=secs, spots_per_s=N / secs, head=job.net.cfg.head,
                temperature=a.temperature, calibrated=job.scale is not None,
-               checkpoint=os.path.abspath(os.path.join(a.run, a.checkpoint)))
+               checkpoint=os.path.abspath(os.path.join(a.run, a.checkpoint)), **provenance(a.data, name, train))
 
 
 def check_temperature(temperature, head):

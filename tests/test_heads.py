@@ -195,6 +195,8 @@ def test_heads_through_the_cli(demo, backbone, tmp_path):
     import anndata
     ad = anndata.read_h5ad(out / "demo1.h5ad")
     assert ad.uns["prediction"]["head"] == "gaussian" and bool(ad.uns["prediction"]["calibrated"])
+    assert ad.uns["prediction"]["units"].startswith("log2(count + 1) of the training data's raw counts")
+    assert ad.uns["prediction"]["training_data"] != "unknown" and "HMHVG" in ad.uns["prediction"]["gene_panel"]
     raw = tmp_path / "raw"
     run_script("sample.py", "--run", run, "--data", demo / "data", "--samples", "3", "--out", raw, "--no-calibrate")
     with h5py.File(raw / "demo1.h5") as f, h5py.File(out / "demo1.h5") as g:
