@@ -35,8 +35,8 @@ import pandas as pd
 
 from common import UserError, atomic_path, decode, existing_slice, read_slice, run, write_text
 from predictions import slice_layout
-from scores import (LEVELS, calibration, covered, crps_gaussian, crps_samples, pearson_per_gene, spread_skill,
-                    structure)
+from scores import (LEVELS, calibration, covered, crps_gaussian, crps_samples, paired_bootstrap, pearson_per_gene,
+                    spot_score, spread_skill, structure, top_k_mean, top_k_pearson)
 
 GROUPS = [["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "bias2", "RVD", "SSIM"],
           ["CRPS", "cover50", "cover90", "spread_skill", "spread_skill_all"],
@@ -51,12 +51,6 @@ METRICS = [k for group in GROUPS for k in group]
 def nan_mean(x):
     """Mean of the defined values; NaN when none is."""
     return float(np.nanmean(x)) if (~np.isnan(x)).any() else float("nan")
-
-
-def top_k_mean(r, k):
-    """PCC-k: mean of the k largest per-gene r (all valid genes when fewer than k)."""
-    r = np.sort(r[~np.isnan(r)])[::-1]
-    return float(r[:k].mean()) if len(r) else float("nan")
 
 
 def rasterise(values, array):
@@ -101,11 +95,18 @@ def slice_metrics(truth, pred, array):
     return m, r, ssim
 
 
+def crps_entries(truth, pred, std, samples):
+    """CRPS of every spot-gene entry: from the samples when stored, else of the Gaussian pred ± std (without std:
+    the absolute error)."""
+    if samples is not None:
+        return crps_samples(truth, samples)
+    return crps_gaussian(truth, pred, 0 if std is None else std)
+
+
 def distribution_metrics(truth, pred, std, samples):
     """CRPS, coverage and spread-skill of one slice -> (slice values, per-gene values, calibration
     curve). Without std only CRPS is defined (the MAE); the rest is NaN and the curve None."""
-    crps = (crps_samples(truth, samples) if samples is not None
-            else crps_gaussian(truth, pred, 0 if std is None else std))
+    crps = crps_entries(truth, pred, std, samples)
     if std is None:
         nan = np.full(truth.shape[1], np.nan)
         cover50, cover90, skill, skill_all, curve = nan, nan, nan, float("nan"), None
@@ -217,6 +218,32 @@ def evaluate_dir(pred_dir, data):
             curves["calibrated"][p.name] = curve
             curves["raw"][p.name] = curve if scale is None else calibration(p.truth, p.pred, p.std / scale)
     return pd.DataFrame(rows), pd.concat(per_gene), pairs, curves if curves["calibrated"] else {}
+
+
+def paired_difference(dirs, ref_dirs, data, slices, n_boot=2000, seed=0):
+    """PCC-50, MSE and CRPS of a method (its prediction folders, one per training seed) minus a reference
+    method's, on those of `slices` that every folder predicted, each with its paired bootstrap interval over the
+    test spots (scores.paired_bootstrap) -> {metric: (difference, lower, upper)}; None without such a slice."""
+    names = [s for s in slices if dirs and ref_dirs and all(os.path.isfile(os.path.join(d, f"{s}.h5"))
+                                                            for d in dirs + ref_dirs)]
+    if not names:
+        return None
+    parts = {"PCC-50": [], "MSE": [], "CRPS": []}
+    for s in names:
+        both = []
+        for group in (dirs, ref_dirs):
+            preds, mse, crps = [], [], []
+            for d in group:                              # each seed's prediction, spot by spot
+                p = load_pair(os.path.join(d, f"{s}.h5"), data)
+                with h5py.File(os.path.join(d, f"{s}.h5"), "r") as f:
+                    crps.append(crps_entries(p.truth, p.pred, p.std, f.get("samples")).mean(1))
+                preds.append(p.pred)
+                mse.append(((p.truth - p.pred) ** 2).mean(1))
+            both.append({"PCC-50": top_k_pearson(p.truth, preds, 50), "MSE": spot_score(mse),
+                         "CRPS": spot_score(crps)})
+        for k in parts:
+            parts[k].append((len(p.truth), both[0][k], both[1][k]))
+    return {k: paired_bootstrap(v, n_boot, seed) for k, v in parts.items()}
 
 
 def summarise(df):

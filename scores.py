@@ -20,6 +20,12 @@ def pearson(a, b):
     return float(pearson_per_gene(np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[:, None])[0])
 
 
+def top_k_mean(r, k):
+    """PCC-k: mean of the k largest per-gene r (all valid genes when fewer than k)."""
+    r = np.sort(r[~np.isnan(r)])[::-1]
+    return float(r[:k].mean()) if len(r) else float("nan")
+
+
 #################################################################################
 #                          Predictive distributions                             #
 #################################################################################
@@ -117,3 +123,40 @@ def calibrate(mean, std, samples, scale):
     """A predictive distribution with its spread scaled per gene: std·s, and samples moved away from (or
     towards) their mean by the same factor. mean, std [N, G], samples [S, N, G] or None, scale [G]."""
     return std * scale, None if samples is None else mean + scale * (samples - mean)
+
+
+#################################################################################
+#                     Paired bootstrap of a difference                          #
+#################################################################################
+
+def spot_score(per_spot):
+    """A spot-level metric (MSE or CRPS of each spot, one row per seed: [seeds, N]) -> rows -> its mean over
+    those spots and the seeds."""
+    per_spot = np.asarray(per_spot, np.float64).reshape(-1, np.shape(per_spot)[-1])
+    return lambda rows: float(per_spot[:, rows].mean())
+
+
+def top_k_pearson(truth, preds, k=50):
+    """PCC-k of each seed's prediction ([seeds, N, G]) on the spots `rows` (per-gene r across those spots, the
+    k best genes), averaged over the seeds -> rows -> value."""
+    return lambda rows: float(np.mean([top_k_mean(pearson_per_gene(truth[rows], p[rows]), k) for p in preds]))
+
+
+def paired_bootstrap(slices, n_boot=2000, seed=0, level=0.95):
+    """The difference a - b of one metric between two methods, with its bootstrap interval over test spots.
+    slices: per test slice, (number of spots, metric_a, metric_b), each metric a function of spot rows averaged
+    over its method's seeds (spot_score, top_k_pearson). A resample draws each slice's spots with replacement,
+    the same rows for both methods and every seed (paired: what the methods share, which spots are hard, cancels
+    out), and averages the per-slice differences. -> (difference on all spots, lower, upper), the interval's
+    ends the (1 - level)/2 and (1 + level)/2 quantiles of the resampled differences."""
+    rng = np.random.default_rng(seed)
+    point = float(np.mean([a(np.arange(n)) - b(np.arange(n)) for n, a, b in slices]))
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        d = []
+        for n, a, b in slices:
+            rows = rng.integers(0, n, n)                 # one resample, both methods
+            d.append(a(rows) - b(rows))
+        diffs[i] = np.mean(d)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return point, float(lo), float(hi)

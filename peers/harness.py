@@ -5,6 +5,7 @@ Only the training spots' expression is ever an input or a target while a peer tr
 (the 10 % that folds.split_validation draws, mapped back to their slides) choose the epoch, and their
 expression enters nothing else.
 """
+import contextlib
 import copy
 import sys
 import time
@@ -169,7 +170,8 @@ def knn(xy, k):
 class Budget:
     epochs: int                                          # at most this many epochs
     patience: int                                        # early stop after this many epochs without a lower val MSE
-    seconds: float                                       # stop after the epoch that passes this wall time (0 = none)
+    seconds: float = 0                                   # stop after the epoch that passes this wall time (0 = none,
+                                                         # the default; a benchmark never sets it)
 
 
 class Peer:
@@ -248,17 +250,36 @@ def residual_std(peer, slides):
 #                                   Fitting                                     #
 #################################################################################
 
+@contextlib.contextmanager
+def deterministic(dev):
+    """torch's deterministic kernels on a CPU, the previous setting restored after. With more than one thread the
+    backward pass of an indexing (x[idx]: every peer gathers its neighbours so) adds the gradients of repeated
+    indices with atomic float adds in whatever order the threads get there, so the same command gave other
+    predictions from run to run (after three epochs on the demo, by 1e-6 for STFlow and TRIPLEX and 6e-3 for
+    MERGE); the serial kernel makes runs at one thread count bit-identical, whatever else the machine is doing
+    (tests/test_reproducible.py). A GPU keeps torch's defaults: some of its kernels have no deterministic form."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(before[0] or dev.type == "cpu", warn_only=before[1])
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def fit(peer_class, slides, G, a, dev):
     """Train a peer (a Peer subclass) on a fold's slides -> (predict: Slide -> (mean [N, G], std [N, G], samples
     [S, N, G] or None) as numpy, the training record). Early stop on validation MSE for every peer (STFlow and
-    TRIPLEX select by validation PCC, MERGE does not select); --epochs / --patience replace the class's own."""
-    torch.manual_seed(a.seed)
-    peer = peer_class(slides, G, a, dev)
-    budget = Budget(a.epochs or peer.EPOCHS, a.patience or peer.PATIENCE, a.budget_s)
-    record = train(peer, slides, budget, peer_class.__name__.lower())
-    peer.net.eval()
-    std = None if peer.GENERATIVE else residual_std(peer, slides)
+    TRIPLEX select by validation PCC, MERGE does not select); --epochs / --patience replace the class's own.
+    The budget is epochs, never wall time unless a.budget_s asks for it, so a run is the same on any load."""
+    with deterministic(dev):
+        torch.manual_seed(a.seed)
+        peer = peer_class(slides, G, a, dev)
+        budget = Budget(a.epochs or peer.EPOCHS, a.patience or peer.PATIENCE, a.budget_s)
+        record = train(peer, slides, budget, peer_class.__name__.lower())
+        peer.net.eval()
+        std = None if peer.GENERATIVE else residual_std(peer, slides)
 
+    @deterministic(dev)
     def predict(slide):
         check_pitch(slide, slides)
         mean, samples = peer.predict(slide, a.samples if peer.GENERATIVE else 1, a.seed)

@@ -120,19 +120,30 @@ class MergeNet(nn.Module):
 
 class Bottleneck(nn.Module):
     """Stage 1 (MERGE: ResNet-18 + a 512 → 512 → 256 projection fine-tuned with MSE): on frozen features, an
-    MLP to the 256-d node feature and a linear gene head, fitted on the training spots."""
+    MLP to the 256-d node feature and MERGE's gene head (ReLU, dropout 0.2, linear), fitted on the training spots.
+    The node feature is the projection's output, before the head's ReLU (as MERGE's generate_features)."""
     def __init__(self, d_in, genes):
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(d_in, 512), nn.ReLU(), nn.Linear(512, 256))
-        self.head = nn.Linear(256, genes)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, genes))
 
     def forward(self, x):
         return self.head(self.proj(x))
 
 
+def warmup_linear(step, warmup=10, total=400):
+    """MERGE's lr factor: transformers 2.1's WarmupLinearSchedule (warm-up 10, total 400) after `step` steps."""
+    return step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+
+
 class Merge(Peer):
-    """MERGE: a GAT over each slide's spatial and feature-cluster graph (one slide per step, Adam 1e-3)."""
-    EPOCHS, PATIENCE = 400, 40                           # MERGE's code: 400 epochs without early stop; here patience 40
+    """MERGE: a GAT over each slide's spatial and feature-cluster graph (one slide per step), Adam 1e-3 under
+    MERGE's warm-up schedule. Its code steps that schedule after epochs 0, 40, 80, ... (counting from 0), so the
+    first epoch trains at lr 0 (only Adam's moments move), epochs 1-40 at 1e-4, 41-80 at 2e-4, ..., 361-400
+    at 1e-3: the lr climbs for the whole run and never decays."""
+    EPOCHS, PATIENCE = 401, 40                           # MERGE's code: range(400 + 1) epochs without early stop;
+                                                         # here patience 40
+    STEP_EVERY = 40                                      # epochs between the schedule's steps
 
     def __init__(self, slides, G, a, dev):
         self.dev, self.seed, self.slides = dev, a.seed, slides
@@ -142,6 +153,8 @@ class Merge(Peer):
         self.net = MergeNet(256, G, widths).to(dev)
         start_at_mean([self.net.out], slides)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear)   # lr 0 until its first step
+        self.epochs_done = 0
         self.rng = np.random.default_rng(a.seed)
         self.graphs = {}
 
@@ -191,6 +204,11 @@ class Merge(Peer):
                 loss.backward()
                 self.opt.step()
                 yield loss.item()
+
+    def after_epoch(self, val):
+        if self.epochs_done % self.STEP_EVERY == 0:      # MERGE: `if i % 40 == 0: scheduler.step()` after epoch i
+            self.sched.step()
+        self.epochs_done += 1
 
     @torch.no_grad()
     def predict(self, slide, n_samples=1, seed=0):

@@ -1,5 +1,6 @@
 """STFlow (ICML 2025) on frozen spot features: flow matching of a whole slide's expression from a ZINB
-prior, by a frame-averaged spatial transformer over each spot's 8 nearest spots."""
+prior, by a frame-averaged spatial transformer over each spot's 8 nearest spots whose blocks refine the
+expression one after another (the released code, Codex-STFlow model/transformer.py, denoiser.py, fa.py)."""
 import math
 from dataclasses import dataclass
 
@@ -27,13 +28,16 @@ class Graph:
 
 
 def frame_offsets(xy, nbr, valid):
-    """E(2)-invariant edge inputs by frame averaging (STFlow): each spot's offsets to its neighbours in the PCA
-    frame of those offsets, under the 4 sign choices of its two axes, with their length -> [4, N, k, 3]."""
+    """E(2)-invariant edge inputs by frame averaging (STFlow's create_frame): each spot's offsets to its neighbours,
+    centred on their mean, in the PCA frame of those centred offsets under the 4 sign choices of its two axes, with
+    the length of the (uncentred) offset -> [4, N, k, 3]."""
     rel = (xy[nbr] - xy[:, None]) * valid[..., None]     # [N, k, 2]
-    cov = torch.einsum("nki,nkj->nij", rel, rel) / valid.sum(1).clamp(min=1)[:, None, None]
+    count = valid.sum(1).clamp(min=1)[:, None, None]
+    centred = (rel - rel.sum(1, keepdim=True) / count) * valid[..., None]
+    cov = torch.einsum("nki,nkj->nij", centred, centred) / count
     axes = torch.linalg.eigh(cov + 1e-6 * torch.eye(2, device=xy.device))[1]  # [N, 2, 2], columns = principal axes
     signs = torch.tensor([[1., 1.], [1., -1.], [-1., 1.], [-1., -1.]], device=xy.device)
-    framed = torch.einsum("nki,nij->nkj", rel, axes)[None] * signs[:, None, None]  # [4, N, k, 2]
+    framed = torch.einsum("nki,nij->nkj", centred, axes)[None] * signs[:, None, None]  # [4, N, k, 2]
     return torch.cat([framed, rel.norm(dim=-1)[None, ..., None].expand(4, -1, -1, 1)], -1)
 
 
@@ -44,46 +48,59 @@ def spatial_graph(xy, k, dev):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim, hidden, dropout):
+    """timm's SwiGLUPacked with a LayerNorm, STFlow's every MLP: Linear(d_in → hidden), SiLU(a)·b of its two
+    halves, dropout, LayerNorm(hidden / 2), Linear(→ d_out), dropout."""
+    def __init__(self, d_in, hidden, d_out, dropout):
         super().__init__()
-        self.w12, self.w3, self.drop = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        self.fc1, self.norm = nn.Linear(d_in, hidden), nn.LayerNorm(hidden // 2)
+        self.fc2, self.drop = nn.Linear(hidden // 2, d_out), nn.Dropout(dropout)
 
     def forward(self, x):
-        a, b = self.w12(x).chunk(2, -1)
-        return self.drop(self.w3(F.silu(a) * b))
+        return self.rest(self.fc1(x))
+
+    def rest(self, y):                                   # what follows fc1: y = fc1(x) [..., hidden] -> [..., d_out]
+        a, b = y.chunk(2, -1)
+        return self.drop(self.fc2(self.norm(self.drop(F.silu(a) * b))))
 
 
 class STFlowLayer(nn.Module):
-    """Attention over each spot's k nearest spots: logit = MLP([q_i, k_j, e_ij, g_j − g_i]) per head, where g is
-    the noisy expression (it enters only here), then a SwiGLU MLP; a gene head reads every layer (STFlow)."""
-    def __init__(self, dim, heads, genes, dropout):
+    """STFlow's block over each spot's k nearest spots. Per head, logit_ij = SwiGLU([q_i, k_j, e_ij, g_j − g_i])
+    (one SwiGLU shared by the heads, e the head's share of the frame-averaged edge features, g the block's input
+    expression); the message SwiGLU([Σ_j α_ij v_j, Σ_j α_ij e_ij]) is added to the token, then a SwiGLU
+    feed-forward (no pre-norm), and a gene head gives the block's x̂1, the expression the next block reads."""
+    def __init__(self, dim, heads, genes, dropout, edge_dim=128):
         super().__init__()
-        self.heads = heads
-        self.norm1, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim)
-        self.edge = nn.Sequential(nn.Linear(3, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.logit = nn.Sequential(nn.Linear(3 * dim + genes, dim), nn.SiLU(), nn.Linear(dim, heads))
-        self.attn_drop, self.proj, self.drop = nn.Dropout(dropout), nn.Linear(dim, dim), nn.Dropout(dropout)
-        self.norm2, self.ffn = nn.LayerNorm(dim), SwiGLU(dim, 4 * dim, dropout)
+        self.heads, self.split = heads, 2 * dim // heads + edge_dim // heads
+        self.qkv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 3 * dim))
+        self.edge = SwiGLU(3, edge_dim, edge_dim, dropout)
+        self.logit = SwiGLU(self.split + genes, dim, 1, dropout)   # the released code hard-codes 50 genes here
+        self.attn_drop = nn.Dropout(dropout)
+        self.out = SwiGLU(dim + edge_dim, dim, dim, dropout)
+        self.ffn = SwiGLU(dim, 4 * dim, dim, dropout)
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Dropout(dropout),
-                                  nn.Linear(dim, genes), nn.ReLU())
+                                  nn.Linear(dim, genes), nn.Dropout(dropout), nn.ReLU())
 
-    def forward(self, h, g, graph, x1_sum):              # h [N, W], g [N, G] -> h [N, W]; adds its x̂1 [N, G] to x1_sum
-        N, W = h.shape
-        q, k, v = self.qkv(self.norm1(h)).chunk(3, -1)
-        hs = h.new_empty(N, W)
+    def forward(self, h, g, graph):                      # h [N, W], g [N, G] -> (h [N, W], this block's x̂1 [N, G])
+        (N, W), H = h.shape, self.heads
+        q, k, v = (t.view(N, H, -1) for t in self.qkv(h).chunk(3, -1))
+        hs, gs = h.new_empty(N, W), g.new_empty(g.shape)
+        w = self.logit.fc1.weight                        # its input [q, k, e | g_j − g_i]: the genes' part is applied
+                                                         # once for every head, not copied per head
         for s in range(0, N, CHUNK):                     # blocks of centre spots: edge and FFN tensors stay [CHUNK, ·]
             nbr, valid = graph.nbr[s:s + CHUNK], graph.valid[s:s + CHUNK]
             n, kk = nbr.shape
-            e = self.edge(graph.frames[:, s:s + CHUNK]).mean(0)   # [n, k, W], averaged over the 4 frames
-            z = torch.cat([q[s:s + CHUNK, None].expand(-1, kk, -1), k[nbr], e, g[nbr] - g[s:s + CHUNK, None]], -1)
-            att = torch.softmax(self.logit(z).masked_fill(~valid[..., None], -1e9), 1) * valid[..., None]  # [n, k, H]
-            att = self.attn_drop(att)
-            msg = torch.einsum("nkh,nkhd->nhd", att, v[nbr].view(n, kk, self.heads, -1)).reshape(n, W)
-            hc = h[s:s + CHUNK] + self.drop(self.proj(msg))
-            hc = hc + self.ffn(self.norm2(hc))
-            hs[s:s + CHUNK] = hc
-            x1_sum[s:s + CHUNK] += self.head(hc)
-        return hs
+            e = self.edge(graph.frames[:, s:s + CHUNK]).mean(0).view(n, kk, H, -1)   # averaged over the 4 frames
+            z = torch.cat([q[s:s + CHUNK, None].expand(-1, kk, -1, -1), k[nbr], e], -1)      # [n, k, H, ·]
+            pre = F.linear(z, w[:, :self.split], self.logit.fc1.bias) + \
+                F.linear(g[nbr] - g[s:s + CHUNK, None], w[:, self.split:])[:, :, None]
+            att = self.logit.rest(pre).squeeze(-1).masked_fill(~valid[..., None], -1e9)
+            att = self.attn_drop(torch.softmax(att, 1) * valid[..., None])   # [n, k, H], softmax over neighbours
+            msg = torch.cat([torch.einsum("nkh,nkhd->nhd", att, v[nbr]).reshape(n, -1),
+                             torch.einsum("nkh,nkhd->nhd", att, e).reshape(n, -1)], -1)
+            hc = h[s:s + CHUNK] + self.out(msg)
+            hc = hc + self.ffn(hc)
+            hs[s:s + CHUNK], gs[s:s + CHUNK] = hc, self.head(hc)
+        return hs, gs
 
 
 class STFlowNet(nn.Module):
@@ -94,12 +111,13 @@ class STFlowNet(nn.Module):
         self.layers = nn.ModuleList([STFlowLayer(dim, heads, genes, dropout) for _ in range(layers)])
 
     def forward(self, emb, g, t, graph):                # emb [N, W] = embed(features), g [N, G], t scalar -> x̂1 [N, G]
-        # t x 1000: the 256-d sinusoid then spans [0, 1] as DiT's spans 1000 steps (the scale is not stated)
-        h = emb + self.time(timestep_embedding(torch.tensor([1000.0 * t], device=emb.device)))
+        # raw t ∈ [0, 1] into the 256-d sinusoid, as STFlow's code (its TimestepEmbedder gets t itself)
+        h = emb + self.time(timestep_embedding(torch.tensor([float(t)], device=emb.device)))
         total = torch.zeros_like(g)                      # summed in place: a whole slide's [N, G] is the largest tensor
-        for layer in self.layers:
-            h = layer(h, g, graph, total)
-        return total.div_(len(self.layers))              # the mean of the per-layer gene heads
+        for layer in self.layers:                        # only the first block reads x_t; each next one reads the x̂1
+            h, g = layer(h, g, graph)                    # of the block before it
+            total += g
+        return total.div_(len(self.layers))              # the mean of the blocks' x̂1
 
 
 def zinb_prior(shape, gen, dev):
@@ -123,9 +141,9 @@ class STFlow(Peer):
 
     def __init__(self, slides, G, a, dev):
         self.dev, self.G, self.pitch_um = dev, G, training_pitch_um(slides)
-        # 128 wide, 4 layers, 4 heads: the paper's, CPU or not
+        # 128 wide (edge features too), 4 blocks, 4 heads, dropout 0.2: the released defaults, CPU or not
         self.net = STFlowNet(slides[0].feats.shape[1], G).to(dev)
-        start_at_mean([layer.head[-2] for layer in self.net.layers], slides)
+        start_at_mean([layer.head[4] for layer in self.net.layers], slides)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=5e-4)
         self.gen = torch.Generator(dev).manual_seed(a.seed)
         self.rng = np.random.default_rng(a.seed)

@@ -102,23 +102,24 @@ class APEG(nn.Module):
 
 class TriplexNet(nn.Module):
     def __init__(self, feat_dim, genes, dim, depth, heads, mlp_ratio, dropout):
-        super().__init__()
+        super().__init__()                               # depth, heads, mlp_ratio, dropout: (fusion, global, neighbour)
         fusion, glob, neigh = 0, 1, 2
         # each branch projects the frozen features to its width (TRIPLEX's inputs are the width already)
         self.target_in, self.neigh_in, self.global_in = (nn.Linear(feat_dim, dim) for _ in range(3))
-        self.global1 = Block(dim, heads[glob], mlp_ratio, dropout[glob])
+        self.global1 = Block(dim, heads[glob], mlp_ratio[glob], dropout[glob])
         self.apeg = APEG(dim)
-        self.global2 = nn.ModuleList([Block(dim, heads[glob], mlp_ratio, dropout[glob])
+        self.global2 = nn.ModuleList([Block(dim, heads[glob], mlp_ratio[glob], dropout[glob])
                                       for _ in range(depth[glob] - 1)])
         self.global_norm = nn.LayerNorm(dim)
-        self.neigh = nn.ModuleList([Block(dim, heads[neigh], mlp_ratio, dropout[neigh]) for _ in range(depth[neigh])])
+        self.neigh = nn.ModuleList([Block(dim, heads[neigh], mlp_ratio[neigh], dropout[neigh])
+                                    for _ in range(depth[neigh])])
         self.neigh_norm = nn.LayerNorm(dim)
         offsets = np.array([(abs(r1 - r2), abs(c1 - c2)) for r1 in range(5) for c1 in range(5) for r2 in range(5)
                             for c2 in range(5)])
         self.register_buffer("bias_idx", torch.from_numpy(offsets[:, 0] * 5 + offsets[:, 1]).view(25, 25),
                              persistent=False)
         self.neigh_bias = nn.ParameterList([nn.Parameter(torch.zeros(heads[neigh], 25)) for _ in range(depth[neigh])])
-        self.fusion = nn.ModuleList([Block(dim, heads[fusion], mlp_ratio, dropout[fusion])
+        self.fusion = nn.ModuleList([Block(dim, heads[fusion], mlp_ratio[fusion], dropout[fusion])
                                      for _ in range(depth[fusion])])
         self.fusion_norm = nn.LayerNorm(dim)
         self.fc, self.fc_target, self.fc_neigh, self.fc_global = (nn.Linear(dim, genes) for _ in range(4))
@@ -156,10 +157,12 @@ class Triplex(Peer):
 
     def __init__(self, slides, G, a, dev):
         self.dev = dev
-        if a.size == "paper":                            # TRIPLEX's Her2ST (andersson) config: fusion, global, neigh.
-            cfg = dict(dim=1024, depth=(2, 2, 4), heads=(8, 16, 16), mlp_ratio=2, dropout=(0.15, 0.1, 0.1))
-        else:                                            # CPU: width 1024 -> 128, heads so that each stays 32 wide
-            cfg = dict(dim=128, depth=(2, 2, 4), heads=(4, 4, 4), mlp_ratio=2, dropout=(0.15, 0.1, 0.1))
+        if a.size == "paper":                            # the CVPR release's Her2ST config (config/her2st/TRIPLEX.yaml
+            # at ac50e05, config/ST/andersson at HEAD), (fusion, global, neighbour) each; an MLP is width x ratio wide,
+            # as in HEAD's code (ac50e05's passed the neighbour ratio itself, 1, as the MLP's width)
+            cfg = dict(dim=512, depth=(1, 3, 3), heads=(4, 16, 16), mlp_ratio=(4, 4, 1), dropout=(0.2, 0.1, 0.3))
+        else:                                            # CPU: width 128, heads so that each stays 32 wide
+            cfg = dict(dim=128, depth=(2, 2, 4), heads=(4, 4, 4), mlp_ratio=(2, 2, 2), dropout=(0.15, 0.1, 0.1))
         self.net = TriplexNet(slides[0].feats.shape[1], G, **cfg).to(dev)
         start_at_mean([self.net.fc, self.net.fc_target, self.net.fc_neigh, self.net.fc_global], slides)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4)

@@ -185,7 +185,7 @@ def test_peers_learn_the_neighbours(neighbours, ridge_without_context, method, e
     predict, record = P.fit(P.PEERS[method], slides, len(genes), settings(epochs), CPU)
     mean, std, samples = predict(P.load_slide(str(neighbours), ["stain"], "demo1", mu, sd, CPU))
     score = pcc50(neighbours, mean)
-    # here: 0.80, 0.36, 0.35 vs 0.02
+    # here: 0.71, 0.36, 0.54 vs 0.02
     assert score > 0.25 and score > ridge_without_context + 0.2, (method, score, record)
 
 
@@ -214,7 +214,9 @@ def test_validation_expression_never_reaches_training(demo, method):
     peer = P.PEERS[method](slides, len(genes), settings(1, budget_s=5), CPU)
     before = [p.detach().clone() for p in peer.net.parameters()]
     peer.net.train()
-    losses = list(peer.steps()) + list(peer.steps())
+    losses = list(peer.steps())
+    peer.after_epoch(1.0)                                # as harness.train between epochs: MERGE's first one is at lr 0
+    losses += list(peer.steps())
     assert len(losses) == 2 * peer.n_steps and np.isfinite(losses).all()
     after = list(peer.net.parameters())
     assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
@@ -226,7 +228,8 @@ def test_validation_expression_never_reaches_training(demo, method):
 
 # ----------------------------------------------------------------------------- the command line on the demo
 
-@pytest.mark.parametrize("method,epochs", [("stflow", 2), ("triplex", 5), ("merge", 2)])  # TRIPLEX learns at 1e-4
+# TRIPLEX learns at 1e-4; MERGE's warm-up trains its first epoch at lr 0 and the next 40 at 1e-4
+@pytest.mark.parametrize("method,epochs", [("stflow", 2), ("triplex", 5), ("merge", 12)])
 def test_peer_fits_and_predicts_the_demo(demo, tmp_path, method, epochs):
     generative = P.PEERS[method].GENERATIVE
     extra = ["--save-samples", "--samples", "3"] if generative else []
@@ -241,8 +244,10 @@ def test_peer_fits_and_predicts_the_demo(demo, tmp_path, method, epochs):
         if generative:
             smp = f["samples"][()].astype(np.float64)
             assert smp.shape == (3,) + X.shape and f["samples"].dtype == np.float16
-            np.testing.assert_allclose(smp.mean(0), pred, atol=0.02)
-            np.testing.assert_allclose(smp.std(0, ddof=1), std, atol=0.02)
+            # float16 keeps 11 significant bits: a sample far out (a calibrated spread many times the draws') rounds
+            # by up to |sample|·2^-11, and so do their mean and (within √1.5x) their std
+            tol = 0.02 + 2.0 ** -10 * np.abs(smp).max(0)
+            assert (np.abs(smp.mean(0) - pred) <= tol).all() and (np.abs(smp.std(0, ddof=1) - std) <= tol).all()
         else:
             assert "samples" not in f
             np.testing.assert_array_equal(std, np.repeat(std[:1], len(std), 0))  # one Gaussian std per gene
@@ -437,3 +442,19 @@ def test_stflow_chunks_stop_at_max_chunk(demo, monkeypatch):
     monkeypatch.setattr(P.STFlow, "MAX_CHUNK", 5)
     capped = [len(peer.chunk(peer.pools[0])[1]) for _ in range(40)]
     assert max(free) > 5 and 2 <= min(capped) and max(capped) == 5
+
+
+def test_merge_steps_its_warm_up_every_40_epochs(demo):
+    """MERGE's code: Adam 1e-3 under WarmupLinearSchedule(warm-up 10, total 400), stepped after epochs 0, 40, 80, ...
+    of range(401): epoch 0 at lr 0, epochs 1-40 at 1e-4, 41-80 at 2e-4, ..., 361-400 at 1e-3."""
+    slides, genes, _, _ = P.fold_slides(str(demo / "data"), ["stain"], "demo1", [], 0.1, 42, CPU)
+    peer = P.Merge(slides, len(genes), settings(1, budget_s=3), CPU)
+    before = [p.detach().clone() for p in peer.net.parameters()]
+    list(peer.steps())                                   # epoch 0, as training runs it: at lr 0 nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(before, peer.net.parameters()))
+    lrs = []
+    for _ in range(P.Merge.EPOCHS):
+        lrs.append(peer.opt.param_groups[0]["lr"])
+        peer.after_epoch(1.0)
+    assert len(lrs) == 401
+    np.testing.assert_allclose(lrs, [1e-3 * min(-(-i // 40), 10) / 10 for i in range(401)], rtol=1e-12, atol=0)

@@ -122,3 +122,58 @@ def test_sample_crps_does_not_favour_more_samples():
     truth = rng.normal(size=(4000, 25))
     few, many = (S.crps_samples(truth, rng.normal(size=(s, 4000, 25))).mean() for s in (3, 60))
     assert few == pytest.approx(1 / np.sqrt(np.pi), rel=0.01) and many == pytest.approx(1 / np.sqrt(np.pi), rel=0.01)
+
+
+# ----------------------------------------------------------------------------- paired bootstrap of a difference
+
+def test_bootstrap_of_a_constant_shift_is_that_shift():
+    """Every spot's error of a is b's plus 0.3: each resample's difference is 0.3, so is the whole interval."""
+    b = np.random.default_rng(9).gamma(2.0, size=(1, 300))
+    point, lo, hi = S.paired_bootstrap([(300, S.spot_score(b + 0.3), S.spot_score(b))], n_boot=200)
+    assert point == pytest.approx(0.3) and lo == pytest.approx(0.3) and hi == pytest.approx(0.3)
+    assert S.paired_bootstrap([(300, S.spot_score(b), S.spot_score(b))], n_boot=200) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_interval_has_the_normal_width_and_coverage():
+    """Per-spot differences ~ N(mu, sigma²): the interval of their mean spans 2·1.96·sigma/sqrt(n) and covers mu
+    in 95 % of datasets. Both methods share a spot effect 20x sigma (hard and easy spots): the pairing cancels it."""
+    rng = np.random.default_rng(10)
+    n, mu, sigma = 400, 0.1, 0.5
+    widths, covered = [], []
+    for _ in range(200):
+        shared = 10.0 * rng.normal(size=(1, n))
+        d = rng.normal(mu, sigma, (1, n))
+        point, lo, hi = S.paired_bootstrap([(n, S.spot_score(shared + d), S.spot_score(shared))], n_boot=500,
+                                           seed=int(rng.integers(1 << 30)))
+        assert point == pytest.approx(d.mean())
+        widths.append(hi - lo)
+        covered.append(lo <= mu <= hi)
+    # the mean width of 200 intervals: within 5 % of the normal one; coverage: 200 datasets, binomial sd 0.015
+    assert np.mean(widths) == pytest.approx(2 * 1.96 * sigma / np.sqrt(n), rel=0.05)
+    assert np.mean(covered) == pytest.approx(0.95, abs=0.04)
+
+
+def test_bootstrap_averages_the_seeds_and_the_slices():
+    """a's three seeds are b shifted by 0.1, 0.2, 0.6: a difference of 0.3 on one slice; a second slice with
+    half as many spots and a difference of -0.1 counts as much (the mean over slices): 0.1 in all."""
+    rng = np.random.default_rng(11)
+    b1, b2 = rng.normal(size=(1, 200)), rng.normal(size=(1, 100))
+    a1 = b1 + np.array([[0.1], [0.2], [0.6]])
+    point, lo, hi = S.paired_bootstrap([(200, S.spot_score(a1), S.spot_score(b1)),
+                                        (100, S.spot_score(b2 - 0.1), S.spot_score(b2))], n_boot=100)
+    assert point == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+
+
+def test_bootstrap_of_pcc50_finds_the_correlation_noise_costs():
+    """Truth of 50 genes (PCC-50 = mean r); a predicts it exactly (r = 1), b with noise of the truth's variance
+    (r = 1/sqrt(2) per gene). The PCC-50 difference is 1 - 1/sqrt(2), its interval narrow around it; b against
+    itself is 0."""
+    rng = np.random.default_rng(12)
+    truth = rng.normal(size=(400, 50))
+    b = truth + rng.normal(size=truth.shape)
+    a_score, b_score = S.top_k_pearson(truth, truth[None]), S.top_k_pearson(truth, b[None])
+    point, lo, hi = S.paired_bootstrap([(400, a_score, b_score)], n_boot=300)
+    assert point == pytest.approx(1 - S.top_k_mean(S.pearson_per_gene(truth, b), 50))   # evaluate.py's PCC-50
+    # per gene, r's sd is (1 - r²)/sqrt(n) = 0.025; the mean of 50 independent genes' r: 0.0035, ± 1.96 of it
+    assert lo < 1 - 1 / np.sqrt(2) < hi and hi - lo == pytest.approx(2 * 1.96 * 0.025 / np.sqrt(50), rel=0.25)
+    assert S.paired_bootstrap([(400, b_score, b_score)], n_boot=50) == (0.0, 0.0, 0.0)
