@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 import model as M
 from common import UserError, atomic_path
+from diffusion import make_diffusion
+from folds import Neighbours, SlideSpace
 from scgpt import ScGPT
 
 
@@ -493,7 +495,7 @@ def prepare_backbone(preset, ckpt, genes, gene_ids, **kw):
 # What a run holds beside its weights: every writer goes through save_run and every reader through load_run
 RUN_DEFAULTS = {"val_features": None, "val_expr": None, "test_slice": None, "train_slices": [], "objective": "masked",
                 "schedule": "poly-auto", "fill": "gauss", "T": 50, "variant": "hinge", "backbone_ckpt": None,
-                "pixel_size_um": None, "context": None, "args": {}}
+                "pixel_size_um": None, "context": None, "spatial": None, "val_space": None, "args": {}}
 
 
 TRAINING_STATE = ("opt", "sched", "state", "rng", "epoch", "imported_from")  # train.py's state, an import's origin
@@ -528,6 +530,15 @@ def read_run(path):
     return {**RUN_DEFAULTS, **run}
 
 
+def validation_space(run, device="cpu"):
+    """The validation spots a spatial run keeps with their neighbours (train.py --spatial) -> (model.SpotSpace,
+    scored: their rows, in the order of run['val_expr'])."""
+    v = run["val_space"]
+    space = SlideSpace(v["features"].astype(np.float32), Neighbours(v["idx"], v["offset"], v["weight"], v["count"]),
+                       v["means"], v["slide"])
+    return M.SpotSpace.of(space, run["feat_mean"], run["feat_std"], device), v["scored"]
+
+
 def load_run(path, device="cpu"):
     """A run file -> (model in eval mode on `device`, its diffusion, the run dict)."""
     run = read_run(path)
@@ -535,6 +546,6 @@ def load_run(path, device="cpu"):
     net = build_model(cfg, run["gene_tokens"])
     net.load_state_dict(run["model"])
     net.to(device).eval()
-    return net, M.make_diffusion(run["objective"], cfg.n_genes, run["T"], run["schedule"], run["fill"]), run
+    return net, make_diffusion(run["objective"], cfg.n_genes, run["T"], run["schedule"], run["fill"]), run
 
 

@@ -234,3 +234,110 @@ class ContextFeatures:
 def open_features(data_dir, encoders, name, context=None):
     """Features of a slice for prediction, with the run's neighbourhood context when it was trained with one."""
     return ContextFeatures(data_dir, encoders, name, context) if context else Features(data_dir, encoders, name)
+
+
+#################################################################################
+#                  Spatial designs: each spot's neighbours (--spatial)          #
+#################################################################################
+
+MAX_NEIGHBOURS = 32      # a spot reads at most its 32 nearest within the radius (on a grid finer than training's)
+
+
+class Neighbours(NamedTuple):
+    """Each spot's neighbours on its slide within the run's radius, nearest first (train.py --spatial)."""
+    idx: np.ndarray                                      # [N, M] rows of the slide; -1 past the last
+    offset: np.ndarray                                   # [N, M, 2] float32, in radii
+    weight: np.ndarray                                   # [N, M] float32 distance weights; 0 past the last
+    count: np.ndarray                                    # [N] neighbours kept (at most MAX_NEIGHBOURS)
+
+
+def slide_neighbours(geom, context, name):
+    """The spots within the context radius of each spot of one slide (as context_features: in µm when the run and
+    the slide both know µm, else in spot pitches). A spot with none reads only its own features (a slide of one
+    spot, an isolated spot, a grid much coarser than the training slides'), with a note when that is most of them."""
+    if isinstance(context, dict):                        # as a checkpoint stores it
+        context = Context(**context)
+    N = len(geom.xy)
+    use_um = context.radius_um is not None and geom.unit == "um"
+    r = context.radius_um if use_um else context.radius_pitch * geom.pitch
+    M = max(1, min(MAX_NEIGHBOURS, N - 1))
+    if N > 1:
+        d, j = cKDTree(geom.xy).query(geom.xy, k=M + 1, distance_upper_bound=r)
+        other = (j != np.arange(N)[:, None]) & np.isfinite(d)    # not the spot itself, inside the radius
+        keep = np.argsort(~other, axis=1, kind="stable")[:, :M]  # the others first, nearest first
+        d, j, other = (np.take_along_axis(v, keep, 1) for v in (d, j, other))
+    else:
+        d, j, other = np.zeros((N, M)), np.zeros((N, M), np.int64), np.zeros((N, M), bool)
+    idx = np.where(other, j, -1).astype(np.int64)
+    offset = np.where(other[..., None], geom.xy[np.where(other, j, 0)] - geom.xy[:, None], 0) / r
+    # a Gaussian of the distance, σ half the radius: the nearest count most (a choice; the issue names no kernel)
+    weight = np.where(other, np.exp(-0.5 * (np.where(other, d, 0) / (r / 2)) ** 2), 0)
+    count = other.sum(1)
+    if N > 1 and (count == 0).mean() > 0.5:
+        unit = f"{r:.0f} µm" if use_um else f"{context.radius_pitch:.2f} spot pitches"
+        print(f"note: slice {name}: {(count == 0).mean():.0%} of its spots have no other spot within the spatial "
+              f"radius ({unit}; spots here are {geom.pitch:.3g} {geom.unit} apart), so they read only their own "
+              "features and generate alone", file=sys.stderr)
+    elif N > 1 and (count == M).any() and M == MAX_NEIGHBOURS:
+        n_in = cKDTree(geom.xy).query_ball_point(geom.xy[:1000], r, return_length=True).max() - 1
+        print(f"note: slice {name}: up to {n_in} spots lie within the spatial radius, far more than on the training "
+              f"slides; each spot reads its {M} nearest, a smaller area than the run was trained on", file=sys.stderr)
+    return Neighbours(idx, offset.astype(np.float32), weight.astype(np.float32), count)
+
+
+class SlideSpace(NamedTuple):
+    """Slides as the spatial designs read them: every spot's features, its neighbours and its slide's mean."""
+    features: np.ndarray                                 # [N, D] raw features
+    neighbours: Neighbours                               # rows of `features`
+    means: np.ndarray                                    # [n_slides, D] each slide's mean features (the slide token)
+    slide: np.ndarray                                    # [N] each spot's slide
+
+
+def slide_space(data_dir, encoders, name, context):
+    """A slide's SlideSpace (sample.py, for a run trained with --spatial); its features are held in memory."""
+    f = Features(data_dir, encoders, name)
+    H = f.read()
+    f.close()
+    nb = slide_neighbours(slice_geometry(data_dir, name), context, name)
+    return SlideSpace(H, nb, H.mean(0, keepdims=True), np.zeros(len(H), np.int64))
+
+
+def pad_columns(arrays, M, value):
+    """Arrays [N_i, M_i, ...] padded with `value` to M columns and stacked -> [sum N_i, M, ...]."""
+    return np.concatenate([np.pad(a, [(0, 0), (0, M - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+                           for a in arrays])
+
+
+def fold_space(data_dir, names, encoders, context):
+    """The training slides of a fold as one SlideSpace (neighbour rows offset slide by slide) -> (SlideSpace,
+    kept [N_all] bool: the rows load_fold keeps, in its order). Every spot is a row: spots with no expression
+    still neighbour."""
+    H, idx, offset, weight, count, means, slide, kept = [], [], [], [], [], [], [], []
+    start = 0
+    for i, n in enumerate(names):
+        f = Features(data_dir, encoders, n)
+        h = f.read()
+        f.close()
+        nb = slide_neighbours(slice_geometry(data_dir, n), context, n)
+        idx.append(np.where(nb.idx >= 0, nb.idx + start, -1))
+        offset.append(nb.offset), weight.append(nb.weight), count.append(nb.count)
+        H.append(h), means.append(h.mean(0)), slide.append(np.full(len(h), i))
+        kept.append(read_slice(data_dir, n, ("expr",))["expr"].sum(1) > 0)
+        start += len(h)
+    M = max(a.shape[1] for a in idx)
+    nb = Neighbours(pad_columns(idx, M, -1), pad_columns(offset, M, 0), pad_columns(weight, M, 0),
+                    np.concatenate(count))
+    return SlideSpace(np.concatenate(H), nb, np.stack(means), np.concatenate(slide)), np.concatenate(kept)
+
+
+def sub_space(space, rows):
+    """The spots `rows` of a SlideSpace as a SlideSpace of their own (neighbours outside them dropped, their
+    count kept): the validation spots and their neighbours that a spatial run keeps to calibrate on."""
+    local = np.full(len(space.features), -1)
+    local[rows] = np.arange(len(rows))
+    nb = space.neighbours
+    idx = np.where(nb.idx[rows] >= 0, local[nb.idx[rows]], -1)
+    inside = idx >= 0
+    return SlideSpace(space.features[rows], Neighbours(idx, np.where(inside[..., None], nb.offset[rows], 0),
+                                                       np.where(inside, nb.weight[rows], 0), nb.count[rows]),
+                      space.means, space.slide[rows])

@@ -47,6 +47,15 @@ class GaussianHead(PointHead):
         return out[..., 0] + temperature * torch.exp(0.5 * out[..., 1]) * eps
 
 
+class BetaNLLHead(GaussianHead):
+    """The Gaussian head trained with β-NLL (Seitzer et al. 2022, β = 0.5 as they recommend): each gene's NLL
+    weighted by its own variance^β, held constant, so a gene the model finds noisy still pulls its mean."""
+    BETA = 0.5
+
+    def nll(self, out, x):
+        return super().nll(out, x) * torch.exp(self.BETA * out[..., 1]).detach()
+
+
 class BinsHead(PointHead):
     """A categorical over fixed bins of log2(count + 1), zero its own bin (it holds the zero spike and
     several modes), as masked discrete diffusion and scGPT's binned values; cross-entropy. The edges
@@ -94,6 +103,8 @@ class BinsHead(PointHead):
 def make_head(cfg):
     if cfg.head == "gaussian":
         return GaussianHead(cfg.dim, cfg.n_genes)
+    if cfg.head == "beta-nll":
+        return BetaNLLHead(cfg.dim, cfg.n_genes)
     if cfg.head == "bins":
         return BinsHead(cfg.dim, cfg.n_genes, cfg.head_bins)
     return PointHead()

@@ -1,9 +1,11 @@
 """HINGE: a pre-trained CellFM backbone turned into a histology-conditioned masked-diffusion generator of
 spatial gene expression (the paper's Sec. 3; CellFM's released model and the official HINGE code). Top to
-bottom: embeddings, retention blocks with SoftAdaLN, the model, variants, masked and Gaussian diffusion, the
-sampler and presets. Backbone parameter names are the released CellFM checkpoints'."""
+bottom: embeddings and the condition (with the spot's surroundings for --spatial), retention blocks with SoftAdaLN,
+the model, variants and presets; diffusion.py trains and samples it. Backbone parameter names are the released
+CellFM checkpoints'."""
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -86,16 +88,93 @@ def mlp(d_in, d_out):
     return nn.Sequential(nn.Linear(d_in, d_out), nn.SiLU(), nn.Linear(d_out, d_out))
 
 
+class Around(NamedTuple):
+    """A spot's surroundings on its slide (train.py --spatial), as standardised features."""
+    nbr: torch.Tensor                                    # [B, M, hist_dim] features of the spots within the radius
+    offset: torch.Tensor                                 # [B, M, 2] where they lie, in radii
+    mask: torch.Tensor                                   # [B, M] True for a neighbour, False for padding
+    slide: torch.Tensor                                  # [B, hist_dim] the mean features of the spot's slide
+
+
+class SpotSpace(NamedTuple):
+    """Slides on the device for a spatial design: folds.SlideSpace as tensors, features standardised."""
+    features: torch.Tensor                               # [N, hist_dim]
+    idx: torch.Tensor                                    # [N, M] neighbour rows, nearest first; -1 past the last
+    offset: torch.Tensor                                 # [N, M, 2] in radii
+    weight: torch.Tensor                                 # [N, M] distance weights
+    count: torch.Tensor                                  # [N] neighbours within the radius
+    means: torch.Tensor                                  # [n_slides, hist_dim] each slide's mean features
+    slide: torch.Tensor                                  # [N] each spot's slide
+
+    @classmethod
+    def of(cls, space, mean, std, device):               # folds.SlideSpace, the run's feature statistics
+        def put(a, dtype=None):
+            return torch.as_tensor(a, dtype=dtype).to(device)
+        nb, f32 = space.neighbours, torch.float32
+        return cls(put((space.features - mean) / std, f32), put(nb.idx), put(nb.offset, f32), put(nb.weight, f32),
+                   put(nb.count), put((space.means - mean) / std, f32), put(space.slide))
+
+    def around(self, rows):                              # rows: a slice or indices -> Around of those spots
+        idx = self.idx[rows]
+        return Around(self.features[idx.clamp_min(0)], self.offset[rows], idx >= 0, self.means[self.slide[rows]])
+
+
+class SpatialCond(nn.Module):
+    """The spot's embedded features attend over its own and its neighbours', each token told its offset (TRIPLEX's
+    neighbour branch); with `slide`, the slide's mean features are added (TRIPLEX's global branch, pooled by the
+    mean). Both outputs start at zero (initialize_weights): untrained, the condition is the spot's own."""
+    def __init__(self, dim, heads, slide):
+        super().__init__()
+        self.offset_embedder = mlp(2, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.around_out = nn.Linear(dim, dim)
+        self.slide_out = nn.Linear(dim, dim) if slide else None
+
+    def forward(self, own, nbr, offset, mask, slide):    # own [B, D], nbr [B, M, D], offset [B, M, 2], mask [B, M]
+        B = len(own)
+        where = torch.cat([offset.new_zeros(B, 1, 2), offset], 1)                  # [B, 1+M, 2]: the spot at 0
+        keys = torch.cat([own[:, None], nbr], 1) + self.offset_embedder(where)     # [B, 1+M, D]
+        ignore = torch.cat([mask.new_zeros(B, 1), ~mask], 1)                   # [B, 1+M]: the spot itself is a key
+        ctx = self.attn(own[:, None], keys, keys, key_padding_mask=ignore, need_weights=False)[0][:, 0]  # [B, D]
+        c = own + self.around_out(ctx)
+        return c if self.slide_out is None else c + self.slide_out(slide)
+
+
 class CondNet(nn.Module):
-    """c = MLP(t) + MLP(histology) + MLP(target visibility mask) (official HINGE CondNet)."""
-    def __init__(self, dim, hist_dim, n_genes):
+    """c = MLP(t) + MLP(histology) + MLP(target visibility mask) (official HINGE CondNet). A spatial design
+    (train.py --spatial) reads the spot's surroundings into the histology term and, for `joint`, gives every gene
+    token what the neighbours show of that gene (`joint`, applied in the backbone's forward)."""
+    def __init__(self, dim, hist_dim, n_genes, spatial="none", heads=4):
         super().__init__()
         self.t_embedder = mlp(256, dim)
         self.hist_embedder = mlp(hist_dim, dim)
         self.mask_embedder = mlp(n_genes, dim)
+        self.spatial = None if spatial == "none" else SpatialCond(dim, heads, slide=spatial in ("slide", "joint"))
+        self.joint = mlp(2, dim) if spatial == "joint" else None
+
+    def embed(self, hist, around=None):                  # hist [B, hist_dim] -> [B, D]; once per spot when sampling
+        own = self.hist_embedder(hist)
+        if self.spatial is None:
+            return own
+        if around is None:
+            raise ValueError("this run reads each spot's surroundings (train.py --spatial): pass them (model.Around)")
+        return self.spatial(own, self.hist_embedder(around.nbr), around.offset, around.mask,
+                            self.hist_embedder(around.slide))
+
+    def neighbour_tokens(self, neighbours):              # neighbours [B, G, 2] -> [B, G, D], or 0 without
+        return 0 if neighbours is None or self.joint is None else self.joint(neighbours)
 
     def forward(self, t, hist_emb, target_visible):      # t [B], hist_emb [B, C], target_visible [B, G]
         return self.t_embedder(timestep_embedding(t)) + hist_emb + self.mask_embedder(target_visible.float())
+
+
+def zero_spatial_outputs(cond_net):
+    """Every spatial path's last layer at zero (--spatial): the untrained model is the model without it."""
+    spatial = cond_net.spatial
+    last = [] if spatial is None else [spatial.around_out] + ([spatial.slide_out] if spatial.slide_out else [])
+    for lin in last + ([cond_net.joint[-1]] if cond_net.joint is not None else []):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
 
 
 #################################################################################
@@ -221,8 +300,9 @@ class Config:
     lora_rank: int = 0
     gate: str = "sigmoid"          # sigmoid (the official code) | residual
     init: str = "official"         # official (xavier_uniform everywhere, the official HINGE code) | cellfm
-    head: str = "point"            # point (the official value decoder) | gaussian | bins
+    head: str = "point"            # point (the official value decoder) | gaussian | beta-nll | bins
     head_bins: int = 32            # bins head: a zero bin and 31 even bins of log2(count + 1)
+    spatial: str = "none"          # none | neighbourhood | slide | joint: what of its slide a spot reads (--spatial)
     backbone: str = "cellfm"       # cellfm (Hinge) | scgpt (scgpt.ScGPT); the fields below are scGPT's (its args.json)
     ffn: int = 0                   # feed-forward width d_hid
     values: str = "raw"            # raw (log2(count + 1)) | binned (per-spot quantile bins) | category (bins, embedded)
@@ -253,7 +333,7 @@ class Hinge(nn.Module):
         self.encoder = nn.ModuleList(RetentionBlock(cfg, i) for i in range(cfg.layers))
         self.value_dec = ValueDecoder(cfg.dim)
         # --- HINGE conditioning ---
-        self.cond_net = CondNet(cfg.dim, cfg.hist_dim, cfg.n_genes)
+        self.cond_net = CondNet(cfg.dim, cfg.hist_dim, cfg.n_genes, cfg.spatial, cfg.heads)
         self.dec_norm = SoftNorm(cfg.dim, cfg.soft_norm)
         self.dec_adaln = nn.Linear(cfg.dim, 2 * cfg.dim)
         self.head = make_head(cfg)
@@ -292,6 +372,7 @@ class Hinge(nn.Module):
         nn.init.normal_(self.zero_emb, std=0.02)
         with torch.no_grad():
             self.gene_emb[0].zero_()                     # token 0 is padding
+        zero_spatial_outputs(self.cond_net)              # --spatial: the untrained model reads only its own spot
         if not cfg.id_init:                              # --no-id-init: the heads keep their Linear init, λ = 0.5
             return
         if cfg.head != "point":                          # a zero correction: the head's mean starts as the decoder's
@@ -308,20 +389,22 @@ class Hinge(nn.Module):
         for n in (m for m in self.modules() if isinstance(m, SoftNorm)):
             nn.init.constant_(n.lambda_bias, -12.0)     # λ = sigmoid(-12) ≈ 6e-6: SoftNorm starts as the identity
 
-    def embed_histology(self, hist):                     # hist [B, hist_dim] -> [B, D]; once per spot when sampling
+    def embed_histology(self, hist, around=None):        # hist [B, hist_dim] -> [B, D]; once per spot when sampling
         if hist.shape[-1] != self.cfg.hist_dim:
             raise ValueError(f"histology features have dimension {hist.shape[-1]} but the model expects "
                              f"{self.cfg.hist_dim}; use the same --features as in training")
-        return self.cond_net.hist_embedder(hist)
+        return self.cond_net.embed(hist, around)
 
-    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, neighbours=None):
         """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
-        genes visible after this step, hist_emb [B, D], only [B, R] gene positions (default all G). Returns the
+        genes visible after this step, hist_emb [B, D], only [B, R] gene positions (default all G), neighbours
+        [B, G, 2] what the spot's neighbours show of each gene (--spatial joint; neighbour_state). Returns the
         head's output for those genes: x̂0 [B, R] for the point head, the parameters of each gene's distribution
         otherwise (self.head.mean gives x̂0)."""
         B, G = x.shape
         vis = visible.to(x.dtype)
         tok = self.gene_emb[self.gene_ids][None] + self.value_enc(x) + self.zero_emb * (1 - vis)[..., None]  # [B, G, D]
+        tok = tok + self.cond_net.neighbour_tokens(neighbours)                  # [B, G, D]
         h = torch.cat([self.cls_token.expand(B, -1, -1), tok], dim=1)            # [B, 1+G, D]
         key_mask, key_pos = torch.cat([vis.new_ones(B, 1), vis], dim=1), None   # [B, 1+G]: <cls> and visible genes
         n_vis = visible.sum(1)
@@ -369,175 +452,6 @@ def set_trainable(model, variant):
         else:
             p.requires_grad = not is_backbone_key(name)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-#################################################################################
-#                               Masked diffusion                                #
-#################################################################################
-
-def hidden_counts(schedule, T, G):
-    """Genes hidden at t = 0..T as the official scheduler counts them: ⌊γ(t)·G⌋ in float32 in its order of operations
-    (float64 differs by one gene at some G, t), pow and cos rounded correctly as a scalar torch call does."""
-    t = torch.arange(T + 1, dtype=torch.float32)
-    if schedule == "linear":
-        g = t / float(T)
-    elif schedule == "cosine":
-        g = 0.5 * (1 - torch.cos((math.pi * t / float(T)).double()).float())
-    elif schedule == "poly-auto" or schedule.startswith("power:"):
-        zeta = (min(max(math.log(1 / float(G)) / math.log(1.0 / float(max(2, T))), 1.05), 4.0)  # ζ = log_T G: exactly
-                if schedule == "poly-auto" else float(schedule.split(":", 1)[1]))          # one gene visible at t = T-1
-        g = 1 - ((1 - t / float(T)).double() ** zeta).float()
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}; use poly-auto, linear, cosine or power:<zeta>")
-    return (g.clamp(0, 1) * G).long()
-
-
-class MaskedDiffusion:
-    """Nested random gene orders: at step t the first ⌊γ(t)·G⌋ genes of a sample's order are hidden."""
-    def __init__(self, G, T=50, schedule="poly-auto", fill="gauss", loss_norm="sample"):
-        self.G, self.T, self.fill, self.loss_norm = G, T, fill, loss_norm
-        self.n_hidden = hidden_counts(schedule, T, G)    # [T+1]
-
-    def curriculum_cap(self, max_hidden=0.2):
-        """Largest t whose hidden fraction is at most `max_hidden` (≥ 1): the warm-up range."""
-        ok = (self.n_hidden <= max_hidden * self.G).nonzero().flatten()
-        return max(int(ok.max()), 1)
-
-    def gene_ranks(self, B, device, generator=None):
-        return torch.rand(B, self.G, device=device, generator=generator).argsort(1).argsort(1)  # [B, G]
-
-    def visible(self, ranks, t):                         # ranks [B, G], t [B] -> [B, G] bool
-        return ranks >= self.n_hidden.to(ranks.device)[t][:, None]
-
-    def fill_like(self, x, generator=None):
-        if self.fill == "zero":
-            return torch.zeros_like(x)
-        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-
-    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule", share=None, score=False):
-        """The head's loss (the point head's MSE is the official `elboloss`) on the genes revealed between t and t-1;
-        score: the MSE of the head's mean (validation). mask_ratio='uniform' (RandMask): a U(0,1) share hidden, loss on
-        all of it. loss_norm='sample' averages each sample's genes first, so every t weighs the same ('batch', the
-        official code's, generates worse: docs/analysis.md). share=(n, rank, world): x0 is rows rank::world of n."""
-        n, rows = batch_rows(x0, share)
-        dev = x0.device
-        ranks = self.gene_ranks(n, dev)[rows]            # drawn for the whole batch on every rank: the ranks
-        if mask_ratio == "uniform":                      # together draw what one process would
-            m = (torch.rand(n, device=dev)[rows] * self.G).ceil().long().clamp(1, self.G)
-            t = torch.searchsorted(self.n_hidden.to(dev), m).clamp(1, self.T)
-            vis = ranks >= m[:, None]
-            target = torch.ones_like(vis)
-        else:
-            t = torch.randint(1, (t_max or self.T) + 1, (n,), device=dev)[rows]
-            vis, target = self.visible(ranks, t), self.visible(ranks, t - 1)
-        xt = torch.where(vis, x0, self.fill_like(x0.new_empty(n, self.G))[rows])
-        out, head = model(xt, vis, t, target, hist_emb).float(), getattr(model, "module", model).head
-        w = (target & ~vis).float()                      # newly revealed genes
-        err = ((head.mean(out) - x0) ** 2 if score else head.nll(out, x0)) * w
-        if self.loss_norm == "batch":
-            return err.sum() / w.sum().clamp_min(1)
-        return (err.sum(1) / w.sum(1).clamp_min(1)).mean()
-
-
-def batch_rows(x0, share):
-    """(global batch size, this process's rows of it): every row without torchrun."""
-    if share is None:
-        return len(x0), slice(None)
-    n, rank, world = share
-    return n, slice(rank, None, world)
-
-
-class GaussianDiffusion:
-    """Gauss-Diff ablation: DDPM on the values (cosine ᾱ), the backbone predicts x0, DDIM sampling."""
-    def __init__(self, G, T=50):
-        self.G, self.T = G, T
-        s = torch.arange(T + 1, dtype=torch.float64) / T
-        f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2   # Nichol & Dhariwal cosine schedule
-        self.alpha_bar = (f / f[0]).clamp(1e-5, 1.0).float()
-
-    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule", share=None, score=False):
-        n, rows = batch_rows(x0, share)
-        dev = x0.device
-        t = torch.randint(1, (t_max or self.T) + 1, (n,), device=dev)[rows]
-        ab = self.alpha_bar.to(dev)[t][:, None]
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(n, self.G, device=dev, dtype=x0.dtype)[rows]
-        ones = torch.ones_like(x0, dtype=torch.bool)
-        pred = model(xt, ones, t, ones, hist_emb)
-        return ((pred.float() - x0) ** 2).mean()
-
-    @torch.no_grad()
-    def generate(self, model, h, K, generator=None, record=()):
-        """DDIM (η = 0) from noise in K steps; h [S·B, D] embedded histology -> (x̂0 [S·B, G], {k: x̂0})."""
-        dev, n = h.device, h.shape[0]
-        ab = self.alpha_bar.to(dev)
-        x = torch.randn(n, self.G, device=dev, generator=generator)
-        ones, steps, taus = torch.ones(n, self.G, dtype=torch.bool, device=dev), {}, step_times(self.T, K)
-        for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
-            x0 = model(x, ones, torch.full((n,), t, device=dev), ones, h).float()
-            eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
-            x = x0 if t_next == 0 else ab[t_next].sqrt() * x0 + (1 - ab[t_next]).sqrt() * eps
-            if k in record:
-                steps[k] = x0
-        return x, steps
-
-
-def make_diffusion(objective, G, T=50, schedule="poly-auto", fill="gauss", loss_norm="sample"):
-    """The training/sampling process of a run: masked diffusion (HINGE) or Gauss-Diff (ablation)."""
-    if objective == "masked":
-        return MaskedDiffusion(G, T, schedule, fill, loss_norm)
-    return GaussianDiffusion(G, T)
-
-
-#################################################################################
-#                                    Sampler                                    #
-#################################################################################
-
-def step_times(T, K):
-    """K+1 evenly spaced steps T = τ0 > τ1 > ... > τK = 0."""
-    if not 1 <= K <= T:
-        raise ValueError(f"step budget K={K} must be between 1 and T={T}")
-    return [round(T * (1 - k / K)) for k in range(K + 1)]
-
-
-@torch.no_grad()
-def generate(model, diffusion, hist, K, n_samples=1, generator=None, record=(), temperature=0.0):
-    """HINGE's sampler for a batch: hist [B, hist_dim] -> (mean [B, G], samples [S, B, G], x̂0 {step k: [B, G]}).
-    The histology is embedded once per spot; each step reveals the scheduled genes with values drawn from the
-    head at `temperature` (0: its mean) and keeps them fixed, so a sample is a joint draw. Gauss-Diff: its DDIM."""
-    B, G, S = hist.shape[0], diffusion.G, n_samples
-    h = model.embed_histology(hist).repeat(S, 1)       # [S·B, D]
-    if isinstance(diffusion, GaussianDiffusion):
-        x, steps = diffusion.generate(model, h, K, generator, record)
-    else:
-        x, steps = reveal(model, diffusion, h, K, generator, record, temperature)
-    samples = x.view(S, B, G)
-    return samples.mean(0), samples, {k: v.view(S, B, G).mean(0) for k, v in steps.items()}
-
-
-def reveal(model, diffusion, h, K, generator=None, record=(), temperature=0.0):
-    """The masked-diffusion steps T = τ0 > ... > τK = 0 for [S·B] rows -> (values [S·B, G], {k: x̂0})."""
-    dev, n = h.device, h.shape[0]
-    ranks = diffusion.gene_ranks(n, dev, generator)
-    order = ranks.argsort(1)                             # [n, G]: each row's genes by rank, hidden ones first
-    x = diffusion.fill_like(torch.empty(n, diffusion.G, device=dev), generator)
-    steps = {}
-    taus = step_times(diffusion.T, K)
-    for k, (t, t_next) in enumerate(zip(taus[:-1], taus[1:])):
-        tt = torch.full((n,), t, device=dev)
-        vis = diffusion.visible(ranks, tt)
-        new = order[:, int(diffusion.n_hidden[t_next]):int(diffusion.n_hidden[t])]  # [n, R]: hidden at t, not at t_next
-        recorded = k in record
-        if new.shape[1] == 0 and not recorded:
-            continue
-        # the target mask is m_{t-1}, as in training, even when the step jumps to t_next (docs/analysis.md);
-        # only=new: the last layer computes the revealed genes alone, the others serve as keys (a recorded step: all)
-        out = model(x, vis, tt, diffusion.visible(ranks, tt - 1), h, None if recorded else new).float()
-        draw = model.head.sample(out, temperature, generator)   # [n, R], or [n, G] when recorded
-        value = draw.gather(1, new) if recorded else draw        # [n, R]
-        x = x.scatter(1, new, value)                             # revealed genes stay fixed
-        if recorded:
-            steps[k] = torch.where(vis, x, model.head.mean(out))
-    return x, steps
 
 
 #################################################################################

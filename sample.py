@@ -26,9 +26,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from checkpoints import load_run
+from checkpoints import load_run, validation_space
 from common import UserError, atomic_h5, existing_slice, read_slice, run
-from folds import open_features
+from diffusion import generate, generate_slide, step_times
+from folds import open_features, slide_space
 from predictions import PredictionFile, provenance, write_anndata
 from runtime import add_runtime_args, init_distributed
 from scores import calibrate, calibration_scale
@@ -45,6 +46,11 @@ class Job:
     device: torch.device
     record: tuple
     scale: np.ndarray | None                             # per-gene calibration of the spread, or None
+    space: M.SpotSpace | None = None                     # the slide with each spot's neighbours (--spatial runs)
+
+    @property
+    def joint(self):                                     # --spatial joint: the slide is generated in lockstep
+        return self.net.cfg.spatial == "joint"
 
 
 def parse_record(spec, K):
@@ -78,25 +84,61 @@ def open_outputs(f, N, G, job):
     return PredictionFile(f, N, G, a.batch_size, a.samples if a.save_samples else 0, len(job.record))
 
 
-def generate_block(job, feats, seed, record=()):
-    """The S samples of a block of spots (raw features [n, D]) -> (mean, std, samples, recorded x̂0), numpy."""
+def standardise(job, feats):                             # raw features [n, D] -> standardised, on the device
+    mu, sd = job.run["feat_mean"], job.run["feat_std"]
+    return torch.from_numpy((feats - mu) / sd).float().to(job.device)
+
+
+def summarise(smp):                                      # samples [S, n, G] -> mean, std over the samples, numpy
+    return smp.mean(0).cpu().numpy(), smp.std(0, correction=1 if len(smp) > 1 else 0).cpu().numpy()
+
+
+def generate_block(job, h, seed, record=(), around=None):
+    """The S samples of a block of spots (standardised features [n, D], for a spatial run their surroundings)
+    -> (mean, std, samples, recorded x̂0), numpy."""
     a, dev = job.args, job.device
-    mu, sd = torch.from_numpy(job.run["feat_mean"]).to(dev), torch.from_numpy(job.run["feat_std"]).to(dev)
     gen = torch.Generator(dev).manual_seed(seed)
-    h = (torch.from_numpy(feats).to(dev) - mu) / sd
     with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
-        mean, smp, rec = M.generate(job.net, job.diffusion, h, a.steps, a.samples, gen, record, a.temperature)
+        _, smp, rec = generate(job.net, job.diffusion, h, a.steps, a.samples, gen, record, a.temperature, around)
     steps = np.stack([rec[k].cpu().numpy() for k in record]) if record else None
-    return mean.cpu().numpy(), smp.std(0, correction=1 if a.samples > 1 else 0).cpu().numpy(), smp.cpu().numpy(), steps
+    return *summarise(smp.float()), smp.cpu().numpy(), steps
+
+
+def generate_jointly(job, space, seed):
+    """--spatial joint: the S samples of every spot of `space` (a model.SpotSpace), generated together in lockstep
+    -> samples [S, N, G] float16 tensor."""
+    a, dev = job.args, job.device
+    gen = torch.Generator(dev).manual_seed(seed)
+
+    def embed(b, e):
+        return job.net.embed_histology(space.features[b:e], space.around(slice(b, e)))
+    with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
+        return generate_slide(job.net, job.diffusion, embed, space, a.steps, a.samples, gen, a.temperature,
+                              a.batch_size)
+
+
+def validation_predictions(job):
+    """Mean and spread of the run's validation spots, generated as the run generates a slide."""
+    a, X = job.args, job.run["val_expr"]
+    if job.net.cfg.spatial == "none":
+        blocks = [generate_block(job, standardise(job, job.run["val_features"][b:b + a.batch_size]), -1 - b)
+                  for b in range(0, len(X), a.batch_size)]
+        return np.concatenate([m for m, *_ in blocks]), np.concatenate([s for _, s, *_ in blocks])
+    space, scored = validation_space(job.run, job.device)
+    if job.joint:                                        # the validation spots among their neighbours, jointly
+        return summarise(generate_jointly(job, space, -1)[:, torch.from_numpy(scored)].float())
+    blocks = []
+    for b in range(0, len(scored), a.batch_size):
+        rows = torch.from_numpy(scored[b:b + a.batch_size]).to(job.device)
+        blocks.append(generate_block(job, space.features[rows], -1 - b, around=space.around(rows)))
+    return np.concatenate([m for m, *_ in blocks]), np.concatenate([s for _, s, *_ in blocks])
 
 
 def calibration(job):
     """Per gene, the factor on the spread that makes the central 50 % and 90 % intervals cover their share
     of the run's validation spots, sampled with the same K, S and temperature (one rule for every method)."""
-    a, X = job.args, job.run["val_expr"]
-    blocks = [generate_block(job, job.run["val_features"][b:b + a.batch_size], -1 - b)
-              for b in range(0, len(X), a.batch_size)]
-    scale = calibration_scale(X, np.concatenate([m for m, *_ in blocks]), np.concatenate([s for _, s, *_ in blocks]))
+    X = job.run["val_expr"]
+    scale = calibration_scale(X, *validation_predictions(job))
     print(f"calibrated the spread on {len(X)} validation spots: scale median {np.median(scale):.2f} "
           f"(10-90 %: {np.percentile(scale, 10):.2f}-{np.percentile(scale, 90):.2f})")
     return scale
@@ -105,10 +147,18 @@ def calibration(job):
 def sample_batches(out, starts, job):
     """Generate the batches beginning at `starts` into the prediction file `out` (other rows stay empty)."""
     a = job.args
+    joint = generate_jointly(job, job.space, a.seed) if job.joint else None   # [S, N, G]
     for b in tqdm(starts, desc=f"sample {os.path.basename(out.f.filename).split('.')[0]}", unit="batch"):
-        # per batch (--seed, first row): independent of the process split
-        mean, std, smp, steps = generate_block(job, job.feats.read(b, b + a.batch_size), a.seed * 1_000_003 + b,
-                                               job.record)
+        e = b + a.batch_size
+        if joint is not None:
+            smp = joint[:, b:e].float()
+            mean, std, smp, steps = *summarise(smp), smp.numpy(), None
+        elif job.space is not None:                      # per batch (--seed, first row): independent of the split
+            mean, std, smp, steps = generate_block(job, job.space.features[b:e], a.seed * 1_000_003 + b, job.record,
+                                                   job.space.around(slice(b, e)))
+        else:
+            mean, std, smp, steps = generate_block(job, standardise(job, job.feats.read(b, e)), a.seed * 1_000_003 + b,
+                                                   job.record)
         if job.scale is not None:
             std, smp = calibrate(mean, std, smp, job.scale)
         out.write(b, mean, std, smp if a.save_samples else None, steps)
@@ -156,7 +206,7 @@ def finish(out, name, job, N, t0):
              "genes_file": run["args"].get("genes")}
     if job.record:
         out.f["recorded_steps"] = np.array(job.record, np.int32)
-        out.f["recorded_t"] = np.array([M.step_times(job.diffusion.T, a.steps)[k] for k in job.record], np.int32)
+        out.f["recorded_t"] = np.array([step_times(job.diffusion.T, a.steps)[k] for k in job.record], np.int32)
     if job.scale is not None:
         out.f["calibration_scale"] = job.scale.astype(np.float32)
     out.finish(read_slice(a.data, name, ("barcode",))["barcode"], job.run["genes"], K=a.steps, T=job.diffusion.T,
@@ -217,6 +267,9 @@ def main():
     if a.calibrate and ck["val_expr"] is None:
         raise UserError(f"--calibrate: {a.run} holds no validation spots (an imported checkpoint); drop --calibrate")
     record = parse_record(a.record_steps, a.steps)
+    if net.cfg.spatial == "joint" and (record or world > 1):
+        raise UserError(f"{a.run} generates each slide jointly (--spatial joint), in one process and without "
+                        f"recorded steps; drop {'--record-steps' if record else 'torchrun'}")
     out_dir = a.out or os.path.join(a.run, "pred")
     if not (a.slices or ck["test_slice"]):
         raise UserError(f"{a.run}: this run has no test slice (an imported checkpoint); name the slices with --slices")
@@ -234,6 +287,9 @@ def main():
         check_slice(a.data, name, ck, feats, net.cfg.hist_dim)
         N, t0 = feats.n, time.time()
         job = Job(net, diffusion, ck, feats, a, dev, record, None)
+        if net.cfg.spatial != "none":                    # the whole slide with each spot's neighbours, in memory
+            job.space = M.SpotSpace.of(slide_space(a.data, ck["features"], name, ck["spatial"]), ck["feat_mean"],
+                                       ck["feat_std"], dev)
         if scale is None and a.calibrate is not False and ck["val_expr"] is not None:
             scale = calibration(job)
         job.scale = scale

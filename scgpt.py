@@ -177,7 +177,7 @@ class ScGPT(nn.Module):
         self.transformer_encoder = nn.ModuleDict({"layers": nn.ModuleList(ScGPTLayer(cfg) for _ in range(cfg.layers))})
         self.decoder = ExprDecoder(cfg.dim)
         # --- HINGE conditioning ---
-        self.cond_net = M.CondNet(cfg.dim, cfg.hist_dim, cfg.n_genes)
+        self.cond_net = M.CondNet(cfg.dim, cfg.hist_dim, cfg.n_genes, cfg.spatial, cfg.heads)
         self.dec_norm = M.SoftNorm(cfg.dim, cfg.soft_norm)
         self.dec_adaln = nn.Linear(cfg.dim, 2 * cfg.dim)
         self.head = make_head(cfg)
@@ -209,6 +209,7 @@ class ScGPT(nn.Module):
             else:                                        # B = 0: LoRA starts as a no-op
                 nn.init.kaiming_uniform_(a, a=5 ** 0.5)
                 nn.init.zeros_(b)
+        M.zero_spatial_outputs(self.cond_net)             # --spatial: the untrained model reads only its own spot
         if not cfg.id_init:
             return
         for lin in heads:                                # shift = scale = 0: the untrained model is scGPT
@@ -224,11 +225,11 @@ class ScGPT(nn.Module):
             nn.init.zeros_(self.head.proj.weight)
             nn.init.zeros_(self.head.proj.bias)
 
-    def embed_histology(self, hist):                     # hist [B, hist_dim] -> [B, D]; once per spot when sampling
+    def embed_histology(self, hist, around=None):        # hist [B, hist_dim] -> [B, D]; once per spot when sampling
         if hist.shape[-1] != self.cfg.hist_dim:
             raise ValueError(f"histology features have dimension {hist.shape[-1]} but the model expects "
                              f"{self.cfg.hist_dim}; use the same --features as in training")
-        return self.cond_net.hist_embedder(hist)
+        return self.cond_net.embed(hist, around)
 
     def tokens(self, x, vis):                            # x [B, G], vis [B, G] bool -> [B, 1+G, D]
         cfg = self.cfg
@@ -242,12 +243,15 @@ class ScGPT(nn.Module):
         cls = self.encoder(cls_id) + self.value_encoder(cls_value)                  # [1, D]
         return torch.cat([cls.expand(len(x), 1, -1).to(tok.dtype), tok], dim=1)
 
-    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):
+    def hidden(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, neighbours=None):
         """x [B, G] values (hidden ones filled), visible [B, G] in {0,1}, t [B] ints, target_visible [B, G]
-        genes visible after this step, hist_emb [B, D], only [B, R] -> the decoder's input h [B, R, D]."""
+        genes visible after this step, hist_emb [B, D], only [B, R], neighbours [B, G, 2] -> the decoder's input
+        h [B, R, D]."""
         B, G = x.shape
         vis = visible.bool()
         h = self.tokens(x, vis)                     # [B, 1+G, D]
+        if neighbours is not None:                       # --spatial joint: what the neighbours show, on gene tokens
+            h = torch.cat([h[:, :1], h[:, 1:] + self.cond_net.neighbour_tokens(neighbours)], 1)
         allowed = predicted = None
         # keys as in scGPT's generative pre-training, which its weights learnt: <cls> and the visible genes for all,
         # and each hidden gene for itself, so known genes never see hidden ones and hidden ones never see each other
@@ -266,8 +270,8 @@ class ScGPT(nn.Module):
             h = M.modulate(self.dec_norm(h), shift, scale)
         return h
 
-    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None):  # as Hinge's
-        h = self.hidden(x, visible, t, target_visible, hist_emb, only)       # [B, R, D]
+    def forward(self, x, visible, t=None, target_visible=None, hist_emb=None, only=None, neighbours=None):  # Hinge's
+        h = self.hidden(x, visible, t, target_visible, hist_emb, only, neighbours)  # [B, R, D]
         return self.head(h, self.decoder(h), only)                                 # [B, R] or [B, R, params]
 
     def backbone_state_dict(self):

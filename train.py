@@ -24,11 +24,65 @@ from tqdm import tqdm
 import model as M
 from checkpoints import build_model, load_backbone, prepare_backbone, read_run, save_run
 from common import UserError, run
-from folds import add_fold_args, feature_stats, fold_context, load_fold, split_validation, training_pixel_size
+from diffusion import Chunk, make_diffusion
+from folds import (add_fold_args, feature_stats, fold_context, fold_space, load_fold, split_validation, sub_space,
+                   training_pixel_size)
 from runtime import add_runtime_args, init_distributed
 
 
 CALIBRATION_SPOTS = 2000                                 # validation spots kept in the run (all of a Her2ST fold's)
+SPATIAL = ("none", "neighbourhood", "slide", "joint")
+
+
+def check_spatial(a, world):
+    """--spatial against the other flags, before any data is read."""
+    if a.spatial == "none":
+        return
+    if a.context:
+        raise UserError(f"--spatial {a.spatial} reads the neighbourhood by attention; drop --context {a.context}")
+    if a.neighbours < 1:
+        raise UserError(f"--neighbours {a.neighbours}: the spatial radius needs at least one neighbour")
+    if a.spatial == "joint" and a.objective != "masked":
+        raise UserError("--spatial joint shares revealed genes between neighbours: masked diffusion only")
+    if a.spatial == "joint" and world > 1:
+        raise UserError("--spatial joint trains on patches of a slide in one process; run it without torchrun")
+
+
+def calibration_space(space, val_rows):
+    """The validation spots a spatial run keeps, with their neighbours, as a SlideSpace's arrays (features float16,
+    to keep the run small): sample.py calibrates the spread on them, generated as a slide. scored: where the
+    validation spots are among the rows, in the order of val_expr."""
+    nb = space.neighbours.idx[val_rows]
+    pool = np.union1d(val_rows, nb[nb >= 0])
+    sub = sub_space(space, pool)
+    return {"features": sub.features.astype(np.float16), **sub.neighbours._asdict(), "means": sub.means,
+            "slide": sub.slide, "scored": np.searchsorted(pool, val_rows)}
+
+
+def patch(centre, idx, allowed, size):
+    """A patch of a slide (--spatial joint): `centre` and the allowed spots nearest it, breadth first over the
+    neighbour table idx [N_all, M] -> at most `size` rows (a slide's allowed spots may be fewer)."""
+    taken, seen, frontier = [centre], {centre}, [centre]
+    while frontier and len(taken) < size:
+        nxt = []
+        for r in frontier:
+            for q in idx[r][idx[r] >= 0]:
+                if q not in seen:
+                    seen.add(q)
+                    nxt.append(q)
+                    if allowed[q]:
+                        taken.append(q)
+        frontier = nxt
+    return np.array(taken[:size])
+
+
+def patch_neighbours(rows, idx, weight, count, n_all):
+    """Where each patch row's neighbours lie among the patch's rows -> (pos [n, M], -1 outside; weight; count)."""
+    local = np.full(n_all, -1)
+    local[rows] = np.arange(len(rows))
+    nb = idx[rows]
+    pos = np.where(nb >= 0, local[np.maximum(nb, 0)], -1)
+    return pos, np.where(pos >= 0, weight[rows], 0), count[rows]
 
 
 def parse_args():
@@ -49,8 +103,9 @@ def parse_args():
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for --variant backbone-lora (default 8)")
     p.add_argument("--objective", default="masked", choices=["masked", "gaussian"],
                    help="masked diffusion or Gauss-Diff ablation")
-    p.add_argument("--head", choices=["point", "gaussian", "bins"],
-                   help="the value of a revealed gene: gaussian (default: a mean and a variance per gene, NLL), bins "
+    p.add_argument("--head", choices=["point", "gaussian", "beta-nll", "bins"],
+                   help="the value of a revealed gene: gaussian (default: a mean and a variance per gene, NLL; "
+                        "beta-nll: the same trained with β-NLL, β = 0.5), bins "
                         "(a categorical over bins of log2(count + 1), cross-entropy) or point (the official decoder, "
                         "MSE; Gauss-Diff's only head); sample.py draws from it")
     p.add_argument("--cond", default="softadaln", choices=["softadaln", "hist-affine-ln"],
@@ -71,6 +126,14 @@ def parse_args():
     p.add_argument("--loss-norm", default="sample", choices=["sample", "batch"],
                    help="average the revealed genes per sample (default: every step t weighs the same) or over "
                         "the whole batch (the official code)")
+    p.add_argument("--spatial", default="none", choices=SPATIAL,
+                   help="what of its slide a spot reads: none (its own patch, the paper's), neighbourhood (its "
+                        "features attend over its neighbours', offsets encoded; replaces --context), slide (and the "
+                        "slide's mean features), joint (and, at each step, what its neighbours have revealed: "
+                        "sample.py then generates a slide in lockstep); radius from --neighbours")
+    p.add_argument("--neighbours", type=int, default=8, metavar="K",
+                   help="--spatial radius: the distance that K nearest spots cover on the training slides, in µm "
+                        "(spot pitches where a slide has no pixel size) (default 8)")
     p.add_argument("--T", type=int, default=50, help="diffusion steps (default 50)")
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
     p.add_argument("--dropout", type=float,
@@ -90,6 +153,7 @@ def parse_args():
 def main():
     a = parse_args()
     rank, world, a.device = init_distributed(a.device)
+    check_spatial(a, world)
     ddp = world > 1
     dev = torch.device(a.device)
     torch.manual_seed(a.seed); np.random.seed(a.seed); random.seed(a.seed)
@@ -111,13 +175,25 @@ def main():
     H = (H - mu) / sd
     A = (A - mu) / sd if A is not None else None
     tr_idx, val_idx = split_validation(len(X), a.val_frac, a.val_seed)
+    radius, space = None, None
+    if a.spatial != "none":                              # every spot of the training slides, kept or not
+        radius = fold_context(a.data, encoders, a.test_slice, a.exclude.split(","), a.neighbours)
+        space, kept = fold_space(a.data, train_names, encoders, radius)
+        rows = np.flatnonzero(kept)                      # the fold-space row of each of X's spots
+        kept_at = np.full(len(kept), -1)
+        kept_at[rows] = np.arange(len(rows))
+        spots = M.SpotSpace.of(space, mu, sd, dev)
+    joint = a.spatial == "joint"
 
     cfg, tokens, weights = prepare_backbone(
         a.preset, a.backbone_ckpt, [g.decode() for g in genes], gene_ids, n_genes=G, hist_dim=D, cond=a.cond,
         soft_norm=not a.no_soft_norm, id_init=not a.no_id_init, gate=a.gate, init=a.init, head=a.head,
         lora_rank=a.lora_rank if a.variant == "backbone-lora" else 0,
-        **({"dropout": a.dropout} if a.dropout is not None else {}))
+        spatial=a.spatial, **({"dropout": a.dropout} if a.dropout is not None else {}))
     net = build_model(cfg, tokens)
+    if a.spatial != "none" and rank == 0:
+        print(f"--spatial {a.spatial}: neighbours within {radius.radius_um or radius.radius_pitch:.3g} "
+              f"{'µm' if radius.radius_um else 'spot pitches'}, up to {space.neighbours.count.max()} a spot")
     if a.head == "bins":                                 # bin edges from the training spots, saved with the run
         net.head.set_bins(X[tr_idx])
     unused, unexpected = load_backbone(net, weights, a.backbone_ckpt) if weights else ([], [])
@@ -129,7 +205,7 @@ def main():
         print(f"{a.variant}: {n_train:,} trainable of {sum(p.numel() for p in net.parameters()):,} parameters; "
               f"{len(tr_idx)} train / {len(val_idx)} val spots from {len(train_names)} slices, "
               f"{G} genes, {D}-d features")
-    diffusion = M.make_diffusion(a.objective, G, a.T, a.schedule, a.fill, a.loss_norm)
+    diffusion = make_diffusion(a.objective, G, a.T, a.schedule, a.fill, a.loss_norm)
     model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if ddp else net
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(m) for m in a.milestones.split(",")], gamma=0.2)
@@ -150,7 +226,9 @@ def main():
             "train_slices": train_names, "objective": a.objective, "schedule": a.schedule, "fill": a.fill, "T": a.T,
             "variant": a.variant, "backbone_ckpt": a.backbone_ckpt, "args": vars(a),
             "pixel_size_um": training_pixel_size(a.data, train_names),
-            "context": context._asdict() if context else None}
+            "context": context._asdict() if context else None,
+            "spatial": radius._asdict() if radius else None,
+            "val_space": calibration_space(space, rows[keep]) if space else None}
 
     def batches(idx, gen, aug, share=False):
         """Batches of `--batch-size` spots; with share, this process's rows rank::world of each (the dihedral
@@ -163,16 +241,48 @@ def main():
             v = gen.integers(0, 8, len(b)) if aug else None   # one of the 8 dihedral views per spot and epoch
             if share:
                 b, v = b[rank::world], None if v is None else v[rank::world]
-            h = A[b, v] if aug else H[b]
-            yield torch.from_numpy(X[b]).to(dev), torch.from_numpy(np.ascontiguousarray(h)).float().to(dev)
+            yield spots_batch(b, v, None)
+
+    def spots_batch(b, v, scored):
+        """The tensors of X's spots b (dihedral views v): expression, features, surroundings, and for a patch
+        (scored: which rows the loss counts) where each spot's neighbours lie in it."""
+        h = torch.from_numpy(np.ascontiguousarray(A[b, v] if v is not None else H[b])).float().to(dev)
+        around = spots.around(torch.from_numpy(rows[b]).to(dev)) if space else None
+        chunk = None
+        if scored is not None:
+            nb = space.neighbours
+            pos, w, cnt = (torch.from_numpy(x).to(dev) for x in patch_neighbours(rows[b], nb.idx, nb.weight, nb.count,
+                                                                                len(kept)))
+            chunk = Chunk(pos, w.float(), cnt, torch.from_numpy(scored).float().to(dev))
+        return torch.from_numpy(X[b]).to(dev), h, around, chunk
+
+    def patches(centres, gen, aug):
+        """--spatial joint: the patch of --batch-size training spots around each centre (rows of X)."""
+        allowed = np.zeros(len(kept), bool)
+        allowed[rows[tr_idx]] = True                     # no validation spot's expression enters training
+        for c in centres:
+            b = kept_at[patch(rows[c], space.neighbours.idx, allowed, a.batch_size)]
+            yield spots_batch(b, gen.integers(0, 8, len(b)) if aug else None, np.ones(len(b), bool))
+
+    def validation_patches():
+        """--spatial joint: patches around the validation spots among all kept spots, each scored once."""
+        done, is_val = np.zeros(len(X), bool), np.zeros(len(X), bool)
+        is_val[val_idx] = True
+        for c in val_idx:
+            if not done[c]:
+                b = kept_at[patch(rows[c], space.neighbours.idx, kept, a.batch_size)]
+                scored = is_val[b] & ~done[b]
+                done[b[scored]] = True
+                yield spots_batch(b, None, scored)
 
     def val_mse():
         net.eval()
         fork = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
         with fork, torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
             torch.manual_seed(1234)                      # the same masks every epoch: comparable validation
-            tot = [diffusion.loss(net, x0, net.embed_histology(h), mask_ratio=a.mask_ratio, score=True).item() * len(x0)
-                   for x0, h in batches(val_idx, None, False)]
+            tot = [diffusion.loss(net, x0, net.embed_histology(h, around), mask_ratio=a.mask_ratio, score=True,
+                                  chunk=chunk).item() * (len(x0) if chunk is None else chunk.scored.sum().item())
+                   for x0, h, around, chunk in (validation_patches() if joint else batches(val_idx, None, False))]
         net.train()
         return sum(tot) / len(val_idx)
 
@@ -189,13 +299,14 @@ def main():
         order = tr_idx[gen.permutation(len(tr_idx))]
         t_max = diffusion.curriculum_cap(0.2) if (ep < curriculum and a.objective == "masked") else None
         losses = []
-        for i, (x0, h) in enumerate(tqdm(batches(order, gen, A is not None, ddp), total=-(-len(order) // a.batch_size),
-                                         desc=f"epoch {ep + 1}/{a.epochs}", unit="batch", leave=False,
-                                         disable=rank > 0)):
+        n_batches = -(-len(order) // a.batch_size)      # joint: as many patches, around random centres
+        steps = patches(order[:n_batches], gen, A is not None) if joint else batches(order, gen, A is not None, ddp)
+        for i, (x0, h, around, chunk) in enumerate(tqdm(steps, total=n_batches, desc=f"epoch {ep + 1}/{a.epochs}",
+                                                        unit="batch", leave=False, disable=rank > 0)):
             n = min(a.batch_size, len(order) - i * a.batch_size)
             with torch.autocast(dev.type, torch.bfloat16, enabled=a.amp):
-                loss = diffusion.loss(model, x0, net.embed_histology(h), t_max=t_max, mask_ratio=a.mask_ratio,
-                                      share=(n, rank, world) if ddp else None)
+                loss = diffusion.loss(model, x0, net.embed_histology(h, around), t_max=t_max,
+                                      mask_ratio=a.mask_ratio, share=(n, rank, world) if ddp else None, chunk=chunk)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # official HINGE clips at 1.0

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import extract_features as X  # noqa: E402
 import model as M  # noqa: E402
+from diffusion import generate, make_diffusion  # noqa: E402
 from checkpoints import build_model, save_run
 from common import str_array
 from runtime import synced_seconds
@@ -58,13 +59,13 @@ def sampler_rate(preset, sz, dev, amp):
     # built on the device: an 800M-parameter init on the CPU takes minutes
     with torch.device(dev):
         net = build_model(cfg, torch.arange(1, sz.genes + 1)).to(dev).eval()
-    diffusion = M.make_diffusion("masked", sz.genes, 50, "poly-auto", "gauss")
+    diffusion = make_diffusion("masked", sz.genes, 50, "poly-auto", "gauss")
     hist = torch.randn(sz.batch, HIST_DIM, device=dev)
     gen = torch.Generator(dev).manual_seed(0)
     with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
         if sz.warmup:
-            M.generate(net, diffusion, hist, 5, 1, gen)
-        secs = sum(synced_seconds(dev, lambda: M.generate(net, diffusion, hist, 5, 1, gen)) for _ in range(sz.batches))
+            generate(net, diffusion, hist, 5, 1, gen)
+        secs = sum(synced_seconds(dev, lambda: generate(net, diffusion, hist, 5, 1, gen)) for _ in range(sz.batches))
     return sz.batch * sz.batches / secs
 
 

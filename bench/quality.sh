@@ -135,6 +135,9 @@ hinge() {  # hinge RUN FOLD SEED: one train.py run (skipped when finished), then
     hinge_point) args=(--backbone-ckpt "$BACKBONE" --head point); samplings=("hinge_point_K5 5 $SAMPLES") ;;
     hinge_bins) args=(--backbone-ckpt "$BACKBONE" --head bins); samplings=("hinge_bins_K5 5 $SAMPLES") ;;
     hinge_ctx8) args=(--backbone-ckpt "$BACKBONE" --context 8); samplings=("hinge_ctx8_K5 5 $SAMPLES") ;;
+    hinge_betanll) args=(--backbone-ckpt "$BACKBONE" --head beta-nll); samplings=("hinge_betanll_K5 5 $SAMPLES") ;;
+    hinge_neighbourhood|hinge_slide|hinge_joint)                  # the spatial designs (train.py --spatial)
+                args=(--backbone-ckpt "$BACKBONE" --spatial "${run#hinge_}"); samplings=("${run}_K5 5 $SAMPLES") ;;
     hinge_scgpt) args=(--preset scgpt-small --backbone-ckpt "$SCGPT"); samplings=("hinge_scgpt_K5 5 $SAMPLES") ;;
     gaussian) args=(--backbone-ckpt "$BACKBONE" --objective gaussian); samplings=("gaussian_K50 50 2") ;;  # DDIM
     scratch) args=(--variant scratch); samplings=("scratch_K5 5 $SAMPLES") ;;
@@ -248,7 +251,7 @@ echo "== pre-training ($JOBS job(s) at a time, $THREADS thread(s) each)"
 
 plan() {  # one line per row: the longest (HINGE's) first, so that the last jobs to start are short
   local s seeds hinge_runs
-  hinge_runs="hinge_gaussian hinge_point hinge_ctx8"
+  hinge_runs="hinge_gaussian hinge_point hinge_ctx8 hinge_neighbourhood hinge_slide hinge_joint hinge_betanll"
   [ "$ABLATIONS" = 1 ] && hinge_runs+=" hinge_bins gaussian scratch"
   for s in "${folds[@]}"; do
     seeds=(42); [ "$(table_of "$s")" = cross ] && seeds=("${seed_list[@]}")
@@ -289,11 +292,15 @@ names = {"mean": "training mean", "ridge": "ridge", "mlp": "MLP head", "knn": "k
          "scratch_K5": "scratch K=5", "hinge_gaussian_K1": "HINGE K=1", "hinge_gaussian_K5": "HINGE K=5",
          "hinge_point_K5": "HINGE point K=5", "hinge_bins_K5": "HINGE bins K=5", "stflow": "STFlow",
          "triplex": "TRIPLEX", "merge": "MERGE", "ridge_ctx8": "ridge --context 8", "mlp_ctx8": "MLP --context 8",
-         "hinge_ctx8_K5": "HINGE --context 8 K=5", "hinge_scgpt_K5": "HINGE scGPT-small K=5"}
+         "hinge_ctx8_K5": "HINGE --context 8 K=5", "hinge_scgpt_K5": "HINGE scGPT-small K=5",
+         "hinge_neighbourhood_K5": "HINGE --spatial neighbourhood K=5", "hinge_slide_K5": "HINGE --spatial slide K=5",
+         "hinge_joint_K5": "HINGE --spatial joint K=5", "hinge_betanll_K5": "HINGE beta-nll K=5"}
 fit_of = {"gaussian_K50": "train:gaussian", "scratch_K5": "train:scratch", "hinge_gaussian_K1": "train:hinge_gaussian",
           "hinge_bins_K5": "train:hinge_bins", "hinge_point_K5": "train:hinge_point",
           "hinge_gaussian_K5": "train:hinge_gaussian", "hinge_ctx8_K5": "train:hinge_ctx8",
-          "hinge_scgpt_K5": "train:hinge_scgpt"}
+          "hinge_scgpt_K5": "train:hinge_scgpt", "hinge_neighbourhood_K5": "train:hinge_neighbourhood",
+          "hinge_slide_K5": "train:hinge_slide", "hinge_joint_K5": "train:hinge_joint",
+          "hinge_betanll_K5": "train:hinge_betanll"}
 cols = ["PCC-50", "mean_r", "MSE", "bias2", "SSIM", "CRPS", "cover50", "cover90", "spread_skill", "struct_r",
         "struct_r_sample", "struct_r_partial"]
 titles = {"within": "within patient C: leave-one-slice-out, mean ± std over folds",

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+from diffusion import MaskedDiffusion, generate  # noqa: E402
 from checkpoints import build_model
 from runtime import synced_seconds
 
@@ -50,7 +51,7 @@ dev = torch.device(a.device)
 
 def spots_per_s(net, diffusion, hist, K, record=()):
     gen = torch.Generator(dev).manual_seed(0)
-    return len(hist) / synced_seconds(dev, lambda: M.generate(net, diffusion, hist, K, 1, gen, record))
+    return len(hist) / synced_seconds(dev, lambda: generate(net, diffusion, hist, K, 1, gen, record))
 
 
 def gain(fast, slow, diffusion, hist, K=5):
@@ -84,12 +85,12 @@ def build(preset):
 
 def per_spot_cost(preset, n, K):
     """(parameters, matmul FLOPs per spot, seconds per spot) of generate() at K steps, S = 1."""
-    net, diffusion = build(preset), M.MaskedDiffusion(a.genes)
+    net, diffusion = build(preset), MaskedDiffusion(a.genes)
     hist = torch.randn(n, 1536, device=dev)
     gen = torch.Generator(dev).manual_seed(0)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        M.generate(net, diffusion, hist[:1], K, 1, gen)
-    secs = synced_seconds(dev, lambda: M.generate(net, diffusion, hist, K, 1, gen)) / n
+        generate(net, diffusion, hist[:1], K, 1, gen)
+    secs = synced_seconds(dev, lambda: generate(net, diffusion, hist, K, 1, gen)) / n
     return sum(p.numel() for p in net.parameters()), counter.get_total_flops(), secs
 
 
@@ -119,7 +120,7 @@ print(f"device {a.device}, {torch.get_num_threads()} threads, {a.genes} genes, 1
 print(f"{'preset':<12}{'K':>4}{'spots':>7}{'spots/s':>10}")
 for preset, n in zip(a.presets.split(","), map(int, a.spots.split(","))):
     net = build(preset)
-    diffusion = M.MaskedDiffusion(a.genes)
+    diffusion = MaskedDiffusion(a.genes)
     hist = torch.randn(n, 1536, device=dev)
     spots_per_s(net, diffusion, hist[:2], 1)            # warm-up: allocator, kernels
     rate = {}

@@ -117,16 +117,17 @@ def timed_steps(steps, n):
 def hinge_model(a, kind, G, D, dev):
     import model as M
     from checkpoints import gene_tokens
+    from diffusion import make_diffusion
     tokens, vocab = gene_tokens(np.zeros(G), M.make_config(a.preset).vocab)
     net = M.Hinge(M.make_config(a.preset, vocab=vocab, n_genes=G, hist_dim=D), tokens).to(dev)
     M.set_trainable(net, kind["variant"])
-    return net, M.make_diffusion(kind["objective"], G, 50)
+    return net, make_diffusion(kind["objective"], G, 50)
 
 
 def measure_hinge(a, kind, data, dev):
     import torch
-    import model as M
     from common import read_slice
+    from diffusion import generate
     from folds import Features
     feats = Features(data, [ENCODER], "test")
     G = len(read_slice(data, "test", ("genes",))["genes"])
@@ -137,7 +138,7 @@ def measure_hinge(a, kind, data, dev):
     t0, done, N = time.perf_counter(), 0, feats.n
     with torch.no_grad():
         for b in range(0, N, a.batch_size):             # sample.py's loop; its rows go to disk, here they are dropped
-            M.generate(net, diffusion, torch.from_numpy(feats.read(b, b + a.batch_size)).to(dev), kind["K"], 1, gen)
+            generate(net, diffusion, torch.from_numpy(feats.read(b, b + a.batch_size)).to(dev), kind["K"], 1, gen)
             done = min(N, b + a.batch_size)
             if time.perf_counter() - t0 > a.sample_s and done < N:
                 break

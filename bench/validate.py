@@ -22,9 +22,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import model as M  # noqa: E402
-from checkpoints import load_run
 from baselines import fit_ridge  # noqa: E402
+from checkpoints import load_run, validation_space  # noqa: E402
+from diffusion import generate, generate_slide  # noqa: E402
 from folds import load_fold, split_validation
 from evaluate import top_k_mean  # noqa: E402
 from scores import calibrate, calibration_scale, covered, crps_samples, pearson_per_gene  # noqa: E402
@@ -53,6 +53,20 @@ def scores(truth, pred, std=None, samples=None):
 
 def show(label, m):
     print(f"{label:<44} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+
+
+def spatial_samples(net, diffusion, ck, K, S, gen, tau):
+    """A spatial run's samples [S, n_val, G] of its validation spots, generated among their neighbours as sample.py
+    generates a slide (jointly for --spatial joint)."""
+    space, scored = validation_space(ck)
+    with torch.no_grad():
+        if net.cfg.spatial == "joint":
+            def embed(b, e):
+                return net.embed_histology(space.features[b:e], space.around(slice(b, e)))
+            return generate_slide(net, diffusion, embed, space, K, S, gen, tau)[:, scored].float().numpy()
+        rows = torch.from_numpy(scored).split(32)
+        return torch.cat([generate(net, diffusion, space.features[r], K, S, gen, temperature=tau,
+                                   around=space.around(r))[1] for r in rows], 1).numpy()
 
 
 def validation_split(ck, data):
@@ -84,10 +98,15 @@ for i, run_dir in enumerate(a.runs):
     for K in map(int, a.steps.split(",")):
         for tau in temps:
             gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                out = [M.generate(net, diffusion, h, K, a.samples, gen, temperature=tau)
-                       for h in torch.from_numpy(z(Hv)).split(32)]
-            mean, smp = torch.cat([o[0] for o in out]).numpy(), torch.cat([o[1] for o in out], 1).numpy()
+            if net.cfg.spatial == "none":
+                with torch.no_grad():
+                    out = [generate(net, diffusion, h, K, a.samples, gen, temperature=tau)
+                           for h in torch.from_numpy(z(Hv)).split(32)]
+                smp = torch.cat([o[1] for o in out], 1).numpy()
+            else:                                        # the validation spots among their neighbours, as kept
+                smp = spatial_samples(net, diffusion, ck, K, a.samples, gen, tau)
+                assert np.array_equal(ck["val_expr"], Xv), "a spatial run keeps every validation spot, in order"
+            mean = smp.mean(0)
             m = scores(Xv, mean, smp.std(0, ddof=1) if a.samples > 1 else np.zeros_like(mean), smp)
             label = (f"{os.path.basename(run_dir.rstrip('/'))} K={K}"
                      + (f" τ={tau:g}" if net.cfg.head != "point" else ""))

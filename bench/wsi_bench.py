@@ -10,6 +10,9 @@ the number of spots changes. Each stage runs as its own process; its wall time, 
 memory (VmHWM of that process) and the files it leaves (MB) are reported, with the memory ratio
 largest / smallest spot count. The slice file holds no patches: extract_features.py crops them
 from the slide. Sampling uses random weights (speed does not depend on them), K = 5, S = 1.
+--joint also samples each grid with a `--spatial joint` run, the whole slide in lockstep, beside the
+spot-wise sampler in the same run (targets: time at most 1.3x and memory at 50k spots at most 1.5x that
+at 1k).
 Targets at 50k spots on 2 CPU cores: tissue to AnnData in at most 20 minutes, at most 200 MB of
 intermediate files (slice file, features, prediction .h5; the .h5ad is the output), peak memory
 at most 1.5x that at 1k spots. On a machine shared with other jobs, run it with OMP_NUM_THREADS=1:
@@ -85,11 +88,14 @@ def timed(*cmd, env=None):
     return Stage(time.time() - t0, cpu, peak / 1024)
 
 
-def write_random_run(path, preset, genes, encoder, dim):
-    """A run with random weights: sampling speed does not depend on them."""
+def write_random_run(path, preset, genes, encoder, dim, spatial="none"):
+    """A run with random weights: sampling speed does not depend on them. A spatial run reads the spots within
+    1.5 pitches (≈ the 6 neighbours of a hexagonal grid)."""
     tokens, vocab = gene_tokens(np.zeros(genes), M.make_config(preset).vocab)
-    cfg = M.make_config(preset, vocab=vocab, n_genes=genes, hist_dim=dim)
-    save_run(path, M.Hinge(cfg, tokens), [f"G{i}" for i in range(genes)], [encoder], np.zeros(dim), np.ones(dim))
+    cfg = M.make_config(preset, vocab=vocab, n_genes=genes, hist_dim=dim, spatial=spatial)
+    radius = {"k": 6, "radius_um": None, "radius_pitch": 1.5} if spatial != "none" else None
+    save_run(path, M.Hinge(cfg, tokens), [f"G{i}" for i in range(genes)], [encoder], np.zeros(dim), np.ones(dim),
+             spatial=radius)
 
 
 def megabytes(*paths):
@@ -105,6 +111,8 @@ def main():
     p.add_argument("--preset", default="small", help="backbone for sampling (default small; cellfm-800m on a GPU)")
     p.add_argument("--genes", type=int, default=300, help="genes generated (default 300)")
     p.add_argument("--batch-size", type=int, help="sample.py spots per batch (its default when omitted)")
+    p.add_argument("--joint", action="store_true",
+                   help="also sample with a --spatial joint run (the lockstep sampler), side by side")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast in features and sampling (GPUs, CPUs with bf16 units)")
     a = p.parse_args()
@@ -121,6 +129,9 @@ def main():
     dim = {"stain": 74, "uni": 1024, "conch": 512}[a.encoder]
     run = os.path.join(a.out, f"run_{a.preset}_{a.encoder}")
     write_random_run(os.path.join(run, "best.pt"), a.preset, a.genes, a.encoder, dim)
+    joint_run = os.path.join(a.out, f"run_{a.preset}_{a.encoder}_joint")
+    if a.joint:
+        write_random_run(os.path.join(joint_run, "best.pt"), a.preset, a.genes, a.encoder, dim, "joint")
     py, amp = sys.executable, ["--amp"] if a.amp else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rows = []                                            # per spot count: (n, pitch, {stage: Stage}, AnnData MB)
@@ -149,6 +160,10 @@ def main():
                   "features (crop + embed)": feat._replace(
                       mb=megabytes(os.path.join(data, "features", a.encoder, "slide.h5"))),
                   "sampling + AnnData": samp._replace(mb=megabytes(os.path.join(pred, "slide.h5")))}
+        if a.joint:                                      # not part of tissue to AnnData: the same stage, jointly
+            stages["joint sampling (lockstep)"] = timed(py, "sample.py", "--run", joint_run, "--data", data, "--slices",
+                                                        "slide", "--steps", "5", "--samples", "1", "--out",
+                                                        pred + "_joint", *bs, *amp, env=env)
         rows.append((n, pitch, stages, megabytes(os.path.join(pred, "slide.h5ad"))))
         print(f"-- {n} spots (pitch {pitch:.1f} µm): " + ", ".join(f"{k} {v.secs:.1f} s" for k, v in stages.items()),
               flush=True)
@@ -159,9 +174,11 @@ def main():
           f"{os.getloadavg()[0]:.1f} at the end)")
     cell = "s, CPU s, spots/s, MiB, MB"
     print(f"{'stage':<26}" + "".join(f"{f'{n} spots: {cell}':>44}" for n, *_ in rows) + f"{'MiB ratio':>11}")
-    totals = [Stage(sum(v.secs for k, v in r[2].items() if k != "tissue detection"),  # prepare_data.py's time holds it
-                    sum(v.cpu_s for k, v in r[2].items() if k != "tissue detection"),
-                    max(v.mib for v in r[2].values()), sum(v.mb for v in r[2].values())) for r in rows]
+    apart = ("tissue detection", "joint sampling (lockstep)")  # prepare_data.py's time holds the first
+    totals = [Stage(sum(v.secs for k, v in r[2].items() if k not in apart),
+                    sum(v.cpu_s for k, v in r[2].items() if k not in apart),
+                    max(v.mib for k, v in r[2].items() if k != apart[1]),
+                    sum(v.mb for k, v in r[2].items() if k != apart[1])) for r in rows]
     table = {**{k: [r[2][k] for r in rows] for k in rows[0][2]}, "tissue to AnnData": totals}
     for stage, cells in table.items():
         text = [f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs:.1f}, {c.mib:.0f}, {c.mb:.1f}"
@@ -172,6 +189,10 @@ def main():
     print(f"at {n} spots: {last.secs / 60:.1f} min wall, {last.cpu_s / 60:.1f} CPU min (target <= 20 min on 2 cores), "
           f"{last.mb:.0f} MB of intermediate files (target <= 200), peak memory "
           f"{last.mib / totals[0].mib:.2f}x that at {rows[0][0]} spots (target <= 1.5)")
+    if a.joint:
+        ratios = ", ".join(f"{r[0]}: {r[2][apart[1]].secs / r[2]['sampling + AnnData'].secs:.2f}x" for r in rows)
+        print(f"joint (lockstep) / spot-wise sampling time, side by side: {ratios} (target <= 1.3); joint peak memory "
+              f"{rows[-1][2][apart[1]].mib / rows[0][2][apart[1]].mib:.2f}x that at {rows[0][0]} spots (target <= 1.5)")
     print(f"(pitch per column: {', '.join(f'{r[1]:.1f} µm' for r in rows)}; MB = files the stage leaves, the .h5ad "
           "apart; tissue to AnnData = prepare_data.py + extract_features.py + sample.py, its MiB the largest stage's; "
           "CPU s = user + system time of the stage's process)")

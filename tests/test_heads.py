@@ -1,13 +1,15 @@
 """The distributional heads (train.py --head gaussian|bins) and sampling from them, on synthetic data
 with a known answer: expression = f(histology) + noise whose σ depends on the histology, one bimodal
 gene, and two genes whose noise is correlated given the histology."""
+import math
 import h5py
 import numpy as np
 import pytest
 import torch
 
 import model as M
-from heads import GaussianHead, PointHead
+from diffusion import MaskedDiffusion, generate
+from heads import BetaNLLHead, GaussianHead, PointHead
 from conftest import assert_user_error, run_script, train
 from scores import calibrate, calibration_scale, covered
 
@@ -37,7 +39,7 @@ def fit(head, X, H, steps=1500, seed=0):
     if head == "bins":
         net.head.set_bins(X)
     M.set_trainable(net, "scratch")
-    diffusion = M.MaskedDiffusion(G, T=50)
+    diffusion = MaskedDiffusion(G, T=50)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     train_rows = 2 * N // 3
     for _ in range(steps):
@@ -66,7 +68,7 @@ def held_out(data):
 def draws(net, diffusion, H, K=50, S=20, temperature=1.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return M.generate(net, diffusion, H, K, S, gen, temperature=temperature)
+        return generate(net, diffusion, H, K, S, gen, temperature=temperature)
 
 
 @pytest.mark.slow                                        # `fitted`: minutes of training
@@ -108,10 +110,10 @@ class Correlated(torch.nn.Module):
         super().__init__()
         self.head = GaussianHead(1, 2)
 
-    def embed_histology(self, hist):
+    def embed_histology(self, hist, around=None):
         return hist
 
-    def forward(self, x, visible, t, target, h, only=None):
+    def forward(self, x, visible, t, target, h, only=None, neighbours=None):
         other = x.flip(1) - 2.5
         mean = 2.5 + 0.8 * other * visible.flip(1)
         var = torch.where(visible.flip(1), 0.4 ** 2 * (1 - 0.8 ** 2), 0.4 ** 2)
@@ -121,7 +123,7 @@ class Correlated(torch.nn.Module):
 def test_one_sample_is_a_joint_draw_with_the_noise_correlation():
     """Revealed values are drawn and later steps condition on them: one sample's gene-gene r is the truth's;
     revealing means (temperature 0, the point sampler) cannot reach it."""
-    diffusion, H = M.MaskedDiffusion(2, T=50), torch.zeros(4000, 1)
+    diffusion, H = MaskedDiffusion(2, T=50), torch.zeros(4000, 1)
     _, sample, _ = draws(Correlated(), diffusion, H, K=50, S=1)
     r = np.corrcoef(sample[0, :, 0], sample[0, :, 1])[0, 1]
     assert abs(r - 0.8) < 0.1 and abs(sample[0].std(0) - 0.4).max() < 0.05, (r, sample[0].std(0))
@@ -135,7 +137,7 @@ class MeanOnly(torch.nn.Module):
         super().__init__()
         self.net, self.head = net, PointHead()
 
-    def embed_histology(self, hist):
+    def embed_histology(self, hist, around=None):
         return self.net.embed_histology(hist)
 
     def forward(self, *args):
@@ -149,8 +151,8 @@ def test_temperature_zero_is_the_point_sampler(data, fitted, head):
     net, diffusion = fitted[head]
     gens = [torch.Generator().manual_seed(3) for _ in range(2)]
     with torch.no_grad():
-        a = M.generate(net, diffusion, H[:64], 5, 3, gens[0], temperature=0)[1]
-        b = M.generate(MeanOnly(net), diffusion, H[:64], 5, 3, gens[1])[1]
+        a = generate(net, diffusion, H[:64], 5, 3, gens[0], temperature=0)[1]
+        b = generate(MeanOnly(net), diffusion, H[:64], 5, 3, gens[1])[1]
     torch.testing.assert_close(a, b)
     assert torch.equal(gens[0].get_state(), gens[1].get_state())   # no random number drawn beyond the point sampler's
 
@@ -224,3 +226,14 @@ def strip_validation(run, dst):
     dst.mkdir(exist_ok=True)
     torch.save(ck, dst / "best.pt")
     return dst
+
+
+def test_beta_nll_weights_each_gene_by_its_own_variance_held_constant():
+    """β-NLL (Seitzer et al. 2022): the Gaussian NLL times σ^(2β), β = 0.5, the weight outside the gradient."""
+    out = torch.tensor([[[1.0, math.log(4.0)], [2.0, 0.0]]], requires_grad=True)   # means 1, 2; variances 4, 1
+    x = torch.tensor([[3.0, 2.5]])
+    beta = BetaNLLHead(4, 2).nll(out, x)
+    torch.testing.assert_close(beta, GaussianHead(4, 2).nll(out, x) * torch.tensor([[2.0, 1.0]]))
+    beta[0, 0].backward()
+    # d/dmean of 2 · 0.5 · (x - m)² / 4 = -(x - m) / 2 = -1; d/dlogvar of 2 · 0.5 · (logvar + (x - m)² e^-logvar) = 0
+    torch.testing.assert_close(out.grad[0, 0], torch.tensor([-1.0, 0.0]))

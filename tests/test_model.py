@@ -8,6 +8,7 @@ import torch
 
 import checkpoints as C
 import model as M
+from diffusion import GaussianDiffusion, MaskedDiffusion, generate, step_times
 from heads import PointHead
 from conftest import FIXTURES, run_script
 
@@ -125,7 +126,7 @@ def test_hinge_step_changes_only_conditioning():
     before = {k: p.detach().clone() for k, p in m.named_parameters()}
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     x, vis, t, hist = batch()
-    diff = M.MaskedDiffusion(G, T=50)
+    diff = MaskedDiffusion(G, T=50)
     diff.loss(m, x, m.embed_histology(hist)).backward()
     opt.step()
     changed = {k for k, p in m.named_parameters() if not torch.equal(p, before[k])}
@@ -184,7 +185,7 @@ def test_histology_of_wrong_dimension():
 
 @pytest.mark.parametrize("schedule", ["poly-auto", "linear", "cosine", "power:2"])
 def test_masks_nested_and_counts_follow_schedule(schedule):
-    d = M.MaskedDiffusion(300, T=50, schedule=schedule)
+    d = MaskedDiffusion(300, T=50, schedule=schedule)
     s = np.arange(51) / 50
     gamma = {"poly-auto": 1 - (1 - s) ** (np.log(300) / np.log(50)), "linear": s,
              "cosine": 0.5 * (1 - np.cos(np.pi * s)), "power:2": 1 - (1 - s) ** 2}[schedule]
@@ -210,11 +211,11 @@ OFFICIAL_COUNTS = {(667, 50, 33): 556, (935, 50, 24): 637, (766, 100, 88): 730, 
 @pytest.mark.parametrize("key", list(OFFICIAL_COUNTS))
 def test_schedule_counts_are_the_official_ones(key):
     G, T, t = key
-    assert int(M.MaskedDiffusion(G, T).n_hidden[t]) == OFFICIAL_COUNTS[key]
+    assert int(MaskedDiffusion(G, T).n_hidden[t]) == OFFICIAL_COUNTS[key]
 
 
 def test_curriculum_cap():
-    d = M.MaskedDiffusion(300, T=50)
+    d = MaskedDiffusion(300, T=50)
     cap = d.curriculum_cap(0.2)
     assert d.n_hidden[cap] <= 60 < d.n_hidden[cap + 1]
 
@@ -227,10 +228,10 @@ class Recorder(torch.nn.Module):
         self.head = PointHead()
         self.calls = []
 
-    def embed_histology(self, hist):
+    def embed_histology(self, hist, around=None):
         return hist
 
-    def forward(self, x, vis, t, target, h, only=None):
+    def forward(self, x, vis, t, target, h, only=None, neighbours=None):
         self.calls.append((x.clone(), vis.clone(), t.clone(), target.clone()))
         return M.pick(self.pred.expand(x.shape[0], -1) + 0 * h[:, :1] + t[:, None] * 1e-3, only)
 
@@ -238,7 +239,7 @@ class Recorder(torch.nn.Module):
 @pytest.mark.parametrize("norm", ["sample", "batch"])
 def test_loss_touches_only_newly_revealed_genes(norm):
     torch.manual_seed(0)
-    d = M.MaskedDiffusion(G, T=10, schedule="linear", loss_norm=norm)
+    d = MaskedDiffusion(G, T=10, schedule="linear", loss_norm=norm)
     rec = Recorder(G)
     x0 = torch.rand(6, G)
     rec.pred = torch.nn.Parameter(torch.randn(6, G))
@@ -255,9 +256,9 @@ def test_loss_touches_only_newly_revealed_genes(norm):
 
 
 def test_sampler_reveals_every_gene_once_with_no_fill_left():
-    d = M.MaskedDiffusion(G, T=50)
+    d = MaskedDiffusion(G, T=50)
     rec = Recorder(G)
-    mean, samples, steps = M.generate(rec, d, torch.zeros(3, 1), K=50, n_samples=1,
+    mean, samples, steps = generate(rec, d, torch.zeros(3, 1), K=50, n_samples=1,
                                       generator=torch.Generator().manual_seed(0), record=(0, 25, 49))
     # one call per step that reveals a gene or is recorded (the record asks for every gene's prediction)
     reveals = [int(d.n_hidden[t] - d.n_hidden[t - 1]) for t in range(50, 0, -1)]
@@ -301,29 +302,29 @@ def test_the_sampler_s_shortcuts_output_what_the_whole_model_outputs(preset, hea
         assert vis[0].sum() != 9
         assert torch.allclose(net(x, same, t, same, h), net(x[[*range(len(x)), 0]], mixed, t[[*range(len(x)), 0]],
                                                             mixed, h[[*range(len(x)), 0]])[:len(x)], atol=1e-5)
-        d = M.MaskedDiffusion(G, T=50)
-        fast, whole = (M.generate(net, d, hist, 5, 2, torch.Generator().manual_seed(1), record)[1]
+        d = MaskedDiffusion(G, T=50)
+        fast, whole = (generate(net, d, hist, 5, 2, torch.Generator().manual_seed(1), record)[1]
                        for record in ((), tuple(range(5))))
     assert torch.allclose(fast, whole, atol=1e-5)        # a recorded step runs the whole model
 
 
 def test_sampler_step_budget_and_samples():
-    d = M.MaskedDiffusion(G, T=50)
+    d = MaskedDiffusion(G, T=50)
     rec = Recorder(G)
-    M.generate(rec, d, torch.zeros(4, 1), K=5, n_samples=3)
+    generate(rec, d, torch.zeros(4, 1), K=5, n_samples=3)
     assert len(rec.calls) == 5 and rec.calls[0][0].shape[0] == 12
     assert [int(c[2][0]) for c in rec.calls] == [50, 40, 30, 20, 10]
     for x, vis, t, target in rec.calls:                  # conditioned on m_{t-1}, the target seen in training
         assert ((~target).sum(1) == d.n_hidden[t - 1]).all()
     for K in (0, 51):
         with pytest.raises(ValueError, match="between 1 and T=50"):
-            M.step_times(50, K)
+            step_times(50, K)
 
 
 def test_gaussian_ddim_returns_the_predicted_x0():
-    d = M.GaussianDiffusion(G, T=50)
+    d = GaussianDiffusion(G, T=50)
     rec = Recorder(G)
-    mean, _, _ = M.generate(rec, d, torch.zeros(2, 1), K=5, n_samples=2)
+    mean, _, _ = generate(rec, d, torch.zeros(2, 1), K=5, n_samples=2)
     assert torch.allclose(mean, rec.pred.detach().expand(2, -1) + 0.01, atol=1e-5)  # last call at t = 10
     assert len(rec.calls) == 5 and rec.calls[0][1].all()
 
@@ -331,7 +332,7 @@ def test_gaussian_ddim_returns_the_predicted_x0():
 def test_real_model_trains_a_few_steps_and_samples():
     m = tiny_model()
     M.set_trainable(m, "scratch")
-    d = M.MaskedDiffusion(G, T=20)
+    d = MaskedDiffusion(G, T=20)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     x0 = torch.rand(16, G) * 4
     hist = torch.randn(16, 48)
@@ -342,13 +343,13 @@ def test_real_model_trains_a_few_steps_and_samples():
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     m.eval()
-    mean, samples, _ = M.generate(m, d, hist[:4], K=4, n_samples=2)
+    mean, samples, _ = generate(m, d, hist[:4], K=4, n_samples=2)
     assert mean.shape == (4, G) and torch.isfinite(mean).all()
 
 
 def test_randmask_loss_covers_all_hidden_genes():
     torch.manual_seed(0)
-    d = M.MaskedDiffusion(G, T=50)
+    d = MaskedDiffusion(G, T=50)
     rec = Recorder(G)
     rec.pred = torch.nn.Parameter(torch.randn(64, G))
     d.loss(rec, torch.rand(64, G), torch.zeros(64, 1), mask_ratio="uniform").backward()
@@ -361,7 +362,7 @@ def test_randmask_loss_covers_all_hidden_genes():
 
 def test_curriculum_limits_t():
     torch.manual_seed(0)
-    d = M.MaskedDiffusion(G, T=50)
+    d = MaskedDiffusion(G, T=50)
     rec = Recorder(G)
     cap = d.curriculum_cap(0.2)
     for _ in range(20):
