@@ -43,7 +43,7 @@ from tqdm import tqdm
 import peers as P
 from common import UserError, atomic_h5, list_slices, read_slice, run
 from folds import add_fold_args, feature_stats, fold_context, load_fold, open_features, split_validation
-from predictions import PredictionFile, write_anndata
+from predictions import PredictionFile, provenance, write_anndata
 from scores import calibrate, calibration_scale
 
 RIDGE_GRID = np.logspace(-2, 6, 17)                      # λ on standardised features: 0.01 .. 1e6, half-decade steps
@@ -198,7 +198,8 @@ def finish(out, a, target, genes, names, chosen, N, scale):
         out.f["calibration_scale"] = scale.astype(np.float32)
     out.finish(read_slice(target.data, target.name, ("barcode",))["barcode"], [g.decode() for g in genes],
                method=a.method, calibrated=scale is not None, seconds=secs, spots_per_s=N / secs,
-               train_slices=",".join(names), **({"context": a.context} if a.context else {}), **chosen)
+               train_slices=",".join(names), **({"context": a.context} if a.context else {}), **chosen,
+               **provenance(target.data, target.name, {"data": a.data, "slices": names}))
 
 
 def report(a, targets, chosen, spots, n_slides):

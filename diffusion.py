@@ -29,6 +29,9 @@ def hidden_counts(schedule, T, G):
 
 class MaskedDiffusion:
     """Nested random gene orders: at step t the first ⌊γ(t)·G⌋ genes of a sample's order are hidden."""
+    # --spatial joint: the share of a patch's spots trained as alone. On smooth synthetic tissue 0.5 left the
+    # histology path unlearnt in 40 epochs (PCC-50 0.16 against 0.62 for `slide`), 0.8 did not (0.57)
+    ALONE = 0.8
     def __init__(self, G, T=50, schedule="poly-auto", fill="gauss", loss_norm="sample"):
         self.G, self.T, self.fill, self.loss_norm = G, T, fill, loss_norm
         self.n_hidden = hidden_counts(schedule, T, G)    # [T+1]
@@ -75,6 +78,10 @@ class MaskedDiffusion:
         if chunk is not None:
             p = chunk.pos.clamp_min(0)                   # [n, M]
             neighbours = neighbour_state(xt[p], vis[p] & (chunk.pos >= 0)[..., None], chunk.weight, chunk.count)
+            # most spots see no neighbour, as alone: else the model copies its neighbours' true values and never
+            # learns to start a slide from histology, where no neighbour shows anything yet (a slide's first steps)
+            alone = torch.rand(n, device=dev)[rows] < self.ALONE
+            neighbours = neighbours * ~alone[:, None, None]
         out = model(xt, vis, t, target, hist_emb, None, neighbours).float()
         head = getattr(model, "module", model).head
         w = (target & ~vis).float()                      # newly revealed genes

@@ -12,6 +12,7 @@ usage: bash run_all.sh [options]
 
   --dataset NAME        demo (default: synthetic, offline, CPU minutes), her2st, visium, visium-hd (16 µm bins) or hest
   --raw DIR             raw data folder (her2st, visium, visium-hd, hest)
+  --bin-um 8|16         visium-hd: the Space Ranger bin size to read (default 16)
   --out DIR             output folder (default runs/<dataset>)
   --test-slices A,B     held-out slices, one fold each (default: demo and her2st the first slice of each
                         patient that has an image; visium/hest every slice with an image)
@@ -47,11 +48,12 @@ HELP
 }
 
 DATASET=demo RAW="" OUT="" TEST="" ENCODER=stain WEIGHTS="" CKPT="" PRESET="" EPOCHS="" PRE_EPOCHS="" LR="" PRE_LR=3e-3
-STEPS=5 SAMPLES=5 VOCAB="" INSTALL_ONLY=0 PREDICT="" RUN="" GRID_ARGS=()
+STEPS=5 SAMPLES=5 VOCAB="" INSTALL_ONLY=0 PREDICT="" RUN="" GRID_ARGS=() BIN_UM=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) DATASET="$2"; shift 2 ;;
     --raw) RAW="$2"; shift 2 ;;
+    --bin-um) BIN_UM="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --test-slices) TEST="$2"; shift 2 ;;
     --encoder) ENCODER="$2"; shift 2 ;;
@@ -133,6 +135,7 @@ echo "== prepare ($DATASET)"
 prep=(--dataset "$DATASET" --out "$DATA")
 [ -n "$RAW" ] && prep+=(--raw "$RAW")
 [ -n "$VOCAB" ] && prep+=(--vocab "$VOCAB")
+[ -n "$BIN_UM" ] && prep+=(--bin-um "$BIN_UM")
 if [ -n "$TEST" ]; then  # held-out slices are checked first and kept out of gene selection
   prep+=(--test-slices "$TEST")
 elif [ "$DATASET" = her2st ] || [ "$DATASET" = demo ]; then  # default pool: the first imaged slice of each patient

@@ -240,6 +240,7 @@ def test_peer_fits_and_predicts_the_demo(demo, tmp_path, method, epochs):
         assert pred.shape == std.shape == X.shape and pred.dtype == std.dtype == np.float32
         assert list(f["barcode"][()]) == list(s["barcode"][()]) and list(f["genes"][()]) == list(s["genes"][()])
         assert f.attrs["method"] == method and f.attrs["epochs"] == epochs and f.attrs["stop"] == "epochs"
+        assert f.attrs["units"].startswith("log2(count + 1)") and f.attrs["training_data"] == str(demo / "data")
         assert (std > 0).mean() > 0.5 and np.isfinite(pred).all()
         if generative:
             smp = f["samples"][()].astype(np.float64)
