@@ -30,7 +30,8 @@ def hidden_counts(schedule, T, G):
 class MaskedDiffusion:
     """Nested random gene orders: at step t the first ⌊γ(t)·G⌋ genes of a sample's order are hidden."""
     # --spatial joint: the share of a patch's spots trained as alone. On smooth synthetic tissue 0.5 left the
-    # histology path unlearnt in 40 epochs (PCC-50 0.16 against 0.62 for `slide`), 0.8 did not (0.57)
+    # histology path unlearnt in 40 epochs (PCC-50 0.10 against 0.63 for `slide`), 0.8 did not (0.55;
+    # docs/analysis.md "Joint generation")
     ALONE = 0.8
     def __init__(self, G, T=50, schedule="poly-auto", fill="gauss", loss_norm="sample"):
         self.G, self.T, self.fill, self.loss_norm = G, T, fill, loss_norm

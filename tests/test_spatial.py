@@ -223,9 +223,9 @@ def smooth(demo, tmp_path_factory):
 
 def test_a_joint_run_beats_spot_wise_hinge_on_smooth_tissue(smooth, tmp_path):
     """A joint run (its neighbours' features and, at each step, their revealed genes) against today's spot-wise
-    HINGE, the same budget: its mean map and one sample are both closer to the truth (here: 0.57 / 0.49 against
-    0.39 / 0.19). Most of that is reading the neighbours' features: the same joint model generating each spot
-    alone scored 0.58 / 0.52, so sharing revealed genes did not help on this tissue (docs/analysis.md)."""
+    HINGE, the same budget: its mean map and one sample are both closer to the truth. Most of that is reading the
+    neighbours' features: the same joint model generating each spot alone does as well, so sharing revealed
+    genes did not help on this tissue (docs/analysis.md "Joint generation")."""
     scores = {}
     for spatial in ("none", "joint"):
         out = tmp_path / spatial
