@@ -123,14 +123,13 @@ def validation_predictions(job):
     if job.net.cfg.spatial == "none":
         blocks = [generate_block(job, standardise(job, job.run["val_features"][b:b + a.batch_size]), -1 - b)
                   for b in range(0, len(X), a.batch_size)]
-        return np.concatenate([m for m, *_ in blocks]), np.concatenate([s for _, s, *_ in blocks])
-    space, scored = validation_space(job.run, job.device)
-    if job.joint:                                        # the validation spots among their neighbours, jointly
-        return summarise(generate_jointly(job, space, -1)[:, torch.from_numpy(scored)].float())
-    blocks = []
-    for b in range(0, len(scored), a.batch_size):
-        rows = torch.from_numpy(scored[b:b + a.batch_size]).to(job.device)
-        blocks.append(generate_block(job, space.features[rows], -1 - b, around=space.around(rows)))
+    else:
+        space, scored = validation_space(job.run, job.device)
+        if job.joint:                                    # the validation spots among their neighbours, jointly
+            return summarise(generate_jointly(job, space, -1)[:, torch.from_numpy(scored)].float())
+        rows = [torch.from_numpy(scored[b:b + a.batch_size]).to(job.device) for b in range(0, len(X), a.batch_size)]
+        blocks = [generate_block(job, space.features[r], -1 - b * a.batch_size, around=space.around(r))
+                  for b, r in enumerate(rows)]
     return np.concatenate([m for m, *_ in blocks]), np.concatenate([s for _, s, *_ in blocks])
 
 
@@ -153,12 +152,10 @@ def sample_batches(out, starts, job):
         if joint is not None:
             smp = joint[:, b:e].float()
             mean, std, smp, steps = *summarise(smp), smp.numpy(), None
-        elif job.space is not None:                      # per batch (--seed, first row): independent of the split
-            mean, std, smp, steps = generate_block(job, job.space.features[b:e], a.seed * 1_000_003 + b, job.record,
-                                                   job.space.around(slice(b, e)))
-        else:
-            mean, std, smp, steps = generate_block(job, standardise(job, job.feats.read(b, e)), a.seed * 1_000_003 + b,
-                                                   job.record)
+        else:                                            # per batch (--seed, first row): independent of the split
+            h, around = ((job.space.features[b:e], job.space.around(slice(b, e))) if job.space is not None
+                         else (standardise(job, job.feats.read(b, e)), None))
+            mean, std, smp, steps = generate_block(job, h, a.seed * 1_000_003 + b, job.record, around)
         if job.scale is not None:
             std, smp = calibrate(mean, std, smp, job.scale)
         out.write(b, mean, std, smp if a.save_samples else None, steps)
