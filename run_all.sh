@@ -29,6 +29,8 @@ usage: bash run_all.sh [options]
   --pretrain-lr LR      pretrain.py learning rate (default 3e-3)
   --steps K             sampling step budget (default 5)
   --samples S           samples per spot, averaged (default 5)
+  --seed N              seed of pretrain.py, train.py and sample.py (default: each script's own); the README's
+                        demo spread is over the default and --seed 1, 2
   --vocab FILE          the backbone's vocabulary, CellFM gene_info.csv or scGPT vocab.json: keep vocabulary genes,
                         store token ids (needed with --backbone-ckpt)
   --install-only        only create or update .venv from requirements.txt
@@ -48,7 +50,7 @@ HELP
 }
 
 DATASET=demo RAW="" OUT="" TEST="" ENCODER=stain WEIGHTS="" CKPT="" PRESET="" EPOCHS="" PRE_EPOCHS="" LR="" PRE_LR=3e-3
-STEPS=5 SAMPLES=5 VOCAB="" INSTALL_ONLY=0 PREDICT="" RUN="" GRID_ARGS=() BIN_UM=""
+STEPS=5 SAMPLES=5 SEED=() VOCAB="" INSTALL_ONLY=0 PREDICT="" RUN="" GRID_ARGS=() BIN_UM=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) DATASET="$2"; shift 2 ;;
@@ -66,6 +68,7 @@ while [ $# -gt 0 ]; do
     --pretrain-lr) PRE_LR="$2"; shift 2 ;;
     --steps) STEPS="$2"; shift 2 ;;
     --samples) SAMPLES="$2"; shift 2 ;;
+    --seed) SEED=(--seed "$2"); shift 2 ;;
     --vocab) VOCAB="$2"; shift 2 ;;
     --install-only) INSTALL_ONLY=1; shift ;;
     --predict) PREDICT="$2"; shift 2 ;;
@@ -161,14 +164,15 @@ for s in "${folds[@]}"; do
     backbone=$OUT/folds/backbone_$s.safetensors
     [[ $PRESET == scgpt* ]] && backbone=$OUT/folds/backbone_$s  # scGPT's layout: a folder
     [ -e "$backbone" ] || { echo "-- $s: pretrain"; $PY pretrain.py --data "$DATA" --exclude "$s" --preset "$PRESET" \
-                              --epochs "$PRE_EPOCHS" --lr "$PRE_LR" --out "$backbone"; }
+                              --epochs "$PRE_EPOCHS" --lr "$PRE_LR" --out "$backbone" "${SEED[@]}"; }
   fi
   echo "-- $s: train"
   resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
   $PY train.py --data "$DATA" --features "$ENCODER" --test-slice "$s" --out "$run" --preset "$PRESET" \
-      --backbone-ckpt "$backbone" --epochs "$EPOCHS" --lr "$LR" "${resume[@]}"
+      --backbone-ckpt "$backbone" --epochs "$EPOCHS" --lr "$LR" "${SEED[@]}" "${resume[@]}"
   echo "-- $s: sample"
-  $PY sample.py --run "$run" --data "$DATA" --steps "$STEPS" --samples "$SAMPLES" --out "$OUT/pred" --overwrite
+  $PY sample.py --run "$run" --data "$DATA" --steps "$STEPS" --samples "$SAMPLES" --out "$OUT/pred" --overwrite \
+      "${SEED[@]}"
 done
 
 echo "== reference rows: the training mean and ridge regression on the same folds and features (seconds)"
