@@ -264,7 +264,7 @@ def parse_args():
                         "visium-hd (Space Ranger outs/binned_outputs/ of Visium HD), hest (HEST-1k), image (H&E slides "
                         "without spatial data, given by --image)")
     p.add_argument("--raw", help="raw data folder (her2st, visium, visium-hd, hest)")
-    p.add_argument("--bin-um", type=int, choices=HD_BINS, default=16,
+    p.add_argument("--bin-um", type=int, choices=HD_BINS,
                    help="visium-hd: the bins to read, binned_outputs/square_008um or square_016um (default 16)")
     p.add_argument("--out", default="data/demo", help="output folder (default data/demo)")
     p.add_argument("--image", nargs="+",
@@ -275,12 +275,12 @@ def parse_args():
                    help="µm per pixel of the full-resolution image. image: overrides the slide's metadata (needed "
                         "for .jpg/.png, whose dpi tags are unreliable); visium, visium-hd: overrides Space Ranger's, "
                         "and is refused when it disagrees with the spots' or bins' geometry by over 10 %%")
-    p.add_argument("--spot-pitch-um", type=float, default=100.0,
+    p.add_argument("--spot-pitch-um", type=float,
                    help="image: distance between neighbouring pseudo-spot centres in µm (default 100, Visium)")
     p.add_argument("--spot-diameter-um", type=float,
                    help="image: pseudo-spot diameter in µm (default 55, Visium, on a hex grid; the pitch on a square "
                         "grid: bins); the patch side is max(224 px, diameter), as for training slices")
-    p.add_argument("--grid", choices=["hex", "square"], default="hex",
+    p.add_argument("--grid", choices=["hex", "square"],
                    help="image: hexagonal as Visium (default) or square: bins as wide as the pitch, e.g. "
                         "--spot-pitch-um 8 or 16 for Visium HD's bins")
     p.add_argument("--keep-patches", action="store_true",
@@ -309,6 +309,12 @@ def parse_args():
     if a.pixel_size and a.dataset not in ("image", "visium", "visium-hd"):
         raise UserError(f"--pixel-size: --dataset {a.dataset} takes the pixel size from its own files; the flag is "
                         "for image, visium and visium-hd")
+    for flag, dataset in (("bin_um", "visium-hd"), ("grid", "image"), ("spot_pitch_um", "image"),
+                          ("spot_diameter_um", "image")):  # a flag another layout would ignore is refused, not dropped
+        if getattr(a, flag) is not None and a.dataset != dataset:
+            raise UserError(f"--{flag.replace('_', '-')} is for --dataset {dataset}, not {a.dataset}")
+    a.bin_um = a.bin_um or 16
+    a.grid, a.spot_pitch_um = a.grid or "hex", a.spot_pitch_um or 100.0
     if a.spot_diameter_um is None:                       # a square grid's spots are bins: as wide as the pitch
         a.spot_diameter_um = a.spot_pitch_um if a.grid == "square" else 55.0
     if a.dataset == "image":

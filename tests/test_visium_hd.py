@@ -156,6 +156,16 @@ def test_missing_bin_is_refused(tmp_path):
     assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.parametrize("flags", [("--dataset", "visium", "--bin-um", "16"),
+                                   ("--dataset", "visium-hd", "--grid", "square"),
+                                   ("--dataset", "demo", "--spot-pitch-um", "8")])
+def test_a_flag_of_another_layout_is_refused(tmp_path, flags):
+    write_hd(tmp_path / "raw", bins=(16,))              # not silently ignored: the user meant something by it
+    p = run_script("prepare_data.py", *flags, "--raw", tmp_path / "raw", "--out", tmp_path / "out", check=False)
+    assert_user_error(p, flags[2], f"not {flags[1]}")
+    assert_nothing_written(tmp_path / "out")
+
+
 @pytest.mark.parametrize("damage", ["no pixel columns", "not parquet"])
 def test_parquet_without_pixel_columns_is_refused(tmp_path, damage):
     write_hd(tmp_path / "raw", bins=(16,))
