@@ -16,7 +16,7 @@ import readers as R
 import visium as V
 from common import decode
 from conftest import assert_user_error, run_script
-from folds import Context, context_features, slice_geometry
+from folds import Context, Geometry, context_features, slice_geometry, square_lattice
 from predictions import PredictionFile, provenance, write_anndata
 
 UM = 0.5                                                 # µm per full-resolution pixel of the test slides
@@ -224,6 +224,29 @@ def training_data(root):
                "test_slices": "V1"}, open(root / "prepare.json", "w"))
     with h5py.File(root / "slices" / "V2.h5", "w") as f:
         f.attrs.update(dataset="visium", spot_diameter_um=55.0, spot_diameter_px=110.0, pixel_size_um=0.5)
+
+
+def test_context_on_a_grid_of_bins_is_the_mean_within_the_radius():
+    """Bins take the FFT path (folds.lattice_sums): its means must be the plain definition's, the spots within the
+    radius in µm, itself excluded, on a rotated grid with holes; other layouts are not taken for a grid."""
+    rng = np.random.default_rng(0)
+    col, row = np.meshgrid(np.arange(40), np.arange(30))
+    cells = np.stack([col.ravel(), row.ravel()], 1)[rng.random(1200) < 0.8]       # tissue with holes
+    turn = np.array([[np.cos(ANGLE), np.sin(ANGLE)], [-np.sin(ANGLE), np.cos(ANGLE)]])
+    xy = (cells * 8.0) @ turn + 5000.0                   # 8 µm bins, rotated on the image, far from the origin
+    lattice = square_lattice(xy.astype(np.float32).astype(np.float64))  # as a slice file stores pixel centres
+    assert lattice is not None and lattice.spacing == pytest.approx(8, rel=1e-6)
+    H = rng.normal(size=(len(xy), 2, 5)).astype(np.float32)   # with dihedral views: [N, 8, D] in files
+    geom = Geometry(xy, "um", 8.0, 224.0)
+    got = context_features(H, geom, Context(8, 37.0, 4.6), "bins")[..., 5:]
+    dist = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1))
+    near = (dist <= 37.0) & ~np.eye(len(xy), dtype=bool)
+    want = np.einsum("ij,jvd->ivd", near, H) / near.sum(1)[:, None, None]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    hexagonal = np.stack([col.ravel() + 0.5 * (row.ravel() % 2), row.ravel() * np.sqrt(3) / 2], 1) * 100
+    jittered = cells * 200.0 + rng.normal(0, 15, cells.shape)   # ST spots: centres found on the image
+    assert square_lattice(hexagonal) is None and square_lattice(jittered) is None
+    assert square_lattice(np.concatenate([xy, xy[:1]])) is None  # two spots in one cell
 
 
 def test_bin_grid_without_expression_states_bins_units_and_provenance(tmp_path):
