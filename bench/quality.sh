@@ -340,9 +340,9 @@ for t in ("within", "cross"):
             continue
         shown.append(m)
         tm = times[times.fold.isin(df.slice)]
-        fit = tm[tm.label == fit_of[m]].s.mean() if m in fit_of else float("nan")
+        fit = tm[tm.label == fit_of[m]].cpu.mean() if m in fit_of else float("nan")   # CPU s: the same under load
         rows.append([names[m]] + [cell(df[c]) if c in df else "–" for c in cols]
-                    + ["–" if fit != fit else f"{fit:.0f}", f"{tm[tm.label == m].s.mean():.1f}"])
+                    + ["–" if fit != fit else f"{fit:.0f}", f"{tm[tm.label == m].cpu.mean():.1f}"])
         cal = [json.load(open(f"{d}/summary.json")).get("calibration") for d in dirs]
         if cal[0]:
             curves[names[m]] = (cal[0]["levels"], np.mean([c["coverage"] for c in cal], 0),
@@ -350,7 +350,7 @@ for t in ("within", "cross"):
     if not rows:
         continue
     print(f"\nHer2ST, stain features, {titles[t]}")
-    head = ["method"] + cols + ["fit s", "predict s"]
+    head = ["method"] + cols + ["fit CPU s", "predict CPU s"]
     print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
     for r in rows:
         print("| " + " | ".join(r) + " |")
@@ -375,12 +375,12 @@ for t in ("within", "cross"):
     axes[0].legend(fontsize=6, loc="upper left")
     fig.tight_layout(); fig.savefig(f"{out}/calibration_{t}.png", dpi=120); plt.close(fig)
     print(f"(calibration curves: {out}/calibration_{t}.png)")
-pre = times[times.label == "pretrain"].s
+pre = times[times.label == "pretrain"].cpu
 if len(pre):
-    print(f"(HINGE and Gauss-Diff share one pretrain.py backbone: {pre.iloc[0]:.0f} s once, for all folds)")
-pre = times[times.label == "pretrain:scgpt"].s
+    print(f"(HINGE and Gauss-Diff share one pretrain.py backbone: {pre.iloc[0]:.0f} CPU s once, for all folds)")
+pre = times[times.label == "pretrain:scgpt"].cpu
 if len(pre):
-    print(f"(the scGPT-small backbone of HINGE scGPT-small: pretrain.py, {pre.iloc[0]:.0f} s once)")
+    print(f"(the scGPT-small backbone of HINGE scGPT-small: pretrain.py, {pre.iloc[0]:.0f} CPU s once)")
 print("(the training mean is one value per gene: its r and structure are undefined; ridge's and the MLP's std is one "
       "value per gene, so their spread_skill is undefined; Gauss-Diff at K = 50 draws S = 2 samples, the others 10)")
 EOF
