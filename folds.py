@@ -381,13 +381,20 @@ def fold_space(data_dir, names, encoders, context):
     return SlideSpace(np.concatenate(H), nb, np.stack(means), np.concatenate(slide)), np.concatenate(kept)
 
 
+def renumber(idx, rows, n):
+    """The neighbour rows idx[rows] ([len(rows), M], -1 past the last) of a slide of n spots, renumbered as
+    positions within `rows`; -1 for a neighbour outside them."""
+    local = np.full(n, -1)
+    local[rows] = np.arange(len(rows))
+    nb = idx[rows]
+    return np.where(nb >= 0, local[np.maximum(nb, 0)], -1)
+
+
 def sub_space(space, rows):
     """The spots `rows` of a SlideSpace as a SlideSpace of their own (neighbours outside them dropped, their
     count kept): the validation spots and their neighbours that a spatial run keeps to calibrate on."""
-    local = np.full(len(space.features), -1)
-    local[rows] = np.arange(len(rows))
     nb = space.neighbours
-    idx = np.where(nb.idx[rows] >= 0, local[nb.idx[rows]], -1)
+    idx = renumber(nb.idx, rows, len(space.features))
     inside = idx >= 0
     return SlideSpace(space.features[rows], Neighbours(idx, np.where(inside[..., None], nb.offset[rows], 0),
                                                        np.where(inside, nb.weight[rows], 0), nb.count[rows]),

@@ -25,8 +25,8 @@ import model as M
 from checkpoints import build_model, load_backbone, prepare_backbone, read_run, save_run
 from common import UserError, run
 from diffusion import Chunk, make_diffusion
-from folds import (add_fold_args, feature_stats, fold_context, fold_space, load_fold, split_validation, sub_space,
-                   training_pixel_size)
+from folds import (add_fold_args, feature_stats, fold_context, fold_space, load_fold, renumber, split_validation,
+                   sub_space, training_pixel_size)
 from runtime import add_runtime_args, init_distributed
 
 
@@ -78,10 +78,7 @@ def patch(centre, idx, allowed, size):
 
 def patch_neighbours(rows, idx, weight, count, n_all):
     """Where each patch row's neighbours lie among the patch's rows -> (pos [n, M], -1 outside; weight; count)."""
-    local = np.full(n_all, -1)
-    local[rows] = np.arange(len(rows))
-    nb = idx[rows]
-    pos = np.where(nb >= 0, local[np.maximum(nb, 0)], -1)
+    pos = renumber(idx, rows, n_all)
     return pos, np.where(pos >= 0, weight[rows], 0), count[rows]
 
 
