@@ -199,7 +199,7 @@ def context_features(features, geom, context, name):
     flat = features.reshape(N, -1)
     lattice = square_lattice(geom.xy)
     if lattice is not None:                              # bins: ~1,100 within a 100 µm-trained radius on 8 µm
-        total, deg = lattice_sums(flat, lattice.cells, r / lattice.spacing)
+        total, deg = lattice_sums(flat, geom.xy, lattice, r)
     else:
         pairs = cKDTree(geom.xy).query_pairs(r, output_type="ndarray") if N > 1 else np.zeros((0, 2), np.int64)
         i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
@@ -220,13 +220,14 @@ def context_features(features, geom, context, name):
 
 
 class Lattice(NamedTuple):
-    cells: np.ndarray                                    # [N, 2] int64 grid positions from 0
-    spacing: float                                       # distance between neighbouring cells, in the positions' unit
+    cells: np.ndarray                                    # [N, 2] int64 grid positions (col, row) from 0
+    axes: np.ndarray                                     # [2, 2] one step along a row, along a column, in positions
+    slack: float                                         # the farthest a spot lies from its place on that grid
 
 
 def square_lattice(xy):
-    """Spots on a square grid at any rotation (Visium HD bins, --grid square) -> their Lattice; None for any other
-    layout (hexagonal Visium, jittered ST spots, a grid with two spots in a cell)."""
+    """Spots on a square grid at any rotation, each within 5 % of a step of its place (Visium HD bins, --grid square)
+    -> their Lattice; None for any other layout (hexagonal Visium, ST spots found on the image, two spots in a cell)."""
     if len(xy) < 4:
         return None
     j = cKDTree(xy).query(xy, k=2)[1][:, 1]
@@ -235,34 +236,50 @@ def square_lattice(xy):
     pitch = float(np.median(np.hypot(*step.T)))
     c, s = np.cos(turn), np.sin(turn)
     cells = np.rint((xy - xy[0]) @ np.array([[c, -s], [s, c]]) / pitch)  # off by < 1/2 cell even far from xy[0]
-    design = np.c_[cells, np.ones(len(xy))]              # then the exact affine map cells -> xy, by least squares
+    design = np.c_[cells, np.ones(len(xy))]              # then the affine map cells -> xy, by least squares
     A = np.linalg.lstsq(design, xy, rcond=None)[0]
-    sv = np.linalg.svd(A[:2], compute_uv=False)
+    slack = float(np.hypot(*(design @ A - xy).T).max())
     cells = (cells - cells.min(0)).astype(np.int64)
-    if (np.abs(design @ A - xy).max() > 0.05 * sv.mean() or sv[0] > 1.01 * sv[1]
-            or len(np.unique(cells[:, 0] * (cells[:, 1].max() + 1) + cells[:, 1])) < len(cells)):
+    if slack > 0.05 * np.linalg.svd(A[:2], compute_uv=False).min() or \
+            len(np.unique(cells[:, 0] * (cells[:, 1].max() + 1) + cells[:, 1])) < len(cells):
         return None
-    return Lattice(cells, float(sv.mean()))
+    return Lattice(cells, A[:2], slack)
 
 
-def lattice_sums(flat, cells, radius):
-    """For each spot of a square grid, the sum of the other spots' rows of `flat` [N, F] within `radius` cells, and
-    their count: one FFT convolution of the grid with a disc, so the cost does not grow with the radius."""
+def lattice_sums(flat, xy, lattice, radius):
+    """For each spot of a square grid, the sum of the other spots' rows of `flat` [N, F] within `radius` of its
+    position xy, and their count. The grid steps surely inside the radius are one FFT convolution of the grid with
+    that disc, whose cost does not grow with the radius; the few steps near the rim are checked spot by spot on the
+    true positions, so the result is the plain definition's."""
     from scipy.signal import fftconvolve
-    R = int(radius)
+    cells, axes, slack = lattice
+    margin = 2 * slack + 1e-9 * radius                   # two spots, each up to `slack` off the grid
+    R = int(np.ceil((radius + margin) / np.linalg.svd(axes, compute_uv=False).min()))
     d = np.arange(-R, R + 1)
-    disc = (d[:, None] ** 2 + d[None, :] ** 2 <= radius ** 2).astype(np.float64)
-    disc[R, R] = 0                                       # the spot itself is not its context
+    dcol, drow = np.meshgrid(d, d)                       # [2R+1, 2R+1], indexed [drow + R, dcol + R]
+    dist = np.linalg.norm(np.stack([dcol, drow], -1) @ axes, axis=-1)
+    sure, rim = dist <= radius - margin, np.abs(dist - radius) < margin
+    sure[R, R] = rim[R, R] = False                       # the spot itself is not its context
     col, row = cells.T
     grid = np.zeros((row.max() + 1, col.max() + 1))
     grid[row, col] = 1
-    deg = np.rint(fftconvolve(grid, disc, mode="same")[row, col])
+    deg = np.rint(fftconvolve(grid, sure.astype(np.float64), mode="same")[row, col])
     total = np.empty(flat.shape, np.float64)
     chunk = max(1, 2 ** 25 // grid.size)                 # feature columns at a time: ~256 MB of float64 grid
     for c in range(0, flat.shape[1], chunk):
         g = np.zeros(grid.shape + (min(chunk, flat.shape[1] - c),))
         g[row, col] = flat[:, c:c + chunk]
-        total[:, c:c + chunk] = fftconvolve(g, disc[..., None], mode="same", axes=(0, 1))[row, col]
+        total[:, c:c + chunk] = fftconvolve(g, sure[..., None].astype(np.float64), mode="same", axes=(0, 1))[row, col]
+    spot = np.full(grid.shape, -1)
+    spot[row, col] = np.arange(len(cells))
+    for dr, dc in zip(*np.nonzero(rim)):                 # each step gives a spot at most one neighbour
+        r2, c2 = row + dr - R, col + dc - R
+        i = np.flatnonzero((r2 >= 0) & (r2 < grid.shape[0]) & (c2 >= 0) & (c2 < grid.shape[1]))
+        j = spot[r2[i], c2[i]]
+        i, j = i[j >= 0], j[j >= 0]
+        near = np.linalg.norm(xy[j] - xy[i], axis=1) <= radius
+        total[i[near]] += flat[j[near]]
+        deg[i[near]] += 1
     return total, deg
 
 

@@ -226,21 +226,23 @@ def training_data(root):
         f.attrs.update(dataset="visium", spot_diameter_um=55.0, spot_diameter_px=110.0, pixel_size_um=0.5)
 
 
-def test_context_on_a_grid_of_bins_is_the_mean_within_the_radius():
+@pytest.mark.parametrize("jitter, radius", [(0.0, 37.0), (0.01, 40.0)])  # 40 µm: 5 bins, on the rim of (3, 4)
+def test_context_on_a_grid_of_bins_is_the_mean_within_the_radius(jitter, radius):
     """Bins take the FFT path (folds.lattice_sums): its means must be the plain definition's, the spots within the
-    radius in µm, itself excluded, on a rotated grid with holes; other layouts are not taken for a grid."""
+    radius in µm, itself excluded, on a rotated grid with holes, whose centres may sit off the grid by 1 % of a bin;
+    other layouts are not taken for a grid."""
     rng = np.random.default_rng(0)
     col, row = np.meshgrid(np.arange(40), np.arange(30))
     cells = np.stack([col.ravel(), row.ravel()], 1)[rng.random(1200) < 0.8]       # tissue with holes
     turn = np.array([[np.cos(ANGLE), np.sin(ANGLE)], [-np.sin(ANGLE), np.cos(ANGLE)]])
-    xy = (cells * 8.0) @ turn + 5000.0                   # 8 µm bins, rotated on the image, far from the origin
-    lattice = square_lattice(xy.astype(np.float32).astype(np.float64))  # as a slice file stores pixel centres
-    assert lattice is not None and lattice.spacing == pytest.approx(8, rel=1e-6)
+    xy = (cells * 8.0 + rng.normal(0, jitter * 8, cells.shape)) @ turn + 5000.0   # 8 µm bins, far from the origin
+    xy = xy.astype(np.float32).astype(np.float64)        # as a slice file stores pixel centres
+    lattice = square_lattice(xy)
+    assert lattice is not None and np.linalg.svd(lattice.axes, compute_uv=False) == pytest.approx([8, 8], rel=1e-3)
     H = rng.normal(size=(len(xy), 2, 5)).astype(np.float32)   # with dihedral views: [N, 8, D] in files
-    geom = Geometry(xy, "um", 8.0, 224.0)
-    got = context_features(H, geom, Context(8, 37.0, 4.6), "bins")[..., 5:]
+    got = context_features(H, Geometry(xy, "um", 8.0, 224.0), Context(8, radius, radius / 8), "bins")[..., 5:]
     dist = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1))
-    near = (dist <= 37.0) & ~np.eye(len(xy), dtype=bool)
+    near = (dist <= radius) & ~np.eye(len(xy), dtype=bool)
     want = np.einsum("ij,jvd->ivd", near, H) / near.sum(1)[:, None, None]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     hexagonal = np.stack([col.ravel() + 0.5 * (row.ravel() % 2), row.ravel() * np.sqrt(3) / 2], 1) * 100
