@@ -2,6 +2,7 @@
 
     python bench/wsi_bench.py                                   # CPU: stain features, `small` backbone
     python bench/wsi_bench.py --preset cellfm-800m --encoder uni --amp --batch-size 256   # a GPU
+    python bench/wsi_bench.py --bins 8 --spots 3000,600000 --preset tiny --peers stflow,triplex,merge   # Time@HR
 
 The slide is built once from real tissue: the tissue of Her2ST's imaged slices (their bounding
 boxes) tiled into one pyramidal, JPEG-tiled TIFF at 0.69 µm/px, read through OpenSlide. The same
@@ -13,6 +14,12 @@ from the slide. Sampling uses random weights (speed does not depend on them), K 
 --joint also samples each grid with a `--spatial joint` run, the whole slide in lockstep, beside the
 spot-wise sampler in the same run (targets: time at most 1.3x and memory at 50k spots at most 1.5x that
 at 1k).
+--bins 8 (or 16) grids Visium HD's square bins instead: the bin stays 8 µm and each spot count gets its own
+slide, the mosaic cut to the smallest square around the first slice's tissue that holds that many bins
+(600k bins of 8 µm are 38 mm²). The smallest count that works is about 3,000: 1,000 bins are 0.064 mm², a
+piece the tissue detector drops as a speck (under 0.05 mm² once its gaps are cut out).
+--peers predicts each slide with baselines.py's methods too (the paper's Time@HR, Table S5), each fitted one
+epoch on Her2ST (fit included in its time); a process that passes --cap-gib is stopped and reported OOM.
 Targets at 50k spots on 2 CPU cores: tissue to AnnData in at most 20 minutes, at most 200 MB of
 intermediate files (slice file, features, prediction .h5; the .h5ad is the output), peak memory
 at most 1.5x that at 1k spots. On a machine shared with other jobs, run it with OMP_NUM_THREADS=1:
@@ -44,8 +51,21 @@ Image.MAX_IMAGE_PIXELS = None
 UM_PER_PX = 0.69                                         # Her2ST patients B-H
 
 
-def build_slide(raw, path, cols=3):
-    """Tile the tissue bounding boxes of Her2ST's imaged slices into one pyramidal TIFF."""
+def square_of_tissue(mask, centre, area):
+    """The smallest square around `centre` (row, col), clipped to the mask, holding `area` pixels of tissue
+    -> (top, bottom, left, right)."""
+    inside = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))   # tissue above and left of each corner
+    for k in range(1, max(mask.shape) + 1):
+        t, b = max(centre[0] - k, 0), min(centre[0] + k, mask.shape[0])
+        lf, r = max(centre[1] - k, 0), min(centre[1] + k, mask.shape[1])
+        if inside[b, r] - inside[t, r] - inside[b, lf] + inside[t, lf] >= area:
+            break
+    return t, b, lf, r
+
+
+def build_slide(raw, path, cols=3, tissue_um2=None):
+    """Tile the tissue bounding boxes of Her2ST's imaged slices into one pyramidal TIFF; with `tissue_um2`, cut it
+    to the smallest square around the first slice's tissue that holds that area (600k bins of 8 µm are 38 mm²)."""
     tiles = []
     for jpg in sorted(glob.glob(os.path.join(raw, "ST-imgs", "*", "*", "*.jpg"))):
         img = np.asarray(Image.open(jpg).convert("RGB"))
@@ -58,6 +78,12 @@ def build_slide(raw, path, cols=3):
     for k, t in enumerate(tiles):
         r, c = divmod(k, cols)
         mosaic[r * h:r * h + t.shape[0], c * w:c * w + t.shape[1]] = t
+    if tissue_um2:                                       # the smallest square around the first slice's tissue
+        thumb, scale = R.ArrayImage(mosaic).overview(R.OVERVIEW_SIDE)
+        mask = R.tissue_mask(thumb, UM_PER_PX / scale)
+        centre = [int(v.mean()) for v in np.nonzero(mask[:int(h * scale), :int(w * scale)])]
+        t, b, lf, r = (int(v / scale) for v in square_of_tissue(mask, centre, tissue_um2 / (UM_PER_PX / scale) ** 2))
+        mosaic = mosaic[t:b, lf:r]
     R.write_slide_tiff(path, mosaic, UM_PER_PX)
     return mosaic.shape
 
@@ -67,11 +93,14 @@ class Stage(NamedTuple):
     cpu_s: float               # CPU time (user + system) of the process and its children: on a shared machine
     mib: float                 # peak resident memory (VmHWM)
     mb: float = 0.0            # files the stage leaves
+    oom: bool = False          # stopped at the memory cap
 
 
-def timed(*cmd, env=None):
+def timed(*cmd, env=None, cap_mib=None):
     """Run a command -> Stage. The peak is VmHWM, polled while it runs: getrusage would count the memory
-    of this process, which the child inherits at fork; CPU time is the children's getrusage delta."""
+    of this process, which the child inherits at fork; CPU time is the children's getrusage delta. A process
+    whose memory passes `cap_mib` is stopped and reported out of memory, before the kernel's OOM killer
+    picks a victim on a shared machine."""
     t0, peak, before = time.time(), 0, resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     while proc.poll() is None:
@@ -80,6 +109,10 @@ def timed(*cmd, env=None):
                 peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM")])
         except (FileNotFoundError, ProcessLookupError):
             pass
+        if cap_mib and peak / 1024 > cap_mib:
+            proc.kill()
+            proc.wait()
+            return Stage(time.time() - t0, float("nan"), peak / 1024, oom=True)
         time.sleep(0.05)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
@@ -115,6 +148,14 @@ def main():
                    help="also sample with a --spatial joint run (the lockstep sampler), side by side")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast in features and sampling (GPUs, CPUs with bf16 units)")
+    p.add_argument("--bins", type=float, help="Visium HD: square bins of this many µm (8 or 16) instead of hexagonal "
+                                              "spots; each spot count gets a slide cut to the tissue it needs")
+    p.add_argument("--peers", default="", help="also predict each slide with these baselines.py methods (e.g. "
+                                               "stflow,triplex,merge), fitted 1 epoch on --quality-data's fold B4")
+    p.add_argument("--quality-data", default=os.path.join(ROOT, "runs", "quality", "data"),
+                   help="prepared Her2ST with features of --encoder, for --peers (bash bench/quality.sh --data-only)")
+    p.add_argument("--cap-gib", type=float, default=22.0,
+                   help="a peer whose memory passes this is stopped and reported OOM (default 22 of this machine's 24)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     slide = os.path.join(a.out, "slide.tif")
@@ -135,15 +176,23 @@ def main():
     py, amp = sys.executable, ["--amp"] if a.amp else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rows = []                                            # per spot count: (n, pitch, {stage: Stage}, AnnData MB)
+    peers = [m for m in a.peers.split(",") if m]
     for target in map(int, a.spots.split(",")):
-        pitch = float(np.sqrt(tissue_um2 / (target * np.sqrt(3) / 2)))  # hexagonal: pitch²·√3/2 of tissue per spot
-        data = os.path.join(a.out, f"n{target}")
+        if a.bins:                                       # the bin is fixed: the tissue changes with the count
+            pitch, kind, diameter = a.bins, "square", a.bins
+            image = os.path.join(a.out, f"slide_bins{a.bins:g}_{target}", "slide.tif")   # the slice's name: slide
+            if not os.path.isfile(image):
+                os.makedirs(os.path.dirname(image), exist_ok=True)
+                build_slide(a.raw, image, tissue_um2=target * a.bins ** 2)
+            data = os.path.join(a.out, f"bins{a.bins:g}_{target}")
+        else:                                            # hexagonal: pitch²·√3/2 of tissue per spot
+            pitch, kind, diameter = float(np.sqrt(tissue_um2 / (target * np.sqrt(3) / 2))), "hex", 55.0
+            image, data = slide, os.path.join(a.out, f"n{target}")
         shutil.rmtree(data, ignore_errors=True)          # the disk column counts this run's files only
-        grid = ["--spot-pitch-um", f"{pitch:.3f}", "--spot-diameter-um", "55"]
-        detect = timed(py, "-c",
-                       "import sys, readers; readers.read_slides([sys.argv[1]], None, float(sys.argv[2]), 55.0, 'hex')",
-                       slide, f"{pitch:.3f}", env=env)
-        prep = timed(py, "prepare_data.py", "--dataset", "image", "--image", slide, *grid, "--out", data, env=env)
+        grid = ["--grid", kind, "--spot-pitch-um", f"{pitch:.3f}", "--spot-diameter-um", f"{diameter:g}"]
+        detect = timed(py, "-c", "import sys, readers; readers.read_slides([sys.argv[1]], None, float(sys.argv[2]), "
+                       "float(sys.argv[3]), sys.argv[4])", image, f"{pitch:.3f}", f"{diameter:g}", kind, env=env)
+        prep = timed(py, "prepare_data.py", "--dataset", "image", "--image", image, *grid, "--out", data, env=env)
         feat = timed(py, "extract_features.py", "--data", data, "--encoder", a.encoder, *amp,
                      *(["--random-init"] if a.encoder != "stain" else []), env=env)
         bs = ["--batch-size", str(a.batch_size)] if a.batch_size else []
@@ -164,24 +213,33 @@ def main():
             stages["joint sampling (lockstep)"] = timed(py, "sample.py", "--run", joint_run, "--data", data, "--slices",
                                                         "slide", "--steps", "5", "--samples", "1", "--out",
                                                         pred + "_joint", *bs, *amp, env=env)
+        for m in peers:                                  # not part of tissue to AnnData: another method's prediction
+            stage = timed(py, "baselines.py", "--data", a.quality_data, "--features", a.encoder, "--test-slice", "B4",
+                          "--exclude", "B4", "--method", m, "--epochs", "1", "--predict-data", data, "--out",
+                          os.path.join(data, f"pred_{m}"), env=env, cap_mib=a.cap_gib * 1024)
+            stages[f"{m} (fit + predict)"] = stage if stage.oom else stage._replace(
+                mb=megabytes(*glob.glob(os.path.join(data, f"pred_{m}", "*.h5"))))
         rows.append((n, pitch, stages, megabytes(os.path.join(pred, "slide.h5ad"))))
         print(f"-- {n} spots (pitch {pitch:.1f} µm): " + ", ".join(f"{k} {v.secs:.1f} s" for k, v in stages.items()),
               flush=True)
 
-    print(f"\nslide {img.size[0]} x {img.size[1]} px ({UM_PER_PX} µm/px), tissue {tissue_um2 / 1e6:.1f} mm²; "
-          f"{a.encoder} features, {a.preset} backbone, K = 5, S = 1, {'bf16' if a.amp else 'fp32'}, device {dev} "
-          f"({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
-          f"{os.getloadavg()[0]:.1f} at the end)")
+    what = f"{a.bins:g} µm bins, each count on a slide cut to its tissue" if a.bins else \
+        f"slide {img.size[0]} x {img.size[1]} px, tissue {tissue_um2 / 1e6:.1f} mm²"
+    print(f"\n{what} ({UM_PER_PX} µm/px); {a.encoder} features, {a.preset} backbone, K = 5, S = 1, "
+          f"{'bf16' if a.amp else 'fp32'}, device {dev} ({os.cpu_count()} CPUs, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f} at the end)")
     cell = "s, CPU s, spots/s, MiB, MB"
     print(f"{'stage':<26}" + "".join(f"{f'{n} spots: {cell}':>44}" for n, *_ in rows) + f"{'MiB ratio':>11}")
-    apart = ("tissue detection", "joint sampling (lockstep)")  # prepare_data.py's time holds the first
+    # beside tissue to AnnData: detection (prepare_data.py's time holds it), the joint sampler and the peers
+    apart = {k for k in rows[0][2] if k == "tissue detection" or k == "joint sampling (lockstep)" or "(fit" in k}
     totals = [Stage(sum(v.secs for k, v in r[2].items() if k not in apart),
                     sum(v.cpu_s for k, v in r[2].items() if k not in apart),
-                    max(v.mib for k, v in r[2].items() if k != apart[1]),
-                    sum(v.mb for k, v in r[2].items() if k != apart[1])) for r in rows]
+                    max(v.mib for k, v in r[2].items() if k not in apart or k == "tissue detection"),
+                    sum(v.mb for k, v in r[2].items() if k not in apart)) for r in rows]
     table = {**{k: [r[2][k] for r in rows] for k in rows[0][2]}, "tissue to AnnData": totals}
     for stage, cells in table.items():
-        text = [f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs:.1f}, {c.mib:.0f}, {c.mb:.1f}"
+        text = [f"OOM at {c.mib:.0f} MiB after {c.secs:.0f} s" if c.oom else
+                f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs:.1f}, {c.mib:.0f}, {c.mb:.1f}"
                 for r, c in zip(rows, cells)]
         print(f"{stage:<26}" + "".join(f"{t:>44}" for t in text) + f"{cells[-1].mib / cells[0].mib:>10.2f}x")
     print(f"{'(AnnData output, MB)':<26}" + "".join(f"{r[3]:>44.1f}" for r in rows))
@@ -190,9 +248,14 @@ def main():
           f"{last.mb:.0f} MB of intermediate files (target <= 200), peak memory "
           f"{last.mib / totals[0].mib:.2f}x that at {rows[0][0]} spots (target <= 1.5)")
     if a.joint:
-        ratios = ", ".join(f"{r[0]}: {r[2][apart[1]].secs / r[2]['sampling + AnnData'].secs:.2f}x" for r in rows)
+        j = "joint sampling (lockstep)"
+        ratios = ", ".join(f"{r[0]}: {r[2][j].secs / r[2]['sampling + AnnData'].secs:.2f}x" for r in rows)
         print(f"joint (lockstep) / spot-wise sampling time, side by side: {ratios} (target <= 1.3); joint peak memory "
-              f"{rows[-1][2][apart[1]].mib / rows[0][2][apart[1]].mib:.2f}x that at {rows[0][0]} spots (target <= 1.5)")
+              f"{rows[-1][2][j].mib / rows[0][2][j].mib:.2f}x that at {rows[0][0]} spots (target <= 1.5)")
+    for m in peers:                                      # the paper's Time@HR: each method's time over HINGE K = 5's
+        cells = [(r[0], r[2][f"{m} (fit + predict)"], r[2]["sampling + AnnData"]) for r in rows]
+        print(f"{m} / HINGE sampling time: " + ", ".join(f"{n}: {'OOM' if c.oom else f'{c.secs / h.secs:.2f}x'}"
+                                                         for n, c, h in cells))
     print(f"(pitch per column: {', '.join(f'{r[1]:.1f} µm' for r in rows)}; MB = files the stage leaves, the .h5ad "
           "apart; tissue to AnnData = prepare_data.py + extract_features.py + sample.py, its MiB the largest stage's; "
           "CPU s = user + system time of the stage's process)")
