@@ -130,7 +130,8 @@ class GaussianDiffusion:
         f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2   # Nichol & Dhariwal cosine schedule
         self.alpha_bar = (f / f[0]).clamp(1e-5, 1.0).float()
 
-    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule", share=None, score=False):
+    def loss(self, model, x0, hist_emb, t_max=None, mask_ratio="schedule", share=None, score=False, chunk=None):
+        assert chunk is None, "--spatial joint is masked diffusion only (train.py refuses it)"
         n, rows = batch_rows(x0, share)
         dev = x0.device
         t = torch.randint(1, (t_max or self.T) + 1, (n,), device=dev)[rows]

@@ -157,6 +157,15 @@ def test_train_rejects_bad_fold_and_wrong_dimension_backbone(demo, backbone, tmp
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
+def test_gauss_diff_trains_and_samples(demo, backbone, tmp_path):
+    """The Gauss-Diff ablation (--objective gaussian) end to end: train.py's one loss call serves both diffusions."""
+    train(demo, tmp_path / "r", "--backbone-ckpt", backbone, "--objective", "gaussian", "--epochs", "1")
+    run_script("sample.py", "--run", tmp_path / "r", "--data", demo / "data", "--steps", "5", "--samples", "2",
+               "--out", tmp_path / "p")
+    with h5py.File(tmp_path / "p" / "demo1.h5", "r") as f:
+        assert f["pred"].shape[0] == len(f["barcode"]) and np.isfinite(f["pred"][()]).all()
+
+
 @pytest.mark.parametrize("fill", ["zero", "gauss"])
 def test_pretrain_fills_hidden_genes_as_asked(fill):
     from pretrain import masked_value_loss
