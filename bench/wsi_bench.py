@@ -239,7 +239,7 @@ def main():
     table = {**{k: [r[2][k] for r in rows] for k in rows[0][2]}, "tissue to AnnData": totals}
     for stage, cells in table.items():
         text = [f"OOM at {c.mib:.0f} MiB after {c.secs:.0f} s" if c.oom else
-                f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs:.1f}, {c.mib:.0f}, {c.mb:.1f}"
+                f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs if c.secs else float('inf'):.1f}, {c.mib:.0f}, {c.mb:.1f}"
                 for r, c in zip(rows, cells)]
         print(f"{stage:<26}" + "".join(f"{t:>44}" for t in text) + f"{cells[-1].mib / cells[0].mib:>10.2f}x")
     print(f"{'(AnnData output, MB)':<26}" + "".join(f"{r[3]:>44.1f}" for r in rows))
