@@ -158,14 +158,15 @@ def main():
                    help="a peer whose memory passes this is stopped and reported OOM (default 22 of this machine's 24)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    slide = os.path.join(a.out, "slide.tif")
-    if not os.path.isfile(slide):
-        t0 = time.time()
-        shape = build_slide(a.raw, slide)
-        print(f"built {slide}: {shape[1]} x {shape[0]} px of real tissue in {time.time() - t0:.0f} s")
-    img = R.open_image(slide)
-    thumb, scale = img.overview(R.OVERVIEW_SIDE)
-    tissue_um2 = R.tissue_mask(thumb, UM_PER_PX / scale).sum() * (UM_PER_PX / scale) ** 2
+    if not a.bins:                                       # one slide, gridded at each count's pitch (bins: below)
+        slide = os.path.join(a.out, "slide.tif")
+        if not os.path.isfile(slide):
+            t0 = time.time()
+            shape = build_slide(a.raw, slide)
+            print(f"built {slide}: {shape[1]} x {shape[0]} px of real tissue in {time.time() - t0:.0f} s")
+        img = R.open_image(slide)
+        thumb, scale = img.overview(R.OVERVIEW_SIDE)
+        tissue_um2 = R.tissue_mask(thumb, UM_PER_PX / scale).sum() * (UM_PER_PX / scale) ** 2
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dim = {"stain": 74, "uni": 1024, "conch": 512}[a.encoder]
     run = os.path.join(a.out, f"run_{a.preset}_{a.encoder}")
@@ -231,7 +232,7 @@ def main():
     cell = "s, CPU s, spots/s, MiB, MB"
     print(f"{'stage':<26}" + "".join(f"{f'{n} spots: {cell}':>44}" for n, *_ in rows) + f"{'MiB ratio':>11}")
     # beside tissue to AnnData: detection (prepare_data.py's time holds it), the joint sampler and the peers
-    apart = {k for k in rows[0][2] if k == "tissue detection" or k == "joint sampling (lockstep)" or "(fit" in k}
+    apart = {"tissue detection", "joint sampling (lockstep)", *(f"{m} (fit + predict)" for m in peers)}
     totals = [Stage(sum(v.secs for k, v in r[2].items() if k not in apart),
                     sum(v.cpu_s for k, v in r[2].items() if k not in apart),
                     max(v.mib for k, v in r[2].items() if k not in apart or k == "tissue detection"),
