@@ -261,15 +261,16 @@ def lattice_sums(flat, xy, lattice, radius):
     sure, rim = dist <= radius - margin, np.abs(dist - radius) < margin
     sure[R, R] = rim[R, R] = False                       # the spot itself is not its context
     col, row = cells.T
+    disc = sure.astype(np.float64)
     grid = np.zeros((row.max() + 1, col.max() + 1))
     grid[row, col] = 1
-    deg = np.rint(fftconvolve(grid, sure.astype(np.float64), mode="same")[row, col])
-    total = np.empty(flat.shape, np.float64)
+    deg = np.rint(fftconvolve(grid, disc, mode="same")[row, col]).astype(np.float32)
+    total = np.empty(flat.shape, np.float32)             # float32 as the pair path's: the output's precision
     chunk = max(1, 2 ** 25 // grid.size)                 # feature columns at a time: ~256 MB of float64 grid
     for c in range(0, flat.shape[1], chunk):
         g = np.zeros(grid.shape + (min(chunk, flat.shape[1] - c),))
         g[row, col] = flat[:, c:c + chunk]
-        total[:, c:c + chunk] = fftconvolve(g, sure[..., None].astype(np.float64), mode="same", axes=(0, 1))[row, col]
+        total[:, c:c + chunk] = fftconvolve(g, disc[..., None], mode="same", axes=(0, 1))[row, col]
     spot = np.full(grid.shape, -1)
     spot[row, col] = np.arange(len(cells))
     for dr, dc in zip(*np.nonzero(rim)):                 # each step gives a spot at most one neighbour
