@@ -3,6 +3,7 @@
     python bench/wsi_bench.py                                   # CPU: stain features, `small` backbone
     python bench/wsi_bench.py --preset cellfm-800m --encoder uni --amp --batch-size 256   # a GPU
     python bench/wsi_bench.py --bins 8 --spots 3000,600000 --preset tiny --peers stflow,triplex,merge   # Time@HR
+    python bench/wsi_bench.py --bins 8 --spots 3000,600000 --preset small --reuse   # the same grids and features
 
 The slide is built once from real tissue: the tissue of Her2ST's imaged slices (their bounding
 boxes) tiled into one pyramidal, JPEG-tiled TIFF at 0.69 µm/px, read through OpenSlide. The same
@@ -20,6 +21,9 @@ slide, the mosaic cut to the smallest square around the first slice's tissue tha
 piece the tissue detector drops as a speck (under 0.05 mm² once its gaps are cut out).
 --peers predicts each slide with baselines.py's methods too (the paper's Time@HR, Table S5), each fitted one
 epoch on Her2ST (fit included in its time); a process that passes --cap-gib is stopped and reported OOM.
+Each grid's folder records every stage's measurement as it finishes (stages.json); --reuse keeps them, so
+that a stopped run resumes at its first unfinished stage and a run with another --preset times only its
+sampling (the grid, features and peers do not depend on the backbone).
 Targets at 50k spots on 2 CPU cores: tissue to AnnData in at most 20 minutes, at most 200 MB of
 intermediate files (slice file, features, prediction .h5; the .h5ad is the output), peak memory
 at most 1.5x that at 1k spots. On a machine shared with other jobs, run it with OMP_NUM_THREADS=1:
@@ -28,6 +32,7 @@ and 18x (`tiny`) slower than one thread did.
 """
 import argparse
 import glob
+import json
 import os
 import resource
 import shutil
@@ -94,6 +99,7 @@ class Stage(NamedTuple):
     mib: float                 # peak resident memory (VmHWM)
     mb: float = 0.0            # files the stage leaves
     oom: bool = False          # stopped at the memory cap
+    reused: bool = False       # read back from an earlier run of the same grid (--reuse)
 
 
 def timed(*cmd, env=None, cap_mib=None):
@@ -119,6 +125,17 @@ def timed(*cmd, env=None, cap_mib=None):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return Stage(time.time() - t0, cpu, peak / 1024)
+
+
+def measured(record, key, reuse, run):
+    """A stage's Stage: read back from `record` (a grid's stages.json) with --reuse when an earlier run measured it,
+    else run() now and added to the record, so that a run stopped part-way keeps its finished stages."""
+    done = json.load(open(record)) if os.path.isfile(record) else {}
+    if reuse and key in done:
+        return Stage(**{**done[key], "reused": True})
+    stage = run()
+    json.dump({**done, key: stage._asdict()}, open(record, "w"), indent=1)
+    return stage
 
 
 def write_random_run(path, preset, genes, encoder, dim, spatial="none"):
@@ -154,6 +171,9 @@ def main():
                                                "stflow,triplex,merge), fitted 1 epoch on --quality-data's fold B4")
     p.add_argument("--quality-data", default=os.path.join(ROOT, "runs", "quality", "data"),
                    help="prepared Her2ST with features of --encoder, for --peers (bash bench/quality.sh --data-only)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the stages an earlier run of the same grids measured (marked *): a stopped run resumes, "
+                        "and a run with another --preset samples the same features")
     p.add_argument("--cap-gib", type=float, default=22.0,
                    help="a peer whose memory passes this is stopped and reported OOM (default 22 of this machine's 24)")
     a = p.parse_args()
@@ -189,35 +209,44 @@ def main():
         else:                                            # hexagonal: pitch²·√3/2 of tissue per spot
             pitch, kind, diameter = float(np.sqrt(tissue_um2 / (target * np.sqrt(3) / 2))), "hex", 55.0
             image, data = slide, os.path.join(a.out, f"n{target}")
-        shutil.rmtree(data, ignore_errors=True)          # the disk column counts this run's files only
+        record = os.path.join(data, "stages.json")      # each stage's measurement, written as it finishes
+        done = json.load(open(record)) if a.reuse and os.path.isfile(record) else {}
+        if not all(k in done for k in ("tissue detection", "prepare_data.py", "features")):
+            shutil.rmtree(data, ignore_errors=True)      # the grid from the start: the disk column counts its files
+            os.makedirs(data)
         grid = ["--grid", kind, "--spot-pitch-um", f"{pitch:.3f}", "--spot-diameter-um", f"{diameter:g}"]
-        detect = timed(py, "-c", "import sys, readers; readers.read_slides([sys.argv[1]], None, float(sys.argv[2]), "
-                       "float(sys.argv[3]), sys.argv[4])", image, f"{pitch:.3f}", f"{diameter:g}", kind, env=env)
-        prep = timed(py, "prepare_data.py", "--dataset", "image", "--image", image, *grid, "--out", data, env=env)
-        feat = timed(py, "extract_features.py", "--data", data, "--encoder", a.encoder, *amp,
-                     *(["--random-init"] if a.encoder != "stain" else []), env=env)
+        detect = measured(record, "tissue detection", a.reuse, lambda: timed(
+            py, "-c", "import sys, readers; readers.read_slides([sys.argv[1]], None, float(sys.argv[2]), "
+            "float(sys.argv[3]), sys.argv[4])", image, f"{pitch:.3f}", f"{diameter:g}", kind, env=env))
+        prep = measured(record, "prepare_data.py", a.reuse, lambda: timed(
+            py, "prepare_data.py", "--dataset", "image", "--image", image, *grid, "--out", data, env=env))
+        feat = measured(record, "features", a.reuse, lambda: timed(
+            py, "extract_features.py", "--data", data, "--encoder", a.encoder, *amp,
+            *(["--random-init"] if a.encoder != "stain" else []), env=env))
         bs = ["--batch-size", str(a.batch_size)] if a.batch_size else []
-        pred = os.path.join(data, "pred")
-        samp = timed(py, "sample.py", "--run", run, "--data", data, "--slices", "slide", "--steps", "5",
-                     "--samples", "1", "--out", pred, *bs, *amp, env=env)
+        pred = os.path.join(data, f"pred_{a.preset}")    # one folder per preset: a --reuse run with another keeps both
+        samp = measured(record, f"sampling {a.preset}", a.reuse, lambda: timed(
+            py, "sample.py", "--run", run, "--data", data, "--slices", "slide", "--steps", "5", "--samples", "1",
+            "--out", pred, "--overwrite", *bs, *amp, env=env))
         with h5py.File(os.path.join(data, "slices", "slide.h5"), "r") as f:
             n = len(f["barcode"])
         slice_files = [os.path.join(data, q) for q in ("slices/slide.h5", "slices.tsv", "prepare.json")]
         stages = {"tissue detection": detect,            # prepare_data.py = detection + grid and slice file
                   # prepare_data.py less a detection timed on its own: at 1k spots the two are within noise, so >= 0
                   "slice file (grid)": Stage(max(0.0, prep.secs - detect.secs), max(0.0, prep.cpu_s - detect.cpu_s),
-                                             prep.mib, megabytes(*slice_files)),
+                                             prep.mib, megabytes(*slice_files), reused=prep.reused),
                   "features (crop + embed)": feat._replace(
                       mb=megabytes(os.path.join(data, "features", a.encoder, "slide.h5"))),
                   "sampling + AnnData": samp._replace(mb=megabytes(os.path.join(pred, "slide.h5")))}
         if a.joint:                                      # not part of tissue to AnnData: the same stage, jointly
-            stages["joint sampling (lockstep)"] = timed(py, "sample.py", "--run", joint_run, "--data", data, "--slices",
-                                                        "slide", "--steps", "5", "--samples", "1", "--out",
-                                                        pred + "_joint", *bs, *amp, env=env)
+            stages["joint sampling (lockstep)"] = measured(record, f"joint {a.preset}", a.reuse, lambda: timed(
+                py, "sample.py", "--run", joint_run, "--data", data, "--slices", "slide", "--steps", "5",
+                "--samples", "1", "--out", pred + "_joint", "--overwrite", *bs, *amp, env=env))
         for m in peers:                                  # not part of tissue to AnnData: another method's prediction
-            stage = timed(py, "baselines.py", "--data", a.quality_data, "--features", a.encoder, "--test-slice", "B4",
-                          "--exclude", "B4", "--method", m, "--epochs", "1", "--predict-data", data, "--out",
-                          os.path.join(data, f"pred_{m}"), env=env, cap_mib=a.cap_gib * 1024)
+            stage = measured(record, f"peer {m}", a.reuse, lambda: timed(
+                py, "baselines.py", "--data", a.quality_data, "--features", a.encoder, "--test-slice", "B4",
+                "--exclude", "B4", "--method", m, "--epochs", "1", "--predict-data", data, "--out",
+                os.path.join(data, f"pred_{m}"), "--overwrite", env=env, cap_mib=a.cap_gib * 1024))
             stages[f"{m} (fit + predict)"] = stage if stage.oom else stage._replace(
                 mb=megabytes(*glob.glob(os.path.join(data, f"pred_{m}", "*.h5"))))
         rows.append((n, pitch, stages, megabytes(os.path.join(pred, "slide.h5ad"))))
@@ -236,12 +265,14 @@ def main():
     totals = [Stage(sum(v.secs for k, v in r[2].items() if k not in apart),
                     sum(v.cpu_s for k, v in r[2].items() if k not in apart),
                     max(v.mib for k, v in r[2].items() if k not in apart or k == "tissue detection"),
-                    sum(v.mb for k, v in r[2].items() if k not in apart)) for r in rows]
+                    sum(v.mb for k, v in r[2].items() if k not in apart),
+                    reused=any(v.reused for k, v in r[2].items() if k not in apart)) for r in rows]
     table = {**{k: [r[2][k] for r in rows] for k in rows[0][2]}, "tissue to AnnData": totals}
     for stage, cells in table.items():
-        text = [f"OOM at {c.mib:.0f} MiB after {c.secs:.0f} s" if c.oom else
-                f"{c.secs:.1f}, {c.cpu_s:.1f}, {r[0] / c.secs if c.secs else float('inf'):.1f}, {c.mib:.0f}, {c.mb:.1f}"
-                for r, c in zip(rows, cells)]
+        rate = [r[0] / c.secs if c.secs else float("inf") for r, c in zip(rows, cells)]
+        text = [(f"OOM at {c.mib:.0f} MiB after {c.secs:.0f} s" if c.oom else
+                 f"{c.secs:.1f}, {c.cpu_s:.1f}, {v:.1f}, {c.mib:.0f}, {c.mb:.1f}") + "*" * c.reused
+                for v, c in zip(rate, cells)]
         print(f"{stage:<26}" + "".join(f"{t:>44}" for t in text) + f"{cells[-1].mib / cells[0].mib:>10.2f}x")
     print(f"{'(AnnData output, MB)':<26}" + "".join(f"{r[3]:>44.1f}" for r in rows))
     n, last = rows[-1][0], totals[-1]
@@ -259,7 +290,7 @@ def main():
                                                          for n, c, h in cells))
     print(f"(pitch per column: {', '.join(f'{r[1]:.1f} µm' for r in rows)}; MB = files the stage leaves, the .h5ad "
           "apart; tissue to AnnData = prepare_data.py + extract_features.py + sample.py, its MiB the largest stage's; "
-          "CPU s = user + system time of the stage's process)")
+          "CPU s = user + system time of the stage's process; * = measured by an earlier run of the grid, --reuse)")
 
 
 if __name__ == "__main__":
