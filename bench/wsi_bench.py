@@ -196,6 +196,7 @@ def main():
         write_random_run(os.path.join(joint_run, "best.pt"), a.preset, a.genes, a.encoder, dim, "joint")
     py, amp = sys.executable, ["--amp"] if a.amp else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    how = f"{a.preset}, {a.genes} genes, batch {a.batch_size or 'default'}, {'bf16' if a.amp else 'fp32'}"
     rows = []                                            # per spot count: (n, pitch, {stage: Stage}, AnnData MB)
     peers = [m for m in a.peers.split(",") if m]
     for target in map(int, a.spots.split(",")):
@@ -211,7 +212,8 @@ def main():
             image, data = slide, os.path.join(a.out, f"n{target}")
         record = os.path.join(data, "stages.json")      # each stage's measurement, written as it finishes
         done = json.load(open(record)) if a.reuse and os.path.isfile(record) else {}
-        if not all(k in done for k in ("tissue detection", "prepare_data.py", "features")):
+        features = f"features {a.encoder}{' bf16' * a.amp}"   # a key names what its measurement depends on
+        if not all(k in done for k in ("tissue detection", "prepare_data.py", features)):
             shutil.rmtree(data, ignore_errors=True)      # the grid from the start: the disk column counts its files
             os.makedirs(data)
         grid = ["--grid", kind, "--spot-pitch-um", f"{pitch:.3f}", "--spot-diameter-um", f"{diameter:g}"]
@@ -220,12 +222,12 @@ def main():
             "float(sys.argv[3]), sys.argv[4])", image, f"{pitch:.3f}", f"{diameter:g}", kind, env=env))
         prep = measured(record, "prepare_data.py", a.reuse, lambda: timed(
             py, "prepare_data.py", "--dataset", "image", "--image", image, *grid, "--out", data, env=env))
-        feat = measured(record, "features", a.reuse, lambda: timed(
+        feat = measured(record, features, a.reuse, lambda: timed(
             py, "extract_features.py", "--data", data, "--encoder", a.encoder, *amp,
             *(["--random-init"] if a.encoder != "stain" else []), env=env))
         bs = ["--batch-size", str(a.batch_size)] if a.batch_size else []
         pred = os.path.join(data, f"pred_{a.preset}")    # one folder per preset: a --reuse run with another keeps both
-        samp = measured(record, f"sampling {a.preset}", a.reuse, lambda: timed(
+        samp = measured(record, f"sampling {how}", a.reuse, lambda: timed(
             py, "sample.py", "--run", run, "--data", data, "--slices", "slide", "--steps", "5", "--samples", "1",
             "--out", pred, "--overwrite", *bs, *amp, env=env))
         with h5py.File(os.path.join(data, "slices", "slide.h5"), "r") as f:
@@ -239,11 +241,11 @@ def main():
                       mb=megabytes(os.path.join(data, "features", a.encoder, "slide.h5"))),
                   "sampling + AnnData": samp._replace(mb=megabytes(os.path.join(pred, "slide.h5")))}
         if a.joint:                                      # not part of tissue to AnnData: the same stage, jointly
-            stages["joint sampling (lockstep)"] = measured(record, f"joint {a.preset}", a.reuse, lambda: timed(
+            stages["joint sampling (lockstep)"] = measured(record, f"joint {how}", a.reuse, lambda: timed(
                 py, "sample.py", "--run", joint_run, "--data", data, "--slices", "slide", "--steps", "5",
                 "--samples", "1", "--out", pred + "_joint", "--overwrite", *bs, *amp, env=env))
         for m in peers:                                  # not part of tissue to AnnData: another method's prediction
-            stage = measured(record, f"peer {m}", a.reuse, lambda: timed(
+            stage = measured(record, f"peer {m} {a.encoder}", a.reuse, lambda: timed(
                 py, "baselines.py", "--data", a.quality_data, "--features", a.encoder, "--test-slice", "B4",
                 "--exclude", "B4", "--method", m, "--epochs", "1", "--predict-data", data, "--out",
                 os.path.join(data, f"pred_{m}"), "--overwrite", env=env, cap_mib=a.cap_gib * 1024))
