@@ -196,7 +196,9 @@ def main():
         write_random_run(os.path.join(joint_run, "best.pt"), a.preset, a.genes, a.encoder, dim, "joint")
     py, amp = sys.executable, ["--amp"] if a.amp else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    how = f"{a.preset}, {a.genes} genes, batch {a.batch_size or 'default'}, {'bf16' if a.amp else 'fp32'}"
+    # the keys of stages.json name what a measurement depends on, so that --reuse never reads another setting's
+    features, how = f"features {a.encoder}{' bf16' * a.amp}", \
+        f"{a.preset}, {a.genes} genes, batch {a.batch_size or 'default'}, {'bf16' if a.amp else 'fp32'}"
     rows = []                                            # per spot count: (n, pitch, {stage: Stage}, AnnData MB)
     peers = [m for m in a.peers.split(",") if m]
     for target in map(int, a.spots.split(",")):
@@ -212,7 +214,6 @@ def main():
             image, data = slide, os.path.join(a.out, f"n{target}")
         record = os.path.join(data, "stages.json")      # each stage's measurement, written as it finishes
         done = json.load(open(record)) if a.reuse and os.path.isfile(record) else {}
-        features = f"features {a.encoder}{' bf16' * a.amp}"   # a key names what its measurement depends on
         if not all(k in done for k in ("tissue detection", "prepare_data.py", features)):
             shutil.rmtree(data, ignore_errors=True)      # the grid from the start: the disk column counts its files
             os.makedirs(data)
