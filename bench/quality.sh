@@ -367,8 +367,8 @@ for t in ("within", "cross"):
     fig, axes = plt.subplots(1, 2, figsize=(9.2, 4.8))
     for ax, k, what in ((axes[0], 2, "raw spread (--no-calibrate)"), (axes[1], 1, "calibrated on validation spots")):
         ax.plot([0, 1], [0, 1], ":", color="0.5")
-        for label, c in curves.items():
-            ax.plot(c[0], c[k], "o-", ms=3, label=label)
+        for i, (label, c) in enumerate(curves.items()):   # ten colours, then the same ten dashed: no two alike
+            ax.plot(c[0], c[k], "o-" if i < 10 else "s--", ms=3, color=f"C{i % 10}", label=label)
         ax.set_xlabel("nominal level of the central interval"); ax.set_ylabel("observed coverage of truth")
         ax.set_xlim(0, 1); ax.set_ylim(0, 1); ax.set_aspect("equal")
         ax.set_title(f"{what}, {t} patient", fontsize=9)
