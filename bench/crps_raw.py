@@ -18,7 +18,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from evaluate import load_pair  # noqa: E402
-from scores import crps_samples  # noqa: E402
+from scores import calibrate, crps_samples  # noqa: E402
 
 
 def crps_of(path, data):
@@ -26,7 +26,7 @@ def crps_of(path, data):
     p = load_pair(path, data)
     with h5py.File(path, "r") as f:
         samples, scale = f["samples"][()], f["calibration_scale"][()]
-    raw = p.pred + (samples - p.pred) / scale                # calibrate()'s move, undone
+    raw = calibrate(p.pred, p.std, samples, 1 / scale)[1]   # the calibration's move, undone by its inverse factor
     return crps_samples(p.truth, samples).mean(), crps_samples(p.truth, raw).mean(), len(samples)
 
 
