@@ -10,9 +10,10 @@ MSE that is a wrong level per gene), RVD and gene-wise SSIM on the spot grid; th
 over slices. Genes constant in truth or prediction are excluded from r and counted. Slides
 without measured expression get no metrics, only maps of the prediction and its uncertainty.
 
-The predictive distribution (the stored samples, else the Gaussian pred ± std):
-  CRPS          energy form from the samples (fair estimator), else the Gaussian closed form; a
-                point prediction scores its MAE
+The predictive distribution, the Gaussian pred ± std (calibrated, when the run had validation spots):
+  CRPS          closed form, for every method alike (stored samples are not used: calibration moves
+                them about their own mean, which the samples' fair estimate rewards); a point
+                prediction scores its MAE
   cover50/90    share of truth inside the central 50 % / 90 % interval pred ± z·std (ideal 0.5 / 0.9)
   spread_skill  r across spots between std and |truth - pred|, mean over genes (undefined for a
                 std constant per gene); spread_skill_all: the same r pooled over all spot-gene entries
@@ -35,7 +36,7 @@ import pandas as pd
 
 from common import UserError, atomic_path, decode, existing_slice, read_slice, run, write_text
 from predictions import slice_layout
-from scores import (LEVELS, calibration, covered, crps_gaussian, crps_samples, paired_bootstrap, pearson_per_gene,
+from scores import (LEVELS, calibration, covered, crps_gaussian, paired_bootstrap, pearson_per_gene,
                     spot_score, spread_skill, structure, top_k_mean, top_k_pearson)
 
 GROUPS = [["PCC-10", "PCC-50", "PCC-200", "mean_r", "MSE", "MAE", "bias2", "RVD", "SSIM"],
@@ -95,18 +96,18 @@ def slice_metrics(truth, pred, array):
     return m, r, ssim
 
 
-def crps_entries(truth, pred, std, samples):
-    """CRPS of every spot-gene entry: from the samples when stored, else of the Gaussian pred ± std (without std:
-    the absolute error)."""
-    if samples is not None:
-        return crps_samples(truth, samples)
+def crps_entries(truth, pred, std):
+    """CRPS of every spot-gene entry: of the Gaussian pred ± std, the distribution that calibration fits and
+    coverage checks, for every method (without std: the absolute error). Not of the stored samples: calibration
+    moves them about their own mean, which makes the fair estimate fall however far a few samples are pushed
+    apart (two samples: max(0, |m - y| - c·|x1 - x2| / 2)), and a score should not depend on --save-samples."""
     return crps_gaussian(truth, pred, 0 if std is None else std)
 
 
-def distribution_metrics(truth, pred, std, samples):
+def distribution_metrics(truth, pred, std):
     """CRPS, coverage and spread-skill of one slice -> (slice values, per-gene values, calibration
     curve). Without std only CRPS is defined (the MAE); the rest is NaN and the curve None."""
-    crps = crps_entries(truth, pred, std, samples)
+    crps = crps_entries(truth, pred, std)
     if std is None:
         nan = np.full(truth.shape[1], np.nan)
         cover50, cover90, skill, skill_all, curve = nan, nan, nan, float("nan"), None
@@ -206,7 +207,7 @@ def evaluate_dir(pred_dir, data):
         p = load_pair(path, data)
         m, r, ssim = slice_metrics(p.truth, p.pred, p.array)
         with h5py.File(path, "r") as f:                  # samples stay on disk, read a block of spots at a time
-            dist, dist_gene, curve = distribution_metrics(p.truth, p.pred, p.std, f.get("samples"))
+            dist, dist_gene, curve = distribution_metrics(p.truth, p.pred, p.std)
             struct = structure_metrics(p.truth, p.pred, p.depth, f.get("samples"))
             scale = f["calibration_scale"][()] if "calibration_scale" in f else None
         rows.append({"slice": p.name, **m, **dist, **struct, "K": p.attrs.get("K"),
@@ -235,8 +236,7 @@ def paired_difference(dirs, ref_dirs, data, slices, n_boot=2000, seed=0):
             preds, mse, crps = [], [], []
             for d in group:                              # each seed's prediction, spot by spot
                 p = load_pair(os.path.join(d, f"{s}.h5"), data)
-                with h5py.File(os.path.join(d, f"{s}.h5"), "r") as f:
-                    crps.append(crps_entries(p.truth, p.pred, p.std, f.get("samples")).mean(1))
+                crps.append(crps_entries(p.truth, p.pred, p.std).mean(1))
                 preds.append(p.pred)
                 mse.append(((p.truth - p.pred) ** 2).mean(1))
             both.append({"PCC-50": top_k_pearson(p.truth, preds, 50), "MSE": spot_score(mse),

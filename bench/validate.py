@@ -9,9 +9,10 @@ bench/choose_head.sh).
 For each run: the fold's 10 % validation split rebuilt exactly as train.py drew it, generated at
 each K (and each temperature, for a distributional head), printing mean r, PCC-50, MSE, the spread
 ratio (std of the prediction over std of the truth, averaged over genes: 1 = as variable as the
-truth), and the predictive distribution's CRPS and cover90 after the per-gene calibration sample.py
-applies, cross-fitted: the scale is fitted on one half of the validation spots and scored on the
-other, and the other way round. A ridge line on the same split gives a reference.
+truth), and the CRPS and cover90 of the Gaussian mean ± std of the samples after the per-gene
+calibration sample.py applies, scored as evaluate.py scores them and cross-fitted: the scale is
+fitted on one half of the validation spots and scored on the other, and the other way round. A
+ridge line on the same split gives a reference.
 """
 import argparse
 import os
@@ -27,27 +28,27 @@ from checkpoints import load_run, validation_space  # noqa: E402
 from diffusion import generate, generate_slide  # noqa: E402
 from folds import load_fold, split_validation
 from evaluate import top_k_mean  # noqa: E402
-from scores import calibrate, calibration_scale, covered, crps_samples, pearson_per_gene  # noqa: E402
+from scores import calibration_scale, covered, crps_gaussian, pearson_per_gene  # noqa: E402
 
 
-def cross_fitted(truth, mean, std, samples):
-    """CRPS and cover90 with the calibration scale of the other half of the spots."""
+def cross_fitted(truth, mean, std):
+    """CRPS and cover90 of the Gaussian mean ± std, as evaluate.py scores them, with the calibration scale of the
+    other half of the spots."""
     half = np.arange(len(truth)) % 2 == 0
     crps, cover = np.empty(truth.shape), np.empty(truth.shape, bool)
     for fit, score in ((half, ~half), (~half, half)):
-        scale = calibration_scale(truth[fit], mean[fit], std[fit])
-        s, x = calibrate(mean[score], std[score], samples[:, score], scale)
-        crps[score], cover[score] = crps_samples(truth[score], x), covered(truth[score], mean[score], s, 0.9)
+        y, m, s = truth[score], mean[score], std[score] * calibration_scale(truth[fit], mean[fit], std[fit])
+        crps[score], cover[score] = crps_gaussian(y, m, s), covered(y, m, s, 0.9)
     return float(crps.mean()), float(cover.mean())
 
 
-def scores(truth, pred, std=None, samples=None):
+def scores(truth, pred, std=None):
     r = pearson_per_gene(truth, pred)
     spread = np.mean(pred.std(0) / truth.std(0).clip(1e-8))
     m = {"mean_r": float(np.nanmean(r)), "PCC-50": top_k_mean(r, 50), "MSE": float(((truth - pred) ** 2).mean()),
          "bias2": float(((pred - truth).mean(0) ** 2).mean()), "spread": float(spread)}
-    if samples is not None:
-        m["CRPS"], m["cover90"] = cross_fitted(truth, pred, std, samples)
+    if std is not None:
+        m["CRPS"], m["cover90"] = cross_fitted(truth, pred, std)
     return m
 
 
@@ -107,7 +108,7 @@ for i, run_dir in enumerate(a.runs):
                 smp = spatial_samples(net, diffusion, ck, K, a.samples, gen, tau)
                 assert np.array_equal(ck["val_expr"], Xv), "a spatial run keeps every validation spot, in order"
             mean = smp.mean(0)
-            m = scores(Xv, mean, smp.std(0, ddof=1) if a.samples > 1 else np.zeros_like(mean), smp)
+            m = scores(Xv, mean, smp.std(0, ddof=1) if a.samples > 1 else np.zeros_like(mean))
             label = (f"{os.path.basename(run_dir.rstrip('/'))} K={K}"
                      + (f" τ={tau:g}" if net.cfg.head != "point" else ""))
             show(label, m)

@@ -75,10 +75,10 @@ def test_ssim_known_values():
 def test_point_prediction_has_crps_equal_to_mae_and_no_calibration(grid):
     truth, _ = grid
     pred = truth + np.random.default_rng(2).normal(0, 0.5, truth.shape)
-    m, per_gene, curve = E.distribution_metrics(truth, pred, None, None)
+    m, per_gene, curve = E.distribution_metrics(truth, pred, None)
     assert m["CRPS"] == np.abs(truth - pred).mean() and curve is None
     assert np.isnan([m["cover50"], m["cover90"], m["spread_skill"], m["spread_skill_all"]]).all()
-    m0 = E.distribution_metrics(truth, pred, np.zeros_like(pred), None)[0]            # a zero spread is a point too
+    m0 = E.distribution_metrics(truth, pred, np.zeros_like(pred))[0]            # a zero spread is a point too
     assert m0["CRPS"] == m["CRPS"] and m0["cover90"] == 0
 
 
@@ -97,6 +97,32 @@ def write_prediction(path, data, name, pred, std=None, samples=None):
             f["std"] = std.astype(np.float32)
         if samples is not None:
             f["samples"] = samples.astype(np.float16)
+
+
+def test_pushing_two_calibrated_samples_apart_cannot_lower_crps(tmp_path, grid):
+    """Two samples drawn from the truth's own distribution, calibrated by factors c as sample.py does (moved about
+    their mean): evaluate.py's CRPS rises once c is far too wide, and does not depend on whether samples are
+    stored; the samples' fair estimate, the old rule, kept falling (max(0, |m - y| - c·|x1 - x2| / 2))."""
+    from scores import calibrate, crps_samples
+    _, array = grid
+    rng = np.random.default_rng(4)
+    rate = np.exp(rng.uniform(0, 3, 30)) * np.ones((len(array), 1))
+    (tmp_path / "slices").mkdir()
+    write_slice(tmp_path, "s", rng.poisson(rate).astype(np.float32), array)
+    raw = np.log2(rng.poisson(rate, (2, *rate.shape)) + 1.0)
+    mean, std = raw.mean(0), raw.std(0, ddof=1)
+    truth = np.log2(h5py.File(tmp_path / "slices" / "s.h5")["counts"][()] + 1)
+    crps, fair = {}, {}
+    for c in (1, 50):
+        c_std, moved = calibrate(mean, std, raw, np.full(30, float(c)))
+        for keep in (True, False):
+            (tmp_path / f"pred{c}{keep}").mkdir()
+            write_prediction(tmp_path / f"pred{c}{keep}" / "s.h5", tmp_path, "s", mean, c_std, moved if keep else None)
+            crps[c, keep] = E.evaluate_dir(tmp_path / f"pred{c}{keep}", tmp_path)[0]["CRPS"][0]
+        fair[c] = crps_samples(truth, moved.astype(np.float16)).mean()
+    assert crps[1, True] == crps[1, False] and crps[50, True] == crps[50, False]
+    assert crps[50, True] > 3 * crps[1, True]
+    assert fair[50] < fair[1]                            # what the samples' fair estimate said instead
 
 
 @pytest.fixture
