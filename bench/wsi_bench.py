@@ -130,11 +130,12 @@ def timed(*cmd, env=None, cap_mib=None):
 def measured(record, key, reuse, run):
     """A stage's Stage: read back from `record` (a grid's stages.json) with --reuse when an earlier run measured it,
     else run() now and added to the record, so that a run stopped part-way keeps its finished stages."""
-    done = json.load(open(record)) if os.path.isfile(record) else {}
-    if reuse and key in done:
-        return Stage(**{**done[key], "reused": True})
+    def done():
+        return json.load(open(record)) if os.path.isfile(record) else {}
+    if reuse and key in done():
+        return Stage(**{**done()[key], "reused": True})
     stage = run()
-    json.dump({**done, key: stage._asdict()}, open(record, "w"), indent=1)
+    json.dump({**done(), key: stage._asdict()}, open(record, "w"), indent=1)   # read again: another run may have added
     return stage
 
 
