@@ -111,7 +111,8 @@ def test_pushing_two_calibrated_samples_apart_cannot_lower_crps(tmp_path, grid):
     write_slice(tmp_path, "s", rng.poisson(rate).astype(np.float32), array)
     raw = np.log2(rng.poisson(rate, (2, *rate.shape)) + 1.0)
     mean, std = raw.mean(0), raw.std(0, ddof=1)
-    truth = np.log2(h5py.File(tmp_path / "slices" / "s.h5")["counts"][()] + 1)
+    with h5py.File(tmp_path / "slices" / "s.h5", "r") as f:
+        truth = np.log2(f["counts"][()] + 1)
     crps, fair = {}, {}
     for c in (1, 50):
         c_std, moved = calibrate(mean, std, raw, np.full(30, float(c)))
