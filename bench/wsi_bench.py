@@ -127,15 +127,19 @@ def timed(*cmd, env=None, cap_mib=None):
     return Stage(time.time() - t0, cpu, peak / 1024)
 
 
+def recorded(record):
+    """The measurements of a grid's stages.json ({} before its first stage)."""
+    return json.load(open(record)) if os.path.isfile(record) else {}
+
+
 def measured(record, key, reuse, run):
     """A stage's Stage: read back from `record` (a grid's stages.json) with --reuse when an earlier run measured it,
     else run() now and added to the record, so that a run stopped part-way keeps its finished stages."""
-    def done():
-        return json.load(open(record)) if os.path.isfile(record) else {}
-    if reuse and key in done():
-        return Stage(**{**done()[key], "reused": True})
+    done = recorded(record)
+    if reuse and key in done:
+        return Stage(**{**done[key], "reused": True})
     stage = run()
-    json.dump({**done(), key: stage._asdict()}, open(record, "w"), indent=1)   # read again: another run may have added
+    json.dump({**recorded(record), key: stage._asdict()}, open(record, "w"), indent=1)   # another run may have added
     return stage
 
 
@@ -214,7 +218,7 @@ def main():
             pitch, kind, diameter = float(np.sqrt(tissue_um2 / (target * np.sqrt(3) / 2))), "hex", 55.0
             image, data = slide, os.path.join(a.out, f"n{target}")
         record = os.path.join(data, "stages.json")      # each stage's measurement, written as it finishes
-        done = json.load(open(record)) if a.reuse and os.path.isfile(record) else {}
+        done = recorded(record) if a.reuse else {}
         if not all(k in done for k in ("tissue detection", "prepare_data.py", features)):
             shutil.rmtree(data, ignore_errors=True)      # the grid from the start: the disk column counts its files
             os.makedirs(data)
