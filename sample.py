@@ -10,11 +10,14 @@ the prediction's uncertainty), `barcode`, `genes`, and on request `samples` floa
 AnnData file that scanpy and squidpy open (`scanpy.pl.spatial(adata, color=GENE)`).
 Slices need features, not expression: genes come from the checkpoint. Spots are processed in
 batches and streamed to disk, so memory does not grow with N. Each batch draws its randomness
-from (--seed, its first row), so the output is the same for any number of processes.
+from (--seed, its first row), so the output is the same for any number of processes, and a run that
+was stopped continues where it stopped when the same command is run again (a multi-hour slide on a CPU).
 """
 import argparse
 import glob
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,12 +30,14 @@ from tqdm import tqdm
 
 import model as M
 from checkpoints import load_run, validation_space
-from common import UserError, atomic_h5, existing_slice, read_slice, run
+from common import UserError, atomic_h5, existing_slice, read_slice, run, write_text
 from diffusion import generate, generate_slide, step_times
 from folds import open_features, slide_space
 from predictions import PredictionFile, provenance, write_anndata
 from runtime import add_runtime_args, init_distributed
 from scores import calibrate, calibration_scale
+
+PIECE_BATCHES = 64      # batches per piece file: a stopped run redoes at most one (about 40 s of `small` on a CPU)
 
 
 @dataclass
@@ -143,57 +148,102 @@ def calibration(job):
     return scale
 
 
-def sample_batches(out, starts, job):
-    """Generate the batches beginning at `starts` into the prediction file `out` (other rows stay empty)."""
+def piece_path(folder, i):
+    return os.path.join(folder, f"piece{i:05d}.h5")
+
+
+def settings_key(a, name, calibrated):
+    """What a slice's generated rows depend on: a stopped run is continued only under the same key."""
+    files = [os.path.join(a.run, a.checkpoint), existing_slice(a.data, name),
+             *sorted(glob.glob(os.path.join(glob.escape(a.data), "features", "*", f"{name}.h5")))]
+    return json.dumps({"files": {os.path.abspath(p): [os.path.getsize(p), os.path.getmtime(p)] for p in files},
+                       "device": torch.device(a.device).type, "calibrated": calibrated,
+                       **{k: getattr(a, k) for k in ("steps", "samples", "temperature", "seed", "batch_size",
+                                                     "save_samples", "record_steps", "amp")}}, sort_keys=True)
+
+
+def open_partial(folder, key, name):
+    """The folder of a slice's finished pieces -> seconds its earlier runs spent on them; a folder left by a run
+    with other settings is emptied first."""
+    keyfile = os.path.join(folder, "settings.json")
+    if os.path.isdir(folder) and (not os.path.isfile(keyfile) or open(keyfile).read() != key):
+        print(f"{name}: discarding {folder}, left by a stopped run with other settings")
+        shutil.rmtree(folder)
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        write_text(keyfile, key)
+    pieces = glob.glob(os.path.join(glob.escape(folder), "piece*.h5"))
+    seconds = 0.0
+    for p in pieces:
+        with h5py.File(p, "r") as f:
+            seconds += f.attrs["seconds"]
+    if pieces:
+        print(f"{name}: continuing a stopped run, {len(pieces)} pieces already in {folder}")
+    return seconds
+
+
+def sample_pieces(folder, pieces, job, N, G):
+    """Generate each piece ({index: its batch starts}) into its own file in `folder`, renamed into place only when
+    complete, so that a stopped run keeps every finished piece and loses at most the one it was writing."""
     a = job.args
-    joint = generate_jointly(job, job.space, a.seed) if job.joint else None   # [S, N, G]
-    for b in tqdm(starts, desc=f"sample {os.path.basename(out.f.filename).split('.')[0]}", unit="batch"):
-        e = b + a.batch_size
-        if joint is not None:
-            smp = joint[:, b:e].float()
-            mean, std, smp, steps = *summarise(smp), smp.numpy(), None
-        else:                                            # per batch (--seed, first row): independent of the split
-            h, around = ((job.space.features[b:e], job.space.around(slice(b, e))) if job.space is not None
-                         else (standardise(job, job.feats.read(b, e)), None))
-            mean, std, smp, steps = generate_block(job, h, a.seed * 1_000_003 + b, job.record, around)
-        if job.scale is not None:
-            std, smp = calibrate(mean, std, smp, job.scale)
-        out.write(b, mean, std, smp if a.save_samples else None, steps)
+    joint = generate_jointly(job, job.space, a.seed) if job.joint and pieces else None   # [S, N, G]
+    bar = tqdm(total=sum(map(len, pieces.values())), desc=f"sample {os.path.basename(folder).split('.')[0]}",
+               unit="batch")
+    for i, starts in pieces.items():
+        t0 = time.time()
+        with atomic_h5(piece_path(folder, i)) as f:
+            out = open_outputs(f, N, G, job)             # the slide's shape; only this piece's rows are written
+            for b in starts:
+                e = b + a.batch_size
+                if joint is not None:
+                    smp = joint[:, b:e].float()
+                    mean, std, smp, steps = *summarise(smp), smp.numpy(), None
+                else:                                    # per batch (--seed, first row): independent of the split
+                    h, around = ((job.space.features[b:e], job.space.around(slice(b, e))) if job.space is not None
+                                 else (standardise(job, job.feats.read(b, e)), None))
+                    mean, std, smp, steps = generate_block(job, h, a.seed * 1_000_003 + b, job.record, around)
+                if job.scale is not None:
+                    std, smp = calibrate(mean, std, smp, job.scale)
+                out.write(b, mean, std, smp if a.save_samples else None, steps)
+                bar.update()
+            f.attrs["seconds"] = time.time() - t0
+    bar.close()
 
 
-def merge_parts(out, parts, starts, batch_size):
-    """Copy each batch from the process that generated it (batch i: process i mod world)."""
-    srcs = [h5py.File(p, "r") for p in parts]
-    for i, b in enumerate(starts):
-        src = srcs[i % len(srcs)]
-        rows = slice(b, b + batch_size)
-        out.write(b, src["pred"][rows], src["std"][rows], src["samples"][:, rows] if "samples" in src else None,
-                  src["steps"][:, rows] if "steps" in src else None)
-    for s in srcs:
-        s.close()
+def merge_pieces(out, folder, pieces, batch_size):
+    """Copy each piece's rows into the prediction file."""
+    for i, starts in enumerate(pieces):
+        rows = slice(starts[0], starts[-1] + batch_size)
+        with h5py.File(piece_path(folder, i), "r") as src:
+            out.write(rows.start, src["pred"][rows], src["std"][rows],
+                      src["samples"][:, rows] if "samples" in src else None,
+                      src["steps"][:, rows] if "steps" in src else None)
 
 
-def sample_sharded(dst, name, job, rank, world, N, G, t0):
-    """Under torchrun: each process generates every world-th batch into its part file, then process 0
-    merges the parts into `dst` (the same rows one process would write) and removes them."""
-    starts = list(range(0, N, job.args.batch_size))
-    if rank == 0:                                        # parts an interrupted run left behind
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-        for stale in glob.glob(glob.escape(dst) + ".part*"):
-            os.remove(stale)
-    dist.barrier()
-    with h5py.File(f"{dst}.part{rank}", "w") as f:       # this process's batches; the other rows stay unwritten
-        sample_batches(open_outputs(f, N, G, job), starts[rank::world], job)
-    dist.barrier()
+def sample_slice(dst, name, job, rank, world, N, G, t0):
+    """Generate a slice in pieces of PIECE_BATCHES batches, kept in <dst>.partial/ until every piece is done;
+    under torchrun each process generates every world-th missing piece. A stopped run started again with the
+    same settings (any number of processes) generates only the missing pieces: the rows are the same, since
+    each batch draws its randomness from (--seed, its first row). Process 0 then merges them into `dst`."""
+    a, folder = job.args, dst + ".partial"
+    starts = list(range(0, N, a.batch_size))
+    pieces = [starts[i:i + PIECE_BATCHES] for i in range(0, len(starts), PIECE_BATCHES)]
+    earlier = open_partial(folder, settings_key(a, name, job.scale is not None), name) if rank == 0 else 0.0
+    if world > 1:
+        dist.barrier()
+    todo = [i for i in range(len(pieces)) if not os.path.isfile(piece_path(folder, i))]
+    sample_pieces(folder, {i: pieces[i] for i in todo[rank::world]}, job, N, G)
+    if world > 1:
+        dist.barrier()
     if rank == 0:
-        parts = [f"{dst}.part{r}" for r in range(world)]
         with atomic_h5(dst) as f:
             out = open_outputs(f, N, G, job)
-            merge_parts(out, parts, starts, job.args.batch_size)
-            finish(out, name, job, N, t0)
-        for p in parts:
-            os.remove(p)
-    dist.barrier()
+            merge_pieces(out, folder, pieces, a.batch_size)
+            finish(out, name, job, N, t0 - earlier)
+        shutil.rmtree(folder)
+    if world > 1:
+        dist.barrier()
+    return earlier
 
 
 def finish(out, name, job, N, t0):
@@ -290,13 +340,7 @@ def main():
         if scale is None and a.calibrate is not False and ck["val_expr"] is not None:
             scale = calibration(job)
         job.scale = scale
-        if world == 1:
-            with atomic_h5(dst) as f:
-                out = open_outputs(f, N, G, job)
-                sample_batches(out, list(range(0, N, a.batch_size)), job)
-                finish(out, name, job, N, t0)
-        else:
-            sample_sharded(dst, name, job, rank, world, N, G, t0)
+        t0 -= sample_slice(dst, name, job, rank, world, N, G, t0)   # the time of earlier, stopped runs counts
         feats.close()
         if rank == 0:
             write_anndata(dst, a.data)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -105,6 +106,43 @@ def test_sample_writes_predictions_and_evaluate_scores_them(demo, hinge_run):
     assert set(summary["metrics"]) >= {"PCC-50", "MSE", "SSIM"}
     p = run_script("evaluate.py", "--compare", ev, ev)
     assert p.stdout.count("±") >= 16
+
+
+def test_stopped_sampling_continues_to_the_same_rows(demo, hinge_run, tmp_path):
+    """sample.py killed after its first piece and started again, here by two processes, generates only the missing
+    pieces, and its file equals an uninterrupted run's; a stopped run's pieces are discarded when the settings
+    changed."""
+    args = ["--run-dir", hinge_run, "--data", demo / "data", "--steps", "2", "--samples", "2", "--batch-size", "1",
+            "--save-samples"]                            # pieces of 64 spots
+
+    def stopped(out):                                    # killed once its first piece is on disk
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args), "--out",
+                                 out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (out / "demo1.h5.partial" / "piece00000.h5").exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.kill()
+        assert proc.wait() != 0, "finished before it was stopped"
+        return sorted(p.name for p in (out / "demo1.h5.partial").glob("piece*.h5"))
+
+    run_script("sample.py", *args, "--out", tmp_path / "whole")
+    kept = stopped(tmp_path / "stopped")
+    with h5py.File(tmp_path / "whole" / "demo1.h5", "r") as w:
+        whole = {k: w[k][()] for k in ("pred", "std", "samples", "barcode")}
+        assert 1 <= len(kept) < len(w["pred"]) / 64
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29543", os.path.join(ROOT, "sample.py"),
+                        *map(str, args), "--out", tmp_path / "stopped"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"continuing a stopped run, {len(kept)} pieces" in p.stdout
+    assert not (tmp_path / "stopped" / "demo1.h5.partial").exists()
+    with h5py.File(tmp_path / "stopped" / "demo1.h5", "r") as f:
+        for k, v in whole.items():
+            np.testing.assert_array_equal(f[k][()], v, err_msg=k)
+    stopped(tmp_path / "reseeded")
+    p = run_script("sample.py", *args, "--seed", "1", "--out", tmp_path / "reseeded")
+    assert "discarding" in p.stdout
+    with h5py.File(tmp_path / "reseeded" / "demo1.h5", "r") as f:
+        assert not np.array_equal(f["samples"][:, :64], whole["samples"][:, :64])
 
 
 @pytest.mark.parametrize("steps", ["0", "51"])
