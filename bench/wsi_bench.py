@@ -23,7 +23,8 @@ piece the tissue detector drops as a speck (under 0.05 mm² once its gaps are cu
 epoch on Her2ST (fit included in its time); a process that passes --cap-gib is stopped and reported OOM.
 Each grid's folder records every stage's measurement as it finishes (stages.json); --reuse keeps them, so
 that a stopped run resumes at its first unfinished stage and a run with another --preset times only its
-sampling (the grid, features and peers do not depend on the backbone).
+sampling (the grid, features and peers do not depend on the backbone). Sampling stopped part-way (Ctrl-C,
+`kill`) continues from sample.py's finished pieces, and its time is the sum of its runs'.
 Targets at 50k spots on 2 CPU cores: tissue to AnnData in at most 20 minutes, at most 200 MB of
 intermediate files (slice file, features, prediction .h5; the .h5ad is the output), peak memory
 at most 1.5x that at 1k spots. On a machine shared with other jobs, run it with OMP_NUM_THREADS=1:
@@ -36,6 +37,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,30 +102,41 @@ class Stage(NamedTuple):
     mb: float = 0.0            # files the stage leaves
     oom: bool = False          # stopped at the memory cap
     reused: bool = False       # read back from an earlier run of the same grid (--reuse)
+    stopped: bool = False      # stopped by the user (Ctrl-C, SIGTERM) before it finished
+    runs: int = 1              # sample.py stopped and continued: the time of every run, summed
 
 
 def timed(*cmd, env=None, cap_mib=None):
     """Run a command -> Stage. The peak is VmHWM, polled while it runs: getrusage would count the memory
     of this process, which the child inherits at fork; CPU time is the children's getrusage delta. A process
     whose memory passes `cap_mib` is stopped and reported out of memory, before the kernel's OOM killer
-    picks a victim on a shared machine."""
+    picks a victim on a shared machine (one the kernel killed first is reported out of memory too); one stopped by
+    the user returns its time so far."""
     t0, peak, before = time.time(), 0, resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    while proc.poll() is None:
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM")])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        if cap_mib and peak / 1024 > cap_mib:
-            proc.kill()
-            proc.wait()
-            return Stage(time.time() - t0, float("nan"), peak / 1024, oom=True)
-        time.sleep(0.05)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    try:
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM")])
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+            if cap_mib and peak / 1024 > cap_mib:
+                proc.kill()
+                proc.wait()
+                return Stage(time.time() - t0, float("nan"), peak / 1024, oom=True)
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if proc.returncode in (-signal.SIGTERM, -signal.SIGINT):
+        return Stage(time.time() - t0, cpu, peak / 1024, stopped=True)
+    if proc.returncode == -signal.SIGKILL:               # the kernel's OOM killer, faster than the poll above
+        return Stage(time.time() - t0, cpu, peak / 1024, oom=True)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
     return Stage(time.time() - t0, cpu, peak / 1024)
 
 
@@ -132,14 +145,23 @@ def recorded(record):
     return json.load(open(record)) if os.path.isfile(record) else {}
 
 
-def measured(record, key, reuse, run):
+def measured(record, key, reuse, run, resumes=False):
     """A stage's Stage: read back from `record` (a grid's stages.json) with --reuse when an earlier run measured it,
-    else run() now and added to the record, so that a run stopped part-way keeps its finished stages."""
-    done = recorded(record)
-    if reuse and key in done:
-        return Stage(**{**done[key], "reused": True})
+    else run() now and added to the record, so that a run stopped part-way keeps its finished stages. A stage that
+    `resumes` (sample.py keeps its finished pieces) and is stopped is recorded as such; --reuse continues it and
+    adds the stopped runs' time and CPU time, and their peak."""
+    done = recorded(record).get(key) if reuse else None
+    if done and not done.get("stopped"):
+        return Stage(**{**done, "reused": True})
     stage = run()
-    json.dump({**recorded(record), key: stage._asdict()}, open(record, "w"), indent=1)   # another run may have added
+    if done and resumes:
+        stage = stage._replace(secs=stage.secs + done["secs"], cpu_s=stage.cpu_s + done["cpu_s"],
+                               mib=max(stage.mib, done["mib"]), runs=done.get("runs", 1) + 1)
+    if resumes or not stage.stopped:                     # read again: another run may have added a stage
+        json.dump({**recorded(record), key: stage._asdict()}, open(record, "w"), indent=1)
+    if stage.stopped:
+        raise SystemExit(f"stopped during {key} after {stage.secs:.0f} s" +
+                         ("; run the same command with --reuse to continue it" if resumes else ""))
     return stage
 
 
@@ -179,9 +201,13 @@ def main():
     p.add_argument("--reuse", action="store_true",
                    help="keep the stages an earlier run of the same grids measured (marked *): a stopped run resumes, "
                         "and a run with another --preset samples the same features")
+    p.add_argument("--peer-size", choices=["cpu", "paper"], default="cpu",
+                   help="the peers' widths (baselines.py --size): reduced, as in the CPU quality benchmark "
+                        "(default), or each paper's")
     p.add_argument("--cap-gib", type=float, default=22.0,
                    help="a peer whose memory passes this is stopped and reported OOM (default 22 of this machine's 24)")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # `kill` stops it as Ctrl-C does: measured() records
     os.makedirs(a.out, exist_ok=True)
     if not a.bins:                                       # one slide, gridded at each count's pitch (bins: below)
         slide = os.path.join(a.out, "slide.tif")
@@ -235,7 +261,7 @@ def main():
         pred = os.path.join(data, f"pred_{a.preset}")    # one folder per preset: a --reuse run with another keeps both
         samp = measured(record, f"sampling {how}", a.reuse, lambda: timed(
             py, "sample.py", "--run", run, "--data", data, "--slices", "slide", "--steps", "5", "--samples", "1",
-            "--out", pred, "--overwrite", *bs, *amp, env=env))
+            "--out", pred, "--overwrite", *bs, *amp, env=env), resumes=True)
         with h5py.File(os.path.join(data, "slices", "slide.h5"), "r") as f:
             n = len(f["barcode"])
         slice_files = [os.path.join(data, q) for q in ("slices/slide.h5", "slices.tsv", "prepare.json")]
@@ -249,12 +275,13 @@ def main():
         if a.joint:                                      # not part of tissue to AnnData: the same stage, jointly
             stages["joint sampling (lockstep)"] = measured(record, f"joint {how}", a.reuse, lambda: timed(
                 py, "sample.py", "--run", joint_run, "--data", data, "--slices", "slide", "--steps", "5",
-                "--samples", "1", "--out", pred + "_joint", "--overwrite", *bs, *amp, env=env))
+                "--samples", "1", "--out", pred + "_joint", "--overwrite", *bs, *amp, env=env), resumes=True)
         for m in peers:                                  # not part of tissue to AnnData: another method's prediction
-            stage = measured(record, f"peer {m} {a.encoder}", a.reuse, lambda: timed(
+            key = f"peer {m} {a.encoder}" + " paper" * (a.peer_size == "paper")   # cpu: the records before the flag
+            stage = measured(record, key, a.reuse, lambda: timed(
                 py, "baselines.py", "--data", a.quality_data, "--features", a.encoder, "--test-slice", "B4",
-                "--exclude", "B4", "--method", m, "--epochs", "1", "--predict-data", data, "--out",
-                os.path.join(data, f"pred_{m}"), "--overwrite", env=env, cap_mib=a.cap_gib * 1024))
+                "--exclude", "B4", "--method", m, "--epochs", "1", "--size", a.peer_size, "--predict-data", data,
+                "--out", os.path.join(data, f"pred_{m}"), "--overwrite", env=env, cap_mib=a.cap_gib * 1024))
             stages[f"{m} (fit + predict)"] = stage if stage.oom else stage._replace(
                 mb=megabytes(*glob.glob(os.path.join(data, f"pred_{m}", "*.h5"))))
         rows.append((n, pitch, stages, megabytes(os.path.join(pred, "slide.h5ad"))))
@@ -264,6 +291,7 @@ def main():
     what = f"{a.bins:g} µm bins, each count on a slide cut to its tissue" if a.bins else \
         f"slide {img.size[0]} x {img.size[1]} px, tissue {tissue_um2 / 1e6:.1f} mm²"
     print(f"\n{what} ({UM_PER_PX} µm/px); {a.encoder} features, {a.preset} backbone, K = 5, S = 1, "
+          f"{f'peers at --size {a.peer_size}, ' if peers else ''}"
           f"{'bf16' if a.amp else 'fp32'}, device {dev} ({os.cpu_count()} CPUs, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f} at the end)")
     cell = "s, CPU s, spots/s, MiB, MB"
@@ -279,7 +307,8 @@ def main():
     for stage, cells in table.items():
         rate = [r[0] / c.secs if c.secs else float("inf") for r, c in zip(rows, cells)]
         text = [(f"OOM at {c.mib:.0f} MiB after {c.secs:.0f} s" if c.oom else
-                 f"{c.secs:.1f}, {c.cpu_s:.1f}, {v:.1f}, {c.mib:.0f}, {c.mb:.1f}") + "*" * c.reused
+                 f"{c.secs:.1f}, {c.cpu_s:.1f}, {v:.1f}, {c.mib:.0f}, {c.mb:.1f}") + "*" * c.reused +
+                f" ({c.runs} runs)" * (c.runs > 1)
                 for v, c in zip(rate, cells)]
         print(f"{stage:<26}" + "".join(f"{t:>44}" for t in text) + f"{cells[-1].mib / cells[0].mib:>10.2f}x")
     print(f"{'(AnnData output, MB)':<26}" + "".join(f"{r[3]:>44.1f}" for r in rows))
@@ -298,7 +327,8 @@ def main():
                                                          for n, c, h in cells))
     print(f"(pitch per column: {', '.join(f'{r[1]:.1f} µm' for r in rows)}; MB = files the stage leaves, the .h5ad "
           "apart; tissue to AnnData = prepare_data.py + extract_features.py + sample.py, its MiB the largest stage's; "
-          "CPU s = user + system time of the stage's process; * = measured by an earlier run of the grid, --reuse)")
+          "CPU s = user + system time of the stage's process; * = measured by an earlier run of the grid, --reuse; "
+          "(n runs) = stopped and continued n - 1 times, the runs' time summed)")
 
 
 if __name__ == "__main__":

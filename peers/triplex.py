@@ -149,6 +149,15 @@ class TriplexNet(nn.Module):
                                                         (self.fc_neigh, n.mean(1)), (self.fc_global, g))]
 
 
+SIZES = {  # (fusion, global, neighbour) each
+    # the CVPR release's Her2ST config (config/her2st/TRIPLEX.yaml at ac50e05, config/ST/andersson at HEAD); an MLP is
+    # width x ratio wide, as in HEAD's code (ac50e05's passed the neighbour ratio itself, 1, as the MLP's width)
+    "paper": dict(dim=512, depth=(1, 3, 3), heads=(4, 16, 16), mlp_ratio=(4, 4, 1), dropout=(0.2, 0.1, 0.3)),
+    # CPU: width 128, heads so that each stays 32 wide
+    "cpu": dict(dim=128, depth=(2, 2, 4), heads=(4, 4, 4), mlp_ratio=(2, 2, 2), dropout=(0.15, 0.1, 0.1)),
+}
+
+
 class Triplex(Peer):
     """TRIPLEX: target, neighbour and global branches fused by cross-attention; loss MSE(fused) +
     Σ_branch [0.7·MSE(branch) + 0.3·MSE(fused, branch)]; only the fused output predicts."""
@@ -157,13 +166,7 @@ class Triplex(Peer):
 
     def __init__(self, slides, G, a, dev):
         self.dev = dev
-        if a.size == "paper":                            # the CVPR release's Her2ST config (config/her2st/TRIPLEX.yaml
-            # at ac50e05, config/ST/andersson at HEAD), (fusion, global, neighbour) each; an MLP is width x ratio wide,
-            # as in HEAD's code (ac50e05's passed the neighbour ratio itself, 1, as the MLP's width)
-            cfg = dict(dim=512, depth=(1, 3, 3), heads=(4, 16, 16), mlp_ratio=(4, 4, 1), dropout=(0.2, 0.1, 0.3))
-        else:                                            # CPU: width 128, heads so that each stays 32 wide
-            cfg = dict(dim=128, depth=(2, 2, 4), heads=(4, 4, 4), mlp_ratio=(2, 2, 2), dropout=(0.15, 0.1, 0.1))
-        self.net = TriplexNet(slides[0].feats.shape[1], G, **cfg).to(dev)
+        self.net = TriplexNet(slides[0].feats.shape[1], G, **SIZES[a.size]).to(dev)
         start_at_mean([self.net.fc, self.net.fc_target, self.net.fc_neigh, self.net.fc_global], slides)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, factor=0.1, patience=10)
