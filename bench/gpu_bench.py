@@ -1,6 +1,7 @@
 """The one-GPU check that bench/gpu.sh runs (see there): sampler and encoder throughput, peak GPU
-memory, and torchrun --nproc_per_node 1 sample.py against a plain run, on synthetic data it writes
-under --work. --cpu-smoke runs every piece on the CPU at tiny sizes, to check the script itself.
+memory, torchrun --nproc_per_node 1 sample.py against a plain run, and sample.py over a whole Visium HD
+slide of 8 µm bins, on synthetic data it writes under --work. --cpu-smoke runs every piece on the CPU at
+tiny sizes, to check the script itself.
 """
 import argparse
 import os
@@ -20,6 +21,7 @@ from diffusion import generate, make_diffusion  # noqa: E402
 from checkpoints import build_model, save_run
 from common import str_array
 from runtime import synced_seconds
+from wsi_bench import timed
 
 HIST_DIM = 1536                # UNI 1024 + CONCH 512, the paper's histology vector
 
@@ -31,11 +33,14 @@ class Sizes(NamedTuple):
     genes: int
     spots: int                 # spots of the synthetic slice sample.py runs on
     sample_batch: int          # sample.py --batch-size
+    slide_bins: int            # bins of the whole-slide run: bench/wsi_bench.py's 600k grid of 8 µm bins
+    slide_batch: int           # its sample.py --batch-size
     shrink: dict               # Config fields overriding the preset's width and depth (--cpu-smoke)
 
 
-GPU = Sizes(batch=256, batches=3, warmup=True, genes=300, spots=2048, sample_batch=256, shrink={})
-SMOKE = Sizes(batch=1, batches=1, warmup=False, genes=40, spots=48, sample_batch=16,
+GPU = Sizes(batch=256, batches=3, warmup=True, genes=300, spots=2048, sample_batch=256, slide_bins=600_536,
+            slide_batch=1024, shrink={})
+SMOKE = Sizes(batch=1, batches=1, warmup=False, genes=40, spots=48, sample_batch=16, slide_bins=100, slide_batch=16,
               shrink={"dim": 32, "layers": 2, "heads": 2})
 
 
@@ -82,12 +87,12 @@ def encoder_rate(name, sz, dev, amp):
 #                        torchrun against one process                           #
 #################################################################################
 
-def write_synthetic(work, sz):
-    """A slice of random spots with random 1536-d features and a train.py checkpoint of random weights."""
-    rng, n, G = np.random.default_rng(0), sz.spots, sz.genes
+def write_synthetic(work, sz, n):
+    """A slice of n random spots with random 1536-d features and a train.py checkpoint (`small`) of random weights."""
+    rng, G = np.random.default_rng(0), sz.genes
     side = int(np.ceil(np.sqrt(n)))
     array = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int32)
-    data = os.path.join(work, "data")
+    data = os.path.join(work, f"data{n}")
     os.makedirs(os.path.join(data, "slices"))
     os.makedirs(os.path.join(data, "features", "synthetic"))
     barcodes = str_array(f"{c}x{r}" for c, r in array)
@@ -99,7 +104,7 @@ def write_synthetic(work, sz):
         f.write(f"slice\tpatient\tn_spots\thas_image\ns\ts\t{n}\t0\n")
     cfg = M.make_config("small", vocab=G, n_genes=G, hist_dim=HIST_DIM, **sz.shrink)
     torch.manual_seed(0)
-    run = os.path.join(work, "run")
+    run = os.path.join(work, f"run{n}")
     save_run(os.path.join(run, "best.pt"), M.Hinge(cfg, np.arange(1, G + 1)), [f"G{i}" for i in range(G)],
                ["synthetic"], np.zeros(HIST_DIM), np.ones(HIST_DIM), test_slice="s")
     return data, run
@@ -107,7 +112,7 @@ def write_synthetic(work, sz):
 
 def torchrun_equals_one_process(work, sz, dev, amp):
     """sample.py under `torchrun --nproc_per_node 1` and as a plain process -> (equal, max |Δpred|)."""
-    data, run = write_synthetic(work, sz)
+    data, run = write_synthetic(work, sz, sz.spots)
     args = ["sample.py", "--run-dir", run, "--data", data, "--steps", "5", "--samples", "2", "--device", dev.type,
             "--batch-size", str(sz.sample_batch)] + (["--amp"] if amp else [])
     launchers = {"one": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -120,6 +125,18 @@ def torchrun_equals_one_process(work, sz, dev, amp):
         with h5py.File(os.path.join(out, "s.h5"), "r") as f:
             pred[label] = f["pred"][()]
     return np.array_equal(pred["one"], pred["torchrun"]), float(np.abs(pred["one"] - pred["torchrun"]).max())
+
+
+def slide_sampling(work, sz, dev, amp):
+    """sample.py (K = 5, S = 1) over a whole slide of sz.slide_bins random spots, to AnnData -> Stage: wall s and
+    peak host MiB, of the same sampling bench/wsi_bench.py times on the CPU (speed does not depend on the values)."""
+    data, run = write_synthetic(work, sz, sz.slide_bins)
+    out = os.path.join(work, "slide")
+    stage = timed(sys.executable, "sample.py", "--run-dir", run, "--data", data, "--steps", "5", "--samples", "1",
+                  "--device", dev.type, "--batch-size", str(sz.slide_batch), "--out", out, *(["--amp"] * amp))
+    if not os.path.isfile(os.path.join(out, "s.h5ad")):
+        sys.exit("error: the whole-slide sample.py run wrote no AnnData")
+    return stage
 
 
 #################################################################################
@@ -157,6 +174,10 @@ def main():
     equal, diff = torchrun_equals_one_process(a.work, sz, dev, amp)
     rows.append(("torchrun --nproc_per_node 1 sample.py", f"{'equal' if equal else 'DIFFERS'} to one process "
                                                           f"(max |pred diff| {diff:.3g})", None))
+    print(f"  {rows[-1][0]}: {rows[-1][1]}", flush=True)
+    slide = slide_sampling(a.work, sz, dev, amp)
+    rows.append((f"sample.py, slide of {sz.slide_bins:,} bins", f"{slide.secs:.0f} s to AnnData, "
+                 f"{sz.slide_bins / slide.secs:.0f} bins/s, {slide.mib:,.0f} MiB host", None))
     print(f"\n{'piece':<38}{'result':<46}{'peak GPU memory':>16}")
     for what, result, peak in rows:
         print(f"{what:<38}{result:<46}{'–' if peak is None else f'{peak:.2f} GiB':>16}")
