@@ -167,7 +167,10 @@ def measured(record, key, reuse, run, resumes=False):
 
 def write_random_run(path, preset, genes, encoder, dim, spatial="none"):
     """A run with random weights: sampling speed does not depend on them. A spatial run reads the spots within
-    1.5 pitches (≈ the 6 neighbours of a hexagonal grid)."""
+    1.5 pitches (≈ the 6 neighbours of a hexagonal grid). Written once: sample.py continues a stopped run only
+    with the same checkpoint file."""
+    if os.path.isfile(path):
+        return
     tokens, vocab = gene_tokens(np.zeros(genes), M.make_config(preset).vocab)
     cfg = M.make_config(preset, vocab=vocab, n_genes=genes, hist_dim=dim, spatial=spatial)
     radius = {"k": 6, "radius_um": None, "radius_pitch": 1.5} if spatial != "none" else None
@@ -220,9 +223,9 @@ def main():
         tissue_um2 = R.tissue_mask(thumb, UM_PER_PX / scale).sum() * (UM_PER_PX / scale) ** 2
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dim = {"stain": 74, "uni": 1024, "conch": 512}[a.encoder]
-    run = os.path.join(a.out, f"run_{a.preset}_{a.encoder}")
+    run = os.path.join(a.out, f"run_{a.preset}_{a.encoder}_{a.genes}")   # its settings in the name: written once
     write_random_run(os.path.join(run, "best.pt"), a.preset, a.genes, a.encoder, dim)
-    joint_run = os.path.join(a.out, f"run_{a.preset}_{a.encoder}_joint")
+    joint_run = os.path.join(a.out, f"run_{a.preset}_{a.encoder}_{a.genes}_joint")
     if a.joint:
         write_random_run(os.path.join(joint_run, "best.pt"), a.preset, a.genes, a.encoder, dim, "joint")
     py, amp = sys.executable, ["--amp"] if a.amp else []
@@ -257,6 +260,15 @@ def main():
         feat = measured(record, features, a.reuse, lambda: timed(
             py, "extract_features.py", "--data", data, "--encoder", a.encoder, *amp,
             *(["--random-init"] if a.encoder != "stain" else []), env=env))
+        peer_stages = {}                                 # not part of tissue to AnnData: another method's prediction,
+        for m in peers:                                  # before HINGE's sampling, which may take several runs
+            key = f"peer {m} {a.encoder}" + " paper" * (a.peer_size == "paper")   # cpu: the records before the flag
+            stage = measured(record, key, a.reuse, lambda: timed(
+                py, "baselines.py", "--data", a.quality_data, "--features", a.encoder, "--test-slice", "B4",
+                "--exclude", "B4", "--method", m, "--epochs", "1", "--size", a.peer_size, "--predict-data", data,
+                "--out", os.path.join(data, f"pred_{m}"), "--overwrite", env=env, cap_mib=a.cap_gib * 1024))
+            peer_stages[f"{m} (fit + predict)"] = stage if stage.oom else stage._replace(
+                mb=megabytes(*glob.glob(os.path.join(data, f"pred_{m}", "*.h5"))))
         bs = ["--batch-size", str(a.batch_size)] if a.batch_size else []
         pred = os.path.join(data, f"pred_{a.preset}")    # one folder per preset: a --reuse run with another keeps both
         samp = measured(record, f"sampling {how}", a.reuse, lambda: timed(
@@ -276,14 +288,7 @@ def main():
             stages["joint sampling (lockstep)"] = measured(record, f"joint {how}", a.reuse, lambda: timed(
                 py, "sample.py", "--run", joint_run, "--data", data, "--slices", "slide", "--steps", "5",
                 "--samples", "1", "--out", pred + "_joint", "--overwrite", *bs, *amp, env=env), resumes=True)
-        for m in peers:                                  # not part of tissue to AnnData: another method's prediction
-            key = f"peer {m} {a.encoder}" + " paper" * (a.peer_size == "paper")   # cpu: the records before the flag
-            stage = measured(record, key, a.reuse, lambda: timed(
-                py, "baselines.py", "--data", a.quality_data, "--features", a.encoder, "--test-slice", "B4",
-                "--exclude", "B4", "--method", m, "--epochs", "1", "--size", a.peer_size, "--predict-data", data,
-                "--out", os.path.join(data, f"pred_{m}"), "--overwrite", env=env, cap_mib=a.cap_gib * 1024))
-            stages[f"{m} (fit + predict)"] = stage if stage.oom else stage._replace(
-                mb=megabytes(*glob.glob(os.path.join(data, f"pred_{m}", "*.h5"))))
+        stages.update(peer_stages)
         rows.append((n, pitch, stages, megabytes(os.path.join(pred, "slide.h5ad"))))
         print(f"-- {n} spots (pitch {pitch:.1f} µm): " + ", ".join(f"{k} {v.secs:.1f} s" for k, v in stages.items()),
               flush=True)
