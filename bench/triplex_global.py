@@ -12,19 +12,15 @@ fusion branches grow linearly with the bins.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from peers.triplex import SIZES, APEG, TriplexNet  # noqa: E402
+from runtime import synced_seconds  # noqa: E402
 
-
-def seconds(f):
-    t0 = time.perf_counter()
-    f()
-    return time.perf_counter() - t0
+CPU = torch.device("cpu")
 
 
 def square_cells(n):
@@ -41,16 +37,16 @@ def projected(net, n, queries):
     x = torch.randn(1, n, net.global_norm.normalized_shape[0])
     q = min(queries, n)
     blocks = [net.global1, *net.global2]
-    attend = sum(seconds(lambda: blk(x[:, :q], kv=x)) for blk in blocks) * n / q
+    attend = sum(synced_seconds(CPU, lambda: blk(x[:, :q], kv=x)) for blk in blocks) * n / q
     cells = square_cells(n)
-    return attend + seconds(lambda: net.apeg(x[0], cells))
+    return attend + synced_seconds(CPU, lambda: net.apeg(x[0], cells))
 
 
 @torch.no_grad()
 def whole(net, n):
     x = torch.randn(n, net.global_norm.normalized_shape[0])
     cells = square_cells(n)
-    return seconds(lambda: net.encode_global(x, cells))
+    return synced_seconds(CPU, lambda: net.encode_global(x, cells))
 
 
 def main():
