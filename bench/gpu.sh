@@ -3,9 +3,9 @@
 #   - sampler spots/s at K = 5, S = 1 (bf16, batch 256) of the cellfm-800m and scgpt presets, random weights
 #     (a preset model.py does not have is skipped with a note);
 #   - UNI and CONCH patches/s (extract_features.py's encoders, random weights, bf16, batch 256);
-#   - whether `torchrun --nproc_per_node 1 sample.py` writes the same pred array as a plain one-process run;
 #   - sample.py (`small`, K = 5, S = 1, bf16, batch 1024) over a whole slide of 600,536 bins, the size of
 #     bench/wsi_bench.py's Visium HD slide of 8 µm bins, to AnnData: wall s, bins/s and peak host memory;
+#   - whether `torchrun --nproc_per_node 1 sample.py` writes the same pred array as a plain one-process run;
 #   - peak GPU memory of each in-process measurement (torch.cuda.max_memory_allocated).
 # Its synthetic data (slices of 2,048 and 600,536 spots, 1536-d features, random `small` checkpoints; about 8 GB
 # with the outputs) lives in a temporary folder removed on exit; nothing is downloaded.
