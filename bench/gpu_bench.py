@@ -159,26 +159,27 @@ def main():
     print(f"{name}; torch {torch.__version__}; {'bf16' if amp else 'fp32'}, batch {sz.batch}, {sz.genes} genes, "
           f"{HIST_DIM}-d features, random weights", flush=True)
     rows = []                                        # (what, result, peak GPU GiB or None)
+
+    def record(what, result, peak=None):             # each row shown as it is measured: a GPU run can stop midway
+        rows.append((what, result, peak))
+        print(f"  {what}: {result}", flush=True)
+
     for preset in ("cellfm-800m", "scgpt"):
         what = f"sampler {preset} (K = 5, S = 1)"
         if preset not in M.PRESETS:                  # the scGPT backbone may not be merged yet
-            rows.append((what, f"skipped: no preset {preset!r} in model.PRESETS", None))
+            record(what, f"skipped: no preset {preset!r} in model.PRESETS")
             continue
         reset_peak(dev)
-        rows.append((what, f"{sampler_rate(preset, sz, dev, amp):.1f} spots/s", peak_gib(dev)))
-        print(f"  {rows[-1][0]}: {rows[-1][1]}", flush=True)
+        record(what, f"{sampler_rate(preset, sz, dev, amp):.1f} spots/s", peak_gib(dev))
     for enc in ("uni", "conch"):
         reset_peak(dev)
-        rows.append((f"encoder {enc}", f"{encoder_rate(enc, sz, dev, amp):.1f} patches/s", peak_gib(dev)))
-        print(f"  {rows[-1][0]}: {rows[-1][1]}", flush=True)
+        record(f"encoder {enc}", f"{encoder_rate(enc, sz, dev, amp):.1f} patches/s", peak_gib(dev))
     slide = slide_sampling(a.work, sz, dev, amp)
-    rows.append((f"sample.py, slide of {sz.slide_bins:,} bins", f"{slide.secs:.0f} s to AnnData, "
-                 f"{sz.slide_bins / slide.secs:.0f} bins/s, {slide.mib:,.0f} MiB host", None))
-    print(f"  {rows[-1][0]}: {rows[-1][1]}", flush=True)
+    record(f"sample.py, slide of {sz.slide_bins:,} bins", f"{slide.secs:.0f} s to AnnData, "
+           f"{sz.slide_bins / slide.secs:.0f} bins/s, {slide.mib:,.0f} MiB host")
     equal, diff = torchrun_equals_one_process(a.work, sz, dev, amp)
-    rows.append(("torchrun --nproc_per_node 1 sample.py", f"{'equal' if equal else 'DIFFERS'} to one process "
-                                                          f"(max |pred diff| {diff:.3g})", None))
-    print(f"  {rows[-1][0]}: {rows[-1][1]}", flush=True)
+    record("torchrun --nproc_per_node 1 sample.py", f"{'equal' if equal else 'DIFFERS'} to one process "
+                                                    f"(max |pred diff| {diff:.3g})")
     print(f"\n{'piece':<38}{'result':<46}{'peak GPU memory':>16}")
     for what, result, peak in rows:
         print(f"{what:<38}{result:<46}{'–' if peak is None else f'{peak:.2f} GiB':>16}")
